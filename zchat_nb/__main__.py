@@ -1,0 +1,3 @@
+from zchat_nb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""Connecting to a ZEO server: ``connect()`` and the :class:`ChatClient` it returns.
+
+A ChatClient owns one ``ZODB.DB`` on a ``ClientStorage`` and gives every thread that uses it its own
+connection and transaction manager (ZODB connections are not thread-safe). It turns ZEO's
+invalidation messages, pushed by the server on ZEO's networking thread, into a wake-up that
+:meth:`ChatSession.new_messages <zchat_nb.model.ChatSession.new_messages>` waits on, so readers learn
+of a commit in milliseconds without polling the server.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import ssl as ssl_module
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import transaction
+import ZODB
+from ZEO.ClientStorage import ClientStorage
+from ZEO.Exceptions import ClientDisconnected
+
+from .exceptions import ZChatConnectionError
+from .model import (
+    DEFAULT_MAX_TEXT_BYTES,
+    ROOMS_KEY,
+    ChatSession,
+    SendPolicy,
+    check_author,
+)
+from .security import class_factory
+from .server import Address, format_address, probe, resolve_address
+
+if TYPE_CHECKING:
+    from ZODB.Connection import Connection
+
+__all__ = ["ChatClient", "ClientEvent", "connect", "default_user"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+
+
+def default_user() -> str:
+    """The user name to show: JupyterHub's user, else the login name."""
+    for var in ("ZCHAT_USER", "JUPYTERHUB_USER"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "anonymous"
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
+
+    kind: str  # "invalidation", "connected" or "disconnected"
+    time: float
+    tid: bytes | None = None
+    oids: tuple[bytes, ...] = field(default=())
+
+
+class _WakingClientStorage(ClientStorage):  # type: ignore[misc]
+    """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
+
+    These run on ZEO's networking thread: they must never make storage calls.
+    """
+
+    _zchat_notify: Callable[[ClientEvent], None] | None = None
+
+    def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
+        oids = tuple(oids)
+        super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
+        if self._zchat_notify is not None:
+            self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+
+    def notify_connected(self, conn: Any, info: Any) -> None:
+        super().notify_connected(conn, info)
+        if self._zchat_notify is not None:
+            self._zchat_notify(ClientEvent("connected", time.time()))
+
+    def notify_disconnected(self) -> None:
+        super().notify_disconnected()
+        if self._zchat_notify is not None:
+            self._zchat_notify(ClientEvent("disconnected", time.time()))
+
+
+class ChatClient:
+    """A connection to one chat database; make one with :func:`connect`.
+
+    Thread-safe: each thread gets its own ZODB connection. ``close()`` is safe to call twice.
+    """
+
+    def __init__(
+        self,
+        db: ZODB.DB,
+        *,
+        user: str | None = None,
+        address: Address | None = None,
+        max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        policy: SendPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.user = check_author(user if user is not None else default_user())
+        self.address = address
+        self.writer = uuid.uuid4().hex[:16]
+        self.max_text_bytes = max_text_bytes
+        self.policy = policy or SendPolicy()
+        self.clock = clock
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._local = threading.local()
+        self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
+        self._subscribers: list[Callable[[ClientEvent], None]] = []
+        self._closed = False
+        storage = db.storage
+        if isinstance(storage, _WakingClientStorage):
+            storage._zchat_notify = self._notify
+
+    # -- SessionHost -----------------------------------------------------------------------
+
+    def connection(self) -> tuple[transaction.TransactionManager, Connection]:
+        """This thread's transaction manager and ZODB connection, opened on first use."""
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            if self._closed:
+                raise ZChatConnectionError("this ChatClient is closed; call zchat_nb.connect() again")
+            tm = transaction.TransactionManager()
+            pair = (tm, self.db.open(transaction_manager=tm))
+            self._local.pair = pair
+            with self._changed:
+                self._connections.append(pair)
+        return pair
+
+    def generation(self) -> int:
+        return self._generation
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+
+    def is_connected(self) -> bool:
+        storage = self.db.storage
+        return bool(storage.is_connected()) if hasattr(storage, "is_connected") else True
+
+    def wait_connected(self, timeout: float) -> bool:
+        storage = self.db.storage
+        if self._closed:
+            return False
+        if self.is_connected():
+            return True
+        try:
+            storage._wait(timeout)  # ZEO's own wait for the connection: an event, not a poll
+        except ClientDisconnected:
+            return False
+        return self.is_connected()
+
+    @property
+    def address_text(self) -> str:
+        return format_address(self.address) if self.address else "(in-process storage)"
+
+    # -- events --------------------------------------------------------------------------
+
+    def _notify(self, event: ClientEvent) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("zchat_nb subscriber %r failed", callback)
+
+    def subscribe(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on each invalidation and (dis)connection; returns an unsubscribe.
+
+        The callback runs on ZEO's networking thread: it must be quick and make no storage calls.
+        """
+        with self._changed:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._changed:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # -- rooms ---------------------------------------------------------------------------
+
+    def session(self, room: str = "general", *, backlog: int | None = None) -> ChatSession:
+        """A new reader/writer of ``room`` (created on first use) with a cursor of its own.
+
+        ``backlog=None`` delivers the whole history through ``new_messages()``, as the seed did;
+        ``backlog=n`` starts at the end and delivers only the last ``n`` messages first.
+        """
+        return ChatSession(self, room, backlog=backlog)
+
+    def rooms(self) -> list[str]:
+        """Names of the rooms in the database."""
+        tm, conn = self.connection()
+        tm.begin()
+        rooms = conn.root().get(ROOMS_KEY)
+        return list(rooms.keys()) if rooms is not None else []
+
+    def widget(self, room: str = "general", **kwargs: Any) -> Any:
+        """A :class:`zchat_nb.ChatWidget` on ``room`` (needs ipywidgets)."""
+        from .widget import ChatWidget
+
+        return ChatWidget(client=self, room=room, **kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close every connection and the database; wakes and ends any waiting reader."""
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
+            self._changed.notify_all()
+            pairs, self._connections = self._connections, []
+        for tm, conn in pairs:
+            try:
+                tm.abort()
+                conn.close()
+            except Exception:  # a connection still in use by another thread
+                log.debug("closing a zchat_nb connection failed", exc_info=True)
+        self.db.close()
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<ChatClient {self.user!r} at {self.address_text} {state}>"
+
+
+def connect(
+    address: object = None,
+    user: str | None = None,
+    *,
+    timeout: float = 10.0,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    cache_size: int = 20 * 1024 * 1024,
+    ssl: ssl_module.SSLContext | None = None,
+    allow: Iterable[tuple[str, str]] = (),
+    clock: Callable[[], float] = time.time,
+) -> ChatClient:
+    """Connect to a chat server.
+
+    Parameters
+    ----------
+    address
+        ``(host, port)``, ``"host:port"`` or None: ``$ZCHAT_ADDRESS``, else the embedded default
+        (the local server recorded in the user data directory, started if none answers).
+    user
+        The name shown with this client's messages; default: JupyterHub user or login name.
+    timeout
+        Seconds a send (and a read while the server is away) may block before it raises.
+    connect_timeout
+        Seconds to wait for the server to answer now.
+    max_text_bytes
+        Longest message text accepted when sending and when reading, in UTF-8 bytes.
+    cache_size
+        Size of ZEO's client cache in bytes.
+    ssl
+        An ``ssl.SSLContext`` for a server started with TLS.
+    allow
+        Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
+    clock
+        Where message times come from (tests pass a slow clock).
+    """
+    addr = resolve_address(address)
+    where = format_address(addr)
+    if not probe(addr, timeout=connect_timeout):
+        raise ZChatConnectionError(
+            f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
+            "or `%zchat serve`, or connect() with no address to use the local default"
+        )
+    try:
+        storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+    except Exception as exc:
+        raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
+    try:
+        try:
+            storage._wait(connect_timeout)
+        except ClientDisconnected as exc:
+            raise ZChatConnectionError(
+                f"{where} accepts connections but no ZEO server answered within "
+                f"{connect_timeout:g} s (wrong port, or a TLS server without ssl=?)"
+            ) from exc
+        db = ZODB.DB(storage, class_factory=class_factory(allow))
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        return ChatClient(
+            db,
+            user=user,
+            address=addr,
+            max_text_bytes=max_text_bytes,
+            policy=SendPolicy(timeout=timeout),
+            clock=clock,
+        )
+    except BaseException:
+        db.close()
+        raise

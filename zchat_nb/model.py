@@ -1,0 +1,476 @@
+"""The chat model: rooms stored in ZODB, and the per-reader session that reads and writes them.
+
+The seed (Kuchling's ``chatter.py``) kept one BTree keyed by ``time.time()`` and a ``_v_last_time``
+cursor. That cursor is lost whenever the object is ghostified, and it never delivers a message
+stamped earlier but committed later than one already seen. Here each writer appends to its own
+stream in ``Room.log`` under a sequence number it owns, so a reader's cursor is one sequence number
+per writer, held by the :class:`ChatSession` in ordinary memory: commit order within a writer is
+sequence order, and nothing about the cursor lives on a persistent object.
+
+``Room.messages`` indexes the same records by ``(time, id)`` for :meth:`ChatSession.history`.
+Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
+
+This module knows nothing of ZEO, widgets or IPython: a :class:`ChatSession` gets its connection,
+its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatClient`` in practice).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import transaction
+from BTrees.Length import Length
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+from ZODB.POSException import ConflictError
+
+from .exceptions import (
+    InvalidMessageError,
+    ZChatConnectionError,
+    ZChatDisconnected,
+    ZChatSendError,
+)
+
+if TYPE_CHECKING:
+    from ZODB.Connection import Connection
+
+__all__ = [
+    "DEFAULT_MAX_TEXT_BYTES",
+    "ChatSession",
+    "Message",
+    "Room",
+    "SendPolicy",
+    "SessionHost",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TEXT_BYTES = 64 * 1024
+MAX_AUTHOR_CHARS = 64
+MAX_ROOM_CHARS = 64
+_ID_CHARS = 32
+ROOMS_KEY = "zchat_nb.rooms"
+
+Record = tuple[str, str, str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message; immutable.
+
+    ``id`` is made by the sender and unique, ``time`` is the sender's clock (seconds since the epoch).
+    """
+
+    id: str
+    author: str
+    text: str
+    time: float
+
+    @property
+    def key(self) -> tuple[float, str]:
+        """The message's key in ``Room.messages``: ordered by time, ties broken by id."""
+        return (self.time, self.id)
+
+    def to_record(self) -> Record:
+        return (self.id, self.author, self.text, self.time)
+
+    @classmethod
+    def from_record(cls, record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message:
+        """Check a stored record written by some client and turn it into a Message.
+
+        Raises ``ValueError`` naming what is wrong: another client may have written anything.
+        """
+        if not (isinstance(record, tuple) and len(record) == 4):
+            raise ValueError(f"record is not a 4-tuple: {type(record).__name__}")
+        id_, author, text, when = record
+        if not (isinstance(id_, str) and 0 < len(id_) <= _ID_CHARS):
+            raise ValueError(f"bad message id {id_!r:.40}")
+        if not (isinstance(author, str) and 0 < len(author) <= MAX_AUTHOR_CHARS):
+            raise ValueError(f"bad author {author!r:.80}")
+        if not isinstance(text, str) or len(text) > max_text_bytes:
+            raise ValueError("text is not a str or longer than the limit")
+        if len(text.encode("utf-8", "surrogatepass")) > max_text_bytes:
+            raise ValueError(f"text is over {max_text_bytes} bytes")
+        if not (isinstance(when, float) and math.isfinite(when)):
+            raise ValueError(f"bad time {when!r:.40}")
+        return cls(id_, author, text, when)
+
+
+def check_text(text: object, max_text_bytes: int) -> str:
+    """Return ``text`` if it can be sent, else raise :class:`InvalidMessageError` saying why."""
+    if not isinstance(text, str):
+        raise InvalidMessageError(
+            f"message text must be a str, not {type(text).__name__} ({text!r:.60}); "
+            "convert it first, for example with str(value)"
+        )
+    if not text.strip():
+        raise InvalidMessageError("message text is empty; type something to send")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_text_bytes:
+        raise InvalidMessageError(
+            f"message text is {size} bytes, over the {max_text_bytes}-byte limit; "
+            "split it, or raise the limit with connect(..., max_text_bytes=N)"
+        )
+    return text
+
+
+def check_author(author: object) -> str:
+    if not isinstance(author, str) or not author.strip():
+        raise InvalidMessageError(f"user name must be a non-empty str, not {author!r:.60}")
+    if len(author) > MAX_AUTHOR_CHARS:
+        raise InvalidMessageError(
+            f"user name {author[:20]!r}... is {len(author)} characters; use at most {MAX_AUTHOR_CHARS}"
+        )
+    return author.strip()
+
+
+def check_room_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_ROOM_CHARS:
+        raise InvalidMessageError(
+            f"room name must be a non-empty str of at most {MAX_ROOM_CHARS} characters, not {name!r:.80}"
+        )
+    return name.strip()
+
+
+class Room(Persistent):
+    """A chat room as stored in ZODB.
+
+    Every attribute has a class-level default so that records written by older versions load.
+    """
+
+    name = ""
+    created = 0.0
+    #: Bumped by :meth:`clear`; readers that see a new epoch start their cursors afresh.
+    epoch = 0
+    #: ``(time, id) -> record``: the time-ordered index used for history.
+    messages: OOBTree | None = None
+    #: ``(writer, seq) -> record``: each writer's stream, in its commit order.
+    log: OOBTree | None = None
+    #: ``writer -> last seq``. Writers change only their own key, so concurrent commits merge.
+    heads: OOBTree | None = None
+    #: Number of messages in this epoch; a reader with as many delivered is idle.
+    count: Length | None = None
+
+    def __init__(self, name: str, created: float = 0.0) -> None:
+        self.name = name
+        self.created = created
+        self._new_trees()
+
+    def _new_trees(self) -> None:
+        self.messages = OOBTree()
+        self.log = OOBTree()
+        self.heads = OOBTree()
+        self.count = Length()
+
+    def contains(self, message: Message) -> bool:
+        return message.key in self.messages
+
+    def append(self, writer: str, message: Message) -> int:
+        """Add ``message`` as the next entry of ``writer``'s stream; returns its sequence number."""
+        assert self.heads is not None and self.log is not None and self.messages is not None
+        seq = self.heads.get(writer, 0) + 1
+        record = message.to_record()
+        self.messages[message.key] = record
+        self.log[(writer, seq)] = record
+        self.heads[writer] = seq
+        assert self.count is not None
+        self.count.change(1)
+        return seq
+
+    def clear(self) -> None:
+        """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
+        self._new_trees()
+        self.epoch += 1
+
+    def __repr__(self) -> str:
+        return f"<Room {self.name!r}>"
+
+
+def rooms_of(conn: Connection) -> OOBTree:
+    """The ``name -> Room`` tree of a database, or a new one (the caller commits)."""
+    root = conn.root()
+    rooms = root.get(ROOMS_KEY)
+    if rooms is None:
+        rooms = root[ROOMS_KEY] = OOBTree()
+    return rooms
+
+
+@dataclass(frozen=True)
+class SendPolicy:
+    """How hard a send tries before it gives up and raises :class:`ZChatSendError`."""
+
+    #: Seconds a send may take in all, server outages included.
+    timeout: float = 10.0
+    #: Conflict retries before giving up (each is a fresh transaction).
+    max_conflicts: int = 50
+    #: Upper bound of the random pause after a conflict, doubled each time from ``backoff / 32``.
+    backoff: float = 0.05
+
+
+class SessionHost(Protocol):
+    """What a :class:`ChatSession` needs from its client; ``ChatClient`` implements it."""
+
+    user: str
+    writer: str
+    max_text_bytes: int
+    policy: SendPolicy
+    clock: Callable[[], float]
+
+    def connection(self) -> tuple[transaction.TransactionManager, Connection]:
+        """This thread's transaction manager and connection."""
+
+    def generation(self) -> int:
+        """A counter bumped on every invalidation and every (dis)connect."""
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        """Block until :meth:`generation` differs from ``generation``, or ``timeout`` passes."""
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until the client is connected or ``timeout`` passes; returns whether it is."""
+
+    def is_connected(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def address_text(self) -> str: ...
+
+
+class ChatSession:
+    """A reader and writer of one room, with its own cursor.
+
+    Each ChatSession delivers every message of its room exactly once through
+    :meth:`new_messages`, its own messages included, whatever the order of the senders' clocks.
+    A session may be used from several threads: each thread reads through its own connection.
+    """
+
+    def __init__(self, host: SessionHost, room: str, *, backlog: int | None = None) -> None:
+        self._host = host
+        self.room = check_room_name(room)
+        #: ``writer -> last sequence number delivered``; plain memory, never persisted.
+        self._cursor: dict[str, int] = {}
+        self._epoch: int | None = None
+        self._backlog = backlog
+        self._lock = threading.RLock()
+        #: Records that failed validation or could not be loaded, as ``(where, reason)``.
+        self.skipped: list[tuple[str, str]] = []
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _room(self) -> Room:
+        """Begin a transaction on this thread's connection and return the room, creating it."""
+        tm, conn = self._host.connection()
+        tm.begin()
+        rooms = conn.root().get(ROOMS_KEY)
+        room = rooms.get(self.room) if rooms is not None else None
+        if room is None:
+            self._create_room()
+            tm.begin()
+            room = conn.root()[ROOMS_KEY][self.room]
+        return room
+
+    def _create_room(self) -> None:
+        def create(conn: Connection) -> None:
+            rooms = rooms_of(conn)
+            if self.room not in rooms:
+                rooms[self.room] = Room(self.room, created=self._host.clock())
+
+        self._commit(create, what=f"creating room {self.room!r}")
+
+    def new_messages(self, timeout: float | None = None) -> list[Message]:
+        """Messages this session has not returned yet, oldest first.
+
+        With ``timeout``, wait up to that many seconds for at least one, woken by the server's
+        invalidations rather than by polling. Raises :class:`ZChatDisconnected` if the server is
+        away (and, with ``timeout``, stays away that long).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._host.closed:
+                raise ZChatConnectionError("the client of this session is closed")
+            if not self._host.is_connected():
+                remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                if not self._host.wait_connected(remaining):
+                    raise self._disconnected()
+            generation = self._host.generation()
+            try:
+                messages = self._poll()
+            except transaction.interfaces.TransientError as exc:  # the server went away mid-read
+                if deadline is None or time.monotonic() >= deadline:
+                    raise self._disconnected() from exc
+                continue
+            if messages or deadline is None:
+                return messages
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._host.wait_for_change(generation, remaining)
+
+    def _disconnected(self) -> ZChatDisconnected:
+        return ZChatDisconnected(
+            f"not connected to the ZEO server at {self._host.address_text}; the client reconnects "
+            "by itself when the server is back (start it with `zchat-nb serve`)"
+        )
+
+    def _poll(self) -> list[Message]:
+        with self._lock:
+            room = self._room()
+            if self._epoch != room.epoch:
+                self._cursor.clear()
+                self._epoch = room.epoch
+                if self._backlog is not None:
+                    self._cursor.update(room.heads.items())
+                    found = self._history(room, self._backlog, None)
+                    self._backlog = None
+                    return found
+            assert room.count is not None and room.heads is not None
+            if room.count() == sum(self._cursor.values()):
+                return []
+            found: list[Message] = []
+            cursor = dict(self._cursor)
+            for writer, head in list(room.heads.items()):
+                seen = cursor.get(writer, 0)
+                if head > seen:
+                    found.extend(self._read_stream(room, writer, seen, head))
+                    cursor[writer] = head
+            self._cursor = cursor  # only now: an outage mid-read must not skip anything
+            found.sort(key=lambda m: m.key)
+            return found
+
+    def _read_stream(self, room: Room, writer: str, seen: int, head: int) -> list[Message]:
+        assert room.log is not None
+        try:
+            entries = list(room.log.items(min=(writer, seen + 1), max=(writer, head)))
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # a crafted or broken record: report it, keep the others going
+            self._skip(f"stream {writer!r} after #{seen}", exc)
+            return []
+        found = (self._check(record, where=f"{writer}#{key[1]}") for key, record in entries)
+        return [m for m in found if m is not None]
+
+    def _check(self, record: object, where: str) -> Message | None:
+        try:
+            return Message.from_record(record, self._host.max_text_bytes)
+        except ValueError as exc:
+            self._skip(where, exc)
+            return None
+
+    def _skip(self, where: str, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("room %r: skipped unreadable record %s (%s)", self.room, where, reason)
+        self.skipped.append((where, reason))
+
+    def history(self, n: int = 200, before: Message | None = None) -> list[Message]:
+        """The last ``n`` messages by time (before ``before``, if given), oldest first.
+
+        Reads O(log N + n) of the tree, not all of it. Does not move the cursor.
+        """
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
+        with self._lock:
+            return self._history(self._room(), n, before)
+
+    def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
+        tree = room.messages
+        assert tree is not None
+        if n == 0 or not tree:
+            return []
+        top: tuple[Any, ...] = before.key if before is not None else tree.maxKey()
+        start_time = top[0]
+        oldest_time = tree.minKey()[0]
+        window = 1.0
+        while True:
+            low = (start_time - window,)
+            try:
+                items = list(tree.items(min=low, max=top, excludemax=before is not None))
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                self._skip(f"history of {self.room!r}", exc)
+                return []
+            if len(items) >= n or low[0] < oldest_time:
+                break
+            window *= 4
+        found = [self._check(record, where=f"{key!r}") for key, record in items[-n:]]
+        return [m for m in found if m is not None]
+
+    # -- writing -------------------------------------------------------------------------
+
+    def add_message(self, text: str) -> Message:
+        """Commit ``text`` as a new message from this client's user and return it.
+
+        Conflicts and server outages are retried within ``SendPolicy.timeout``; a retry after an
+        outage never duplicates the message, even when the first commit's answer was lost.
+        Raises :class:`InvalidMessageError` for bad text and :class:`ZChatSendError` when the
+        message could not be committed in time (it was then not sent).
+        """
+        text = check_text(text, self._host.max_text_bytes)
+        message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()))
+        self.post(message)
+        return message
+
+    def post(self, message: Message) -> None:
+        """Commit an already built message (idempotent: a message already stored is left alone)."""
+        writer = self._host.writer
+
+        def append(conn: Connection) -> None:
+            room = rooms_of(conn).get(self.room)
+            if room is None:
+                room = rooms_of(conn)[self.room] = Room(self.room, created=self._host.clock())
+            if not room.contains(message):
+                room.append(writer, message)
+
+        self._commit(append, what=f"sending to room {self.room!r}")
+
+    def _commit(self, change: Callable[[Connection], None], what: str) -> None:
+        """Run ``change`` in a transaction and commit it, retrying conflicts and outages."""
+        policy = self._host.policy
+        deadline = time.monotonic() + policy.timeout
+        tm, conn = self._host.connection()
+        conflicts = 0
+        last_error: BaseException | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._host.wait_connected(remaining):
+                raise ZChatSendError(
+                    f"{what} failed: no answer from the ZEO server at {self._host.address_text} "
+                    f"within {policy.timeout:g} s; the message was not sent. Check the server "
+                    "(`zchat-nb status`) and send again"
+                ) from last_error
+            try:
+                tm.begin()
+                change(conn)
+                tm.commit()
+                return
+            except ConflictError as exc:
+                tm.abort()
+                conflicts += 1
+                last_error = exc
+                if conflicts > policy.max_conflicts:
+                    raise ZChatSendError(
+                        f"{what} failed: {conflicts} write conflicts in a row; the message was not "
+                        "sent. Send it again"
+                    ) from exc
+                pause = random.uniform(0, min(policy.backoff, policy.backoff * 2**conflicts / 32))
+                time.sleep(pause)  # a random pause so that conflicting writers stop colliding
+            except transaction.interfaces.TransientError as exc:
+                # ClientDisconnected: the commit may or may not have happened; retrying is safe
+                # because `change` leaves an already stored message alone.
+                tm.abort()
+                last_error = exc
+            except BaseException:
+                tm.abort()
+                raise
+
+    def __repr__(self) -> str:
+        return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
