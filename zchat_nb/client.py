@@ -140,6 +140,20 @@ class ChatClient:
                 self._connections.append(pair)
         return pair
 
+    def close_connection(self) -> None:
+        """Close this thread's connection, if it has one; a worker thread calls this before it ends."""
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            return
+        del self._local.pair
+        with self._changed:
+            if pair not in self._connections:  # close() got there first
+                return
+            self._connections.remove(pair)
+        tm, conn = pair
+        tm.abort()
+        conn.close()
+
     def generation(self) -> int:
         return self._generation
 

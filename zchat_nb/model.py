@@ -366,6 +366,8 @@ class ChatSession:
             return None
 
     def _skip(self, where: str, exc: BaseException) -> None:
+        while exc.__cause__ is not None and not str(exc):  # StateLoadError says nothing itself
+            exc = exc.__cause__
         reason = f"{type(exc).__name__}: {exc}"
         log.warning("room %r: skipped unreadable record %s (%s)", self.room, where, reason)
         self.skipped.append((where, reason))
@@ -400,7 +402,8 @@ class ChatSession:
                 return []
             if len(items) >= n or low[0] < oldest_time:
                 break
-            window *= 4
+            # Widen the window to where n messages should be at the density just seen.
+            window *= max(2.0, 1.2 * n / len(items)) if items else 4.0
         found = [self._check(record, where=f"{key!r}") for key, record in items[-n:]]
         return [m for m in found if m is not None]
 

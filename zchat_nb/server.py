@@ -81,6 +81,27 @@ class MemoryStorage(ConflictResolvingStorage, MappingStorage):
         return self._resolved
 
 
+def _ensure_root(storage: Any) -> None:
+    """Store the root object now, so that first clients connecting at once do not race to create it."""
+    import ZODB
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import load_current, z64
+
+    try:
+        load_current(storage, z64)
+        return
+    except ZODB.POSException.POSKeyError:
+        pass
+    scratch = ZODB.DB(None)  # let ZODB serialise an empty root, as ZODB.DB() itself would
+    data = load_current(scratch.storage, z64)[0]
+    scratch.close()
+    txn = TransactionMetaData(description="zchat_nb: initial database creation")
+    storage.tpc_begin(txn)
+    storage.store(z64, z64, data, "", txn)
+    storage.tpc_vote(txn)
+    storage.tpc_finish(txn)
+
+
 def parse_address(address: object) -> Address:
     """Turn ``(host, port)``, ``"host:port"`` or ``"port"`` into ``(host, port)``."""
     how = 'give ("127.0.0.1", 8100) or "127.0.0.1:8100"'
@@ -136,6 +157,7 @@ class Server:
         self.path = None if path is None else Path(path)
         storage = MemoryStorage() if self.path is None else FileStorage(str(self.path))
         try:
+            _ensure_root(storage)
             self._server = StorageServer((host, port), {"1": storage}, ssl=ssl)
         except OSError as exc:
             storage.close()

@@ -1,0 +1,193 @@
+"""Delivery through a real ZEO server: many processes, late commits, caches, outages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from ZEO.Exceptions import ClientDisconnected
+
+import zchat_nb
+from zchat_nb import Message
+
+from .conftest import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+WRITER = """
+import sys, zchat_nb
+address, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with zchat_nb.connect(address, user=name) as client:
+    chat = client.session("general")
+    for i in range(count):
+        print(chat.add_message(f"{name} {i}").id, flush=True)
+"""
+
+
+def collect(session: zchat_nb.ChatSession, expected: int, timeout: float = 60.0) -> list[Message]:
+    """Read until ``expected`` messages arrived (woken by invalidations) or fail loudly."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expected:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"only {len(got)} of {expected} messages arrived within {timeout} s"
+        got.extend(session.new_messages(timeout=remaining))
+    return got
+
+
+def test_every_client_receives_every_message_from_concurrent_writer_processes(
+    file_server: zchat_nb.Server,
+) -> None:
+    writers, each = 4, 30
+    address = "%s:%d" % file_server.address
+    with zchat_nb.connect(file_server.address, user="r1") as c1, zchat_nb.connect(address, user="r2") as c2:
+        readers = [c1.session("general"), c2.session("general")]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, address, f"w{i}", str(each)], stdout=subprocess.PIPE, text=True
+            )
+            for i in range(writers)
+        ]
+        sent = Counter()
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0
+            sent.update(out.split())
+        assert len(sent) == writers * each and set(sent.values()) == {1}
+        for reader in readers:
+            got = collect(reader, writers * each)
+            assert Counter(m.id for m in got) == sent
+            assert reader.new_messages() == []
+            # Each writer's messages arrive in the order it sent them.
+            for i in range(writers):
+                mine = [m.text for m in got if m.author == f"w{i}"]
+                assert mine == [f"w{i} {n}" for n in range(each)]
+
+
+def test_message_stamped_earlier_but_committed_later_is_delivered_once(server: zchat_nb.Server) -> None:
+    with (
+        zchat_nb.connect(server.address, user="reader") as reader_client,
+        zchat_nb.connect(server.address, user="fast") as fast,
+        zchat_nb.connect(server.address, user="slow", clock=lambda: time.time() - 5.0) as slow,
+    ):
+        reader = reader_client.session("general")
+        fast.session("general").add_message("on time")
+        assert [m.text for m in collect(reader, 1)] == ["on time"]
+        late = slow.session("general").add_message("five seconds slow")
+        got = collect(reader, 1)
+        assert got == [late]
+        assert reader.new_messages(timeout=0.2) == []
+        # The seed's cursor (the newest time seen so far) would never have delivered it:
+        assert late.time < max(m.time for m in reader.history(10))
+
+
+def test_new_messages_waits_for_an_invalidation_not_for_the_timeout(server: zchat_nb.Server) -> None:
+    with zchat_nb.connect(server.address, user="a") as a, zchat_nb.connect(server.address, user="b") as b:
+        reader = a.session("general")
+        writer = b.session("general")
+        ready = threading.Event()
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            ready.set()
+            result["messages"] = reader.new_messages(timeout=60)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        ready.wait(10)
+        sent = writer.add_message("wake up")
+        thread.join(30)  # would take the full 60 s if the reader were not woken
+        assert not thread.is_alive()
+        assert result["messages"] == [sent]
+
+
+def test_no_redelivery_after_the_cache_is_emptied(server: zchat_nb.Server) -> None:
+    with zchat_nb.connect(server.address, user="a", cache_size=1000) as client:
+        chat = client.session("general")
+        for i in range(60):
+            chat.add_message(f"m{i}")
+        assert len(collect(chat, 60)) == 60
+        _, conn = client.connection()
+        conn.cacheMinimize()
+        client.db.cacheMinimize()
+        assert chat.new_messages() == []
+        chat.add_message("after")
+        assert [m.text for m in collect(chat, 1)] == ["after"]
+
+
+def test_outage_keeps_messages_reconnects_and_commits_a_send_exactly_once(
+    server_process: ServerProcess,
+) -> None:
+    with (
+        zchat_nb.connect(server_process.address, user="writer", timeout=30) as writer_client,
+        zchat_nb.connect(server_process.address, user="reader", timeout=30) as reader_client,
+    ):
+        writer = writer_client.session("general")
+        reader = reader_client.session("general")
+        before = writer.add_message("before the crash")
+        assert collect(reader, 1) == [before]
+
+        server_process.kill()
+        outcome: dict[str, Any] = {}
+        sending = threading.Thread(
+            target=lambda: outcome.update(sent=writer.add_message("during the outage"))
+        )
+        sending.start()
+        server_process.start()
+        sending.join(60)
+        assert not sending.is_alive() and "sent" in outcome
+
+        assert reader_client.wait_connected(30)
+        got = collect(reader, 1)
+        assert got == [outcome["sent"]]
+        assert reader.new_messages(timeout=0.5) == []
+        fresh = reader_client.session("general")
+        assert Counter(m.text for m in collect(fresh, 2)) == {"before the crash": 1, "during the outage": 1}
+
+
+def test_a_commit_whose_answer_was_lost_is_not_duplicated(server: zchat_nb.Server) -> None:
+    with zchat_nb.connect(server.address, user="a") as client:
+        storage = client.db.storage
+        real_finish = storage.tpc_finish
+        lost = []
+
+        def finish_then_lose_the_answer(*args: Any, **kwargs: Any) -> Any:
+            result = real_finish(*args, **kwargs)
+            if not lost:
+                lost.append(True)
+                raise ClientDisconnected("the answer to tpc_finish was lost")
+            return result
+
+        storage.tpc_finish = finish_then_lose_the_answer
+        chat = client.session("general")
+        sent = chat.add_message("exactly once")
+        assert lost == [True]
+        assert collect(chat, 1) == [sent]
+        with zchat_nb.connect(server.address, user="b") as other:
+            assert [m.id for m in other.session("general").history(10)] == [sent.id]
+
+
+def test_send_while_the_server_stays_away_fails_clearly_within_the_timeout(
+    server_process: ServerProcess,
+) -> None:
+    with zchat_nb.connect(server_process.address, user="a", timeout=2.0) as client:
+        chat = client.session("general")
+        chat.add_message("while it is up")
+        server_process.kill()
+        started = time.monotonic()
+        with pytest.raises(zchat_nb.ZChatSendError, match=r"within 2 s; the message was not sent") as info:
+            chat.add_message("lost?")
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, f"the send blocked {elapsed:.1f} s, not the 2 s it was given"
+        assert "%s:%d" % server_process.address in str(info.value)
+        with pytest.raises(zchat_nb.ZChatDisconnected, match="not connected"):
+            chat.new_messages()
+        assert isinstance(zchat_nb.ZChatDisconnected("x"), zchat_nb.ZChatError)
+        server_process.start()
+        assert client.wait_connected(30)
+        assert [m.text for m in chat.history(10)] == ["while it is up"]

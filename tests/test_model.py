@@ -1,0 +1,219 @@
+"""Unit tests of the chat model on an in-memory ZODB (no ZEO)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+import transaction
+import ZODB
+
+import zchat_nb
+from zchat_nb.model import ROOMS_KEY, Message, Room
+
+
+@pytest.fixture
+def db() -> Iterator[ZODB.DB]:
+    database = ZODB.DB(None)
+    yield database
+    database.close()
+
+
+def make_client(db: ZODB.DB, user: str, clock=None) -> zchat_nb.ChatClient:
+    kwargs = {"clock": clock} if clock else {}
+    return zchat_nb.ChatClient(db, user=user, **kwargs)
+
+
+def texts(messages: list[Message]) -> list[str]:
+    return [m.text for m in messages]
+
+
+def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB) -> None:
+    chat = make_client(db, "alice").session("general")
+    sent = chat.add_message("hello")
+    assert chat.new_messages() == [sent]
+    assert chat.new_messages() == []
+
+
+def test_message_fields_and_immutability(db: ZODB.DB) -> None:
+    chat = make_client(db, "alice").session("general")
+    msg = chat.add_message("hi *there*")
+    assert (msg.author, msg.text) == ("alice", "hi *there*")
+    assert isinstance(msg.time, float) and len(msg.id) == 32
+    with pytest.raises(AttributeError):
+        msg.text = "changed"  # type: ignore[misc]
+
+
+def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB) -> None:
+    ticks = itertools.count(1000.0)
+    alice = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
+    bob = make_client(db, "bob", clock=lambda: next(ticks)).session("general")
+    alice.add_message("one")
+    bob.add_message("two")
+    alice.add_message("three")
+    assert texts(bob.new_messages()) == ["one", "two", "three"]
+    assert texts(alice.new_messages()) == ["one", "two", "three"]
+
+
+def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB) -> None:
+    reader = make_client(db, "reader").session("general")
+    make_client(db, "fast").session("general").add_message("on time")
+    assert texts(reader.new_messages()) == ["on time"]
+    slow = make_client(db, "slow", clock=lambda: 1.0)  # a clock far behind everyone else's
+    slow.session("general").add_message("late")
+    assert texts(reader.new_messages()) == ["late"]
+    assert reader.new_messages() == []
+
+
+def test_ghostified_room_does_not_redeliver(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    chat = client.session("general")
+    for i in range(40):
+        chat.add_message(f"m{i}")
+    assert len(chat.new_messages()) == 40
+    _, conn = client.connection()
+    conn.cacheMinimize()
+    assert chat.new_messages() == []
+    chat.add_message("after")
+    assert texts(chat.new_messages()) == ["after"]
+
+
+def test_history_returns_last_n_oldest_first(db: ZODB.DB) -> None:
+    ticks = itertools.count(0.0, 0.5)
+    chat = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
+    for i in range(100):
+        chat.add_message(f"m{i}")
+    assert texts(chat.history(3)) == ["m97", "m98", "m99"]
+    assert len(chat.history(1000)) == 100
+    older = chat.history(2, before=chat.history(3)[0])
+    assert texts(older) == ["m95", "m96"]
+    assert chat.history(0) == []
+
+
+def test_history_spans_sparse_and_dense_times(db: ZODB.DB) -> None:
+    times = iter([0.0, 1.0, 2.0, 1e6, 1e6 + 0.001, 1e6 + 0.002])
+    chat = make_client(db, "alice", clock=lambda: next(times)).session("general")
+    for i in range(5):
+        chat.add_message(f"m{i}")
+    assert texts(chat.history(4)) == ["m1", "m2", "m3", "m4"]
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, "3"])
+def test_history_rejects_bad_counts(db: ZODB.DB, n: object) -> None:
+    chat = make_client(db, "alice").session("general")
+    with pytest.raises(ValueError, match="history"):
+        chat.history(n)  # type: ignore[arg-type]
+
+
+def test_backlog_starts_at_the_end(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    writer = client.session("general")
+    for i in range(10):
+        writer.add_message(f"m{i}")
+    reader = client.session("general", backlog=3)
+    assert texts(reader.new_messages()) == ["m7", "m8", "m9"]
+    writer.add_message("m10")
+    assert texts(reader.new_messages()) == ["m10"]
+
+
+def test_post_is_idempotent(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    chat = client.session("general")
+    msg = Message("a" * 32, "alice", "once", 5.0)
+    chat.post(msg)
+    chat.post(msg)
+    assert chat.new_messages() == [msg]
+    _, conn = client.connection()
+    transaction.begin()
+    assert len(conn.root()[ROOMS_KEY]["general"].messages) == 1
+
+
+def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    client.session("general").add_message("a")
+    client.session("random").add_message("b")
+    assert sorted(client.rooms()) == ["general", "random"]
+    assert texts(client.session("random").new_messages()) == ["b"]
+
+
+def test_clear_starts_every_reader_afresh(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    chat = client.session("general")
+    chat.add_message("before")
+    chat.new_messages()
+    tm, conn = client.connection()
+    tm.begin()
+    conn.root()[ROOMS_KEY]["general"].clear()
+    tm.commit()
+    chat.add_message("after")
+    assert texts(chat.new_messages()) == ["after"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "empty"),
+        ("   \n\t", "empty"),
+        (None, "must be a str"),
+        (42, "must be a str"),
+        (b"bytes", "must be a str"),
+        ("x" * (64 * 1024 + 1), "over the 65536-byte limit"),
+        ("é" * (32 * 1024 + 1), "over the 65536-byte limit"),
+    ],
+)
+def test_bad_text_is_refused_and_nothing_is_stored(db: ZODB.DB, text: object, match: str) -> None:
+    chat = make_client(db, "alice").session("general")
+    with pytest.raises(zchat_nb.InvalidMessageError, match=match):
+        chat.add_message(text)  # type: ignore[arg-type]
+    assert chat.new_messages() == []
+
+
+def test_text_limit_is_configurable(db: ZODB.DB) -> None:
+    client = zchat_nb.ChatClient(db, user="alice", max_text_bytes=10)
+    with pytest.raises(zchat_nb.InvalidMessageError, match="10-byte limit"):
+        client.session("general").add_message("12345678901")
+    client.session("general").add_message("1234567890")
+
+
+@pytest.mark.parametrize("user", ["", "  ", "x" * 65, 42])
+def test_bad_user_names_are_refused(db: ZODB.DB, user: object) -> None:
+    with pytest.raises(zchat_nb.InvalidMessageError, match="user name"):
+        zchat_nb.ChatClient(db, user=user)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "not a tuple",
+        ("id", "author", "text"),
+        ("", "author", "text", 1.0),
+        ("id", "", "text", 1.0),
+        ("id", "author", b"bytes", 1.0),
+        ("id", "author", "x" * (64 * 1024 + 1), 1.0),
+        ("id", "author", "text", math.nan),
+        ("id", "author", "text", "yesterday"),
+        ("id", 7, "text", 1.0),
+    ],
+)
+def test_malformed_records_are_rejected(record: object) -> None:
+    with pytest.raises(ValueError):
+        Message.from_record(record)
+
+
+def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.DB) -> None:
+    client = make_client(db, "alice")
+    chat = client.session("general")
+    chat.add_message("good one")
+    tm, conn = client.connection()
+    tm.begin()
+    room: Room = conn.root()[ROOMS_KEY]["general"]
+    room.log[("evil", 1)] = ("id", "mallory", b"\x00" * 10, "not a time")
+    room.heads["evil"] = 1
+    room.count.change(1)
+    tm.commit()
+    chat.add_message("good two")
+    assert texts(chat.new_messages()) == ["good one", "good two"]
+    assert len(chat.skipped) == 1 and "evil#1" in chat.skipped[0][0]
+    assert chat.new_messages() == []

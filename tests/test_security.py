@@ -1,0 +1,221 @@
+"""Allow-lists: crafted records run nothing in readers; crafted wire messages run nothing in servers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import transaction
+import ZEO
+from BTrees.OOBTree import OOBTree
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError
+from ZODB.utils import load_current
+
+import zchat_nb
+from zchat_nb.model import ROOMS_KEY
+
+pytestmark = pytest.mark.integration
+
+
+class Payload:
+    """Pickles as a call of ``func(arg)``: what an attacker would store."""
+
+    def __init__(self, func: object, arg: str) -> None:
+        self.func, self.arg = func, arg
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (self.func, (self.arg,))
+
+
+def payloads(marker: Path) -> list[Payload]:
+    return [
+        Payload(os.system, f"touch {marker}"),
+        Payload(eval, f"open({str(marker)!r}, 'w').close()"),
+    ]
+
+
+def overwrite(address: tuple[str, int], oid: bytes, data: bytes) -> None:
+    """Store ``data`` as the new state of ``oid`` through the raw storage API."""
+    storage = ZEO.client(address)
+    try:
+        serial = load_current(storage, oid)[1]
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.store(oid, serial, data, "", txn)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("which", ["os.system", "builtins.eval"])
+def test_crafted_record_runs_nothing_in_a_reader(server: zchat_nb.Server, tmp_path: Path, which: str) -> None:
+    marker = tmp_path / "pwned"
+    payload = payloads(marker)[0 if which == "os.system" else 1]
+    with zchat_nb.connect(server.address, user="alice") as client:
+        chat = client.session("general")
+        chat.add_message("a real message")
+        assert len(chat.new_messages()) == 1
+        tm, conn = client.connection()
+        tm.begin()
+        log_oid = conn.root()[ROOMS_KEY]["general"].log._p_oid
+        tm.abort()
+        # The room's log, rewritten by "another client" with a value that calls the payload when unpickled.
+        crafted = pickle.dumps(OOBTree, 3) + pickle.dumps((((("evil", 1), payload),),), 3)
+        overwrite(server.address, log_oid, crafted)
+
+        with zchat_nb.connect(server.address, user="bob") as reader_client:
+            reader = reader_client.session("general")
+            assert reader.new_messages(timeout=5) == []
+            assert not marker.exists()
+            assert reader.skipped, "the unreadable record was not reported"
+            where, reason = reader.skipped[0]
+            assert "UnsafeRecordError" in reason and "allow-list" in reason
+            # The reader still works for everything it can read.
+            assert [m.text for m in reader.history(5)] == ["a real message"]
+    assert not marker.exists()
+
+
+def test_default_class_factory_would_have_run_it(tmp_path: Path) -> None:
+    """The control: without the allow-list the same kind of record does run code."""
+    marker = tmp_path / "ran"
+    data = pickle.dumps(Payload(os.system, f"touch {marker}"), 3)
+    pickle.loads(data)
+    assert marker.exists()
+
+
+def zeo_handshake(address: tuple[str, int]) -> socket.socket:
+    sock = socket.create_connection(address, timeout=10)
+    (size,) = struct.unpack(">I", recv_exactly(sock, 4))
+    server_protocol = recv_exactly(sock, size)
+    assert server_protocol.startswith(b"Z")
+    send_frame(sock, server_protocol)  # a client answers with the protocol it speaks
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
+
+
+@pytest.mark.parametrize("which", ["os.system", "builtins.eval"])
+def test_crafted_protocol_message_runs_nothing_in_the_server(
+    server: zchat_nb.Server, tmp_path: Path, which: str
+) -> None:
+    marker = tmp_path / "server-pwned"
+    payload = payloads(marker)[0 if which == "os.system" else 1]
+    sock = zeo_handshake(server.address)
+    # (msgid, async flag, method, args): the args carry the payload, before any registration.
+    send_frame(sock, pickle.dumps((1, False, "register", (payload,)), 3))
+    sock.settimeout(10)
+    try:
+        leftover = sock.recv(1024)  # the server drops the connection instead of running it
+    except (ConnectionError, TimeoutError):
+        leftover = b""
+    finally:
+        sock.close()
+    assert not marker.exists()
+    assert leftover == b""
+    with zchat_nb.connect(server.address, user="still-fine") as client:  # the server is unharmed
+        client.session().add_message("ok")
+
+
+def test_crafted_conflict_state_runs_nothing_and_stays_a_conflict(
+    file_server: zchat_nb.Server, tmp_path: Path
+) -> None:
+    marker = tmp_path / "resolver-pwned"
+    db = ZEO.DB(file_server.address)
+    try:
+        tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+        c1, c2 = db.open(tm1), db.open(tm2)
+        tm1.begin()
+        c1.root()["tree"] = OOBTree({"a": 1})
+        tm1.commit()
+        tm1.begin()
+        tm2.begin()
+        oid = c1.root()["tree"]._p_oid
+        serial = c2.root()["tree"]._p_serial
+        c1.root()["tree"]["b"] = 2
+        tm1.commit()
+        # A stale write of the same tree whose state calls os.system when the server unpickles it.
+        crafted = pickle.dumps(OOBTree, 3) + pickle.dumps(
+            ((("c", Payload(os.system, f"touch {marker}")),),), 3
+        )
+        storage = db.storage
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.store(oid, serial, crafted, "", txn)
+        with pytest.raises(ConflictError):
+            storage.tpc_vote(txn)
+        storage.tpc_abort(txn)
+        assert not marker.exists()
+    finally:
+        db.close()
+
+
+def test_concurrent_inserts_still_merge_on_a_hardened_server(file_server: zchat_nb.Server) -> None:
+    db = ZEO.DB(file_server.address)
+    try:
+        tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+        c1, c2 = db.open(tm1), db.open(tm2)
+        tm1.begin()
+        c1.root()["tree"] = OOBTree()
+        tm1.commit()
+        tm1.begin()
+        tm2.begin()
+        c1.root()["tree"]["from one"] = 1
+        c2.root()["tree"]["from two"] = 2
+        tm1.commit()
+        tm2.commit()  # resolved on the server by BTrees' _p_resolveConflict: no ConflictError
+        tm1.begin()
+        assert dict(c1.root()["tree"]) == {"from one": 1, "from two": 2}
+    finally:
+        db.close()
+
+
+def test_a_stock_zeo_server_would_have_run_it(tmp_path: Path) -> None:
+    """The control for the test above: plain runzeo decodes the same frame and runs the payload."""
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    marker = tmp_path / "stock-pwned"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{port}", "-f", str(tmp_path / "stock.fs")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # runzeo logs "listening on ..." once it accepts connections
+            if "listening on" in line:
+                break
+        sock = zeo_handshake(("127.0.0.1", port))
+        payload = Payload(eval, f"open({str(marker)!r}, 'w').close()")
+        send_frame(sock, pickle.dumps((1, False, "register", (payload,)), 3))
+        sock.settimeout(10)
+        try:
+            sock.recv(1024)
+        except (ConnectionError, TimeoutError):
+            pass
+        sock.close()
+        assert marker.exists()
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -1,0 +1,140 @@
+"""Server lifecycle, addresses, the embedded default, and connection errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import zchat_nb
+from zchat_nb.server import local_status, parse_address, read_state, stop_local_server
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("127.0.0.1:8100", ("127.0.0.1", 8100)),
+        (" localhost:9 ", ("localhost", 9)),
+        ("8100", ("127.0.0.1", 8100)),
+        ("[::1]:8100", ("::1", 8100)),
+        (("10.0.0.2", 8100), ("10.0.0.2", 8100)),
+        (["h", 1], ("h", 1)),
+    ],
+)
+def test_addresses_are_parsed(given: object, expected: tuple[str, int]) -> None:
+    assert parse_address(given) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["host:port", "h:0", "h:70000", "", 8100, ("h",), ("h", "1"), ("h", True), None]
+)
+def test_bad_addresses_name_the_value_and_the_form(bad: object) -> None:
+    with pytest.raises(zchat_nb.ZChatConnectionError, match=r"127\.0\.0\.1:8100"):
+        parse_address(bad)
+
+
+def test_bad_address_given_to_connect_is_a_zchat_error() -> None:
+    with pytest.raises(zchat_nb.ZChatConnectionError, match="bad server address 'nowhere:xx'"):
+        zchat_nb.connect("nowhere:xx")
+
+
+def test_no_server_listening_is_reported_quickly_with_the_way_out() -> None:
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(zchat_nb.ZChatConnectionError) as info:
+        zchat_nb.connect(("127.0.0.1", port))
+    assert time.monotonic() - started < 5
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "zchat-nb serve" in str(info.value)
+
+
+def test_stop_is_safe_twice_and_server_is_a_context_manager() -> None:
+    with zchat_nb.serve() as server:
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        with zchat_nb.connect(server.address, user="a") as client:
+            client.session().add_message("hi")
+        assert server.status()["running"]
+    server.stop()
+    server.stop()
+    assert server.status() == {"running": False}
+    with pytest.raises(zchat_nb.ZChatConnectionError):
+        zchat_nb.connect(server.address, connect_timeout=1)
+
+
+def test_file_storage_keeps_messages_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "chat.fs"
+    with zchat_nb.serve(path=path) as server, zchat_nb.connect(server.address, user="a") as client:
+        client.session("general").add_message("kept")
+    with zchat_nb.serve(path=path) as server, zchat_nb.connect(server.address, user="b") as client:
+        assert [m.text for m in client.session("general").new_messages()] == ["kept"]
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with zchat_nb.serve() as server:
+        with pytest.raises(zchat_nb.ZChatServerError, match=f"{server.address[1]}.*--port 0"):
+            zchat_nb.serve(port=server.address[1])
+
+
+def test_zchat_address_names_the_server(monkeypatch: pytest.MonkeyPatch, server: zchat_nb.Server) -> None:
+    monkeypatch.setenv("ZCHAT_ADDRESS", "%s:%d" % server.address)
+    with zchat_nb.connect(user="a") as client:
+        assert client.address == server.address
+
+
+def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
+    """Two clients (here: two processes) calling connect() with no address share one local server."""
+    code = (
+        "import sys, zchat_nb\n"
+        "c = zchat_nb.connect(user=sys.argv[1])\n"
+        "c.session('general').add_message('from ' + sys.argv[1])\n"
+        "print('%s:%d' % c.address)\n"
+        "c.close()\n"
+    )
+    env = {**os.environ, "ZCHAT_HOME": str(zchat_home)}
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, name], env=env, stdout=subprocess.PIPE, text=True)
+            for name in ("ann", "ben")
+        ]
+        addresses = {p.communicate(timeout=60)[0].strip() for p in procs}
+        assert all(p.returncode == 0 for p in procs)
+        assert len(addresses) == 1
+        state = read_state()
+        assert state is not None and "%s:%d" % state.address in addresses
+        assert Path(state.path).parent == zchat_home
+        with zchat_nb.connect(user="cat") as client:
+            got = sorted(m.text for m in client.session("general").new_messages())
+        assert got == ["from ann", "from ben"]
+        assert local_status()["running"] is True
+    finally:
+        assert stop_local_server() is True
+    assert local_status()["running"] is False
+    assert read_state() is None
+    assert stop_local_server() is False
+
+
+def test_cli_status_and_stop_without_a_server(zchat_home: Path) -> None:
+    env = {**os.environ, "ZCHAT_HOME": str(zchat_home)}
+    status = subprocess.run(
+        [sys.executable, "-m", "zchat_nb", "status"], env=env, capture_output=True, text=True
+    )
+    assert status.returncode == 3 and '"running": false' in status.stdout
+    stop = subprocess.run([sys.executable, "-m", "zchat_nb", "stop"], env=env, capture_output=True, text=True)
+    assert stop.returncode == 0 and "no local server" in stop.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "status", "stop", "chat"])
+def test_every_command_has_help(command: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "zchat_nb", command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert f"zchat-nb {command}" in out.stdout
