@@ -44,7 +44,7 @@ def test_every_client_receives_every_message_from_concurrent_writer_processes(
     file_server: zchat_nb.Server,
 ) -> None:
     writers, each = 4, 30
-    address = "%s:%d" % file_server.address
+    address = "{}:{}".format(*file_server.address)
     with zchat_nb.connect(file_server.address, user="r1") as c1, zchat_nb.connect(address, user="r2") as c2:
         readers = [c1.session("general"), c2.session("general")]
         procs = [
@@ -184,7 +184,7 @@ def test_send_while_the_server_stays_away_fails_clearly_within_the_timeout(
             chat.add_message("lost?")
         elapsed = time.monotonic() - started
         assert elapsed < 10, f"the send blocked {elapsed:.1f} s, not the 2 s it was given"
-        assert "%s:%d" % server_process.address in str(info.value)
+        assert "{}:{}".format(*server_process.address) in str(info.value)
         with pytest.raises(zchat_nb.ZChatDisconnected, match="not connected"):
             chat.new_messages()
         assert isinstance(zchat_nb.ZChatDisconnected("x"), zchat_nb.ZChatError)

@@ -78,14 +78,13 @@ def test_file_storage_keeps_messages_across_restarts(tmp_path: Path) -> None:
         assert [m.text for m in client.session("general").new_messages()] == ["kept"]
 
 
-def test_port_in_use_is_a_clear_error() -> None:
-    with zchat_nb.serve() as server:
-        with pytest.raises(zchat_nb.ZChatServerError, match=f"{server.address[1]}.*--port 0"):
-            zchat_nb.serve(port=server.address[1])
+def test_port_in_use_is_a_clear_error(server: zchat_nb.Server) -> None:
+    with pytest.raises(zchat_nb.ZChatServerError, match=f"{server.address[1]}.*--port 0"):
+        zchat_nb.serve(port=server.address[1])
 
 
 def test_zchat_address_names_the_server(monkeypatch: pytest.MonkeyPatch, server: zchat_nb.Server) -> None:
-    monkeypatch.setenv("ZCHAT_ADDRESS", "%s:%d" % server.address)
+    monkeypatch.setenv("ZCHAT_ADDRESS", "{}:{}".format(*server.address))
     with zchat_nb.connect(user="a") as client:
         assert client.address == server.address
 
@@ -109,7 +108,7 @@ def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
         assert all(p.returncode == 0 for p in procs)
         assert len(addresses) == 1
         state = read_state()
-        assert state is not None and "%s:%d" % state.address in addresses
+        assert state is not None and "{}:{}".format(*state.address) in addresses
         assert Path(state.path).parent == zchat_home
         with zchat_nb.connect(user="cat") as client:
             got = sorted(m.text for m in client.session("general").new_messages())
