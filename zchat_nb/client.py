@@ -67,7 +67,7 @@ class ClientEvent:
     oids: tuple[bytes, ...] = field(default=())
 
 
-class _WakingClientStorage(ClientStorage):  # type: ignore[misc]
+class _WakingClientStorage(ClientStorage):
     """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
 
     These run on ZEO's networking thread: they must never make storage calls.

@@ -171,7 +171,7 @@ class Room(Persistent):
         self.count = Length()
 
     def contains(self, message: Message) -> bool:
-        return message.key in self.messages
+        return self.messages is not None and message.key in self.messages
 
     def append(self, writer: str, message: Message) -> int:
         """Add ``message`` as the next entry of ``writer``'s stream; returns its sequence number."""
@@ -324,15 +324,14 @@ class ChatSession:
     def _poll(self) -> list[Message]:
         with self._lock:
             room = self._room()
+            assert room.count is not None and room.heads is not None
             if self._epoch != room.epoch:
                 self._cursor.clear()
                 self._epoch = room.epoch
                 if self._backlog is not None:
                     self._cursor.update(room.heads.items())
-                    found = self._history(room, self._backlog, None)
-                    self._backlog = None
-                    return found
-            assert room.count is not None and room.heads is not None
+                    backlog, self._backlog = self._backlog, None
+                    return self._history(room, backlog, None)
             if room.count() == sum(self._cursor.values()):
                 return []
             found: list[Message] = []
