@@ -217,3 +217,17 @@ def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.D
     assert texts(chat.new_messages()) == ["good one", "good two"]
     assert len(chat.skipped) == 1 and "evil#1" in chat.skipped[0][0]
     assert chat.new_messages() == []
+
+
+def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB) -> None:
+    now = [1000.0]
+    alice = make_client(db, "alice", clock=lambda: now[0]).session("general")
+    bob = make_client(db, "bob", clock=lambda: now[0]).session("general")
+    assert alice.present() == []
+    alice.heartbeat()
+    now[0] += 60
+    bob.heartbeat()
+    assert bob.present(within=90) == ["alice", "bob"]
+    now[0] += 60
+    assert bob.present(within=90) == ["bob"]
+    assert make_client(db, "carol").session("random").present() == []

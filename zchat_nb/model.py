@@ -158,6 +158,8 @@ class Room(Persistent):
     heads: OOBTree | None = None
     #: Number of messages in this epoch; a reader with as many delivered is idle.
     count: Length | None = None
+    #: ``user -> last heartbeat time``; one key per user, so concurrent heartbeats merge.
+    presence: OOBTree | None = None
 
     def __init__(self, name: str, created: float = 0.0) -> None:
         self.name = name
@@ -184,6 +186,16 @@ class Room(Persistent):
         assert self.count is not None
         self.count.change(1)
         return seq
+
+    def beat(self, user: str, when: float) -> None:
+        if self.presence is None:
+            self.presence = OOBTree()
+        self.presence[user] = when
+
+    def present(self, since: float) -> list[str]:
+        if self.presence is None:
+            return []
+        return sorted(user for user, when in self.presence.items() if when >= since)
 
     def clear(self) -> None:
         """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
@@ -279,12 +291,15 @@ class ChatSession:
         return room
 
     def _create_room(self) -> None:
-        def create(conn: Connection) -> None:
-            rooms = rooms_of(conn)
-            if self.room not in rooms:
-                rooms[self.room] = Room(self.room, created=self._host.clock())
+        self._commit(self._room_in, what=f"creating room {self.room!r}")
 
-        self._commit(create, what=f"creating room {self.room!r}")
+    def _room_in(self, conn: Connection) -> Room:
+        """The room in ``conn``'s current transaction, added to it if missing (the caller commits)."""
+        rooms = rooms_of(conn)
+        room = rooms.get(self.room)
+        if room is None:
+            room = rooms[self.room] = Room(self.room, created=float(self._host.clock()))
+        return room
 
     def new_messages(self, timeout: float | None = None) -> list[Message]:
         """Messages this session has not returned yet, oldest first.
@@ -426,15 +441,13 @@ class ChatSession:
         writer = self._host.writer
 
         def append(conn: Connection) -> None:
-            room = rooms_of(conn).get(self.room)
-            if room is None:
-                room = rooms_of(conn)[self.room] = Room(self.room, created=self._host.clock())
+            room = self._room_in(conn)
             if not room.contains(message):
                 room.append(writer, message)
 
         self._commit(append, what=f"sending to room {self.room!r}")
 
-    def _commit(self, change: Callable[[Connection], None], what: str) -> None:
+    def _commit(self, change: Callable[[Connection], object], what: str) -> None:
         """Run ``change`` in a transaction and commit it, retrying conflicts and outages."""
         policy = self._host.policy
         deadline = time.monotonic() + policy.timeout
@@ -473,6 +486,22 @@ class ChatSession:
             except BaseException:
                 tm.abort()
                 raise
+
+    # -- presence ------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Record that this client's user is in the room now (the widget calls it periodically)."""
+        user, now = self._host.user, float(self._host.clock())
+
+        def beat(conn: Connection) -> None:
+            self._room_in(conn).beat(user, now)
+
+        self._commit(beat, what=f"announcing presence in {self.room!r}")
+
+    def present(self, within: float = 90.0) -> list[str]:
+        """Users whose last heartbeat in this room is at most ``within`` seconds old."""
+        with self._lock:
+            return self._room().present(float(self._host.clock()) - within)
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
