@@ -1,0 +1,322 @@
+"""``%load_ext zchat_nb``: the ``%zchat`` line magic and the ``%%zchat`` cell magic.
+
+Settings are traitlets on the ``ZChat`` configurable: ``%config ZChat.poll_interval = 0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import shlex
+from typing import Any, NoReturn
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from traitlets import Float, Unicode, default
+from traitlets.config import Configurable
+
+from .client import ChatClient, connect, default_user
+from .exceptions import ZChatError
+from .model import ChatSession
+from .server import Server, format_address, parse_address, serve
+
+__all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+USAGE = """\
+%zchat serve [--host H] [--port P] [--path FILE]   start a ZEO server in this kernel; prints its address
+%zchat join [ADDRESS] [--room R] [--name N]        join a chat and show the widget (no ADDRESS: the local
+                                                   default server, started if needed; or $ZCHAT_ADDRESS)
+%zchat send TEXT                                   send TEXT to the room you joined
+%%zchat send [--raw]                               the cell body as one message (a code block unless --raw)
+%zchat history [-n N]                              print the last N messages (default 20)
+%zchat rooms                                       list the rooms
+%zchat status                                      connection, user, room and server
+%zchat inspect                                     show the live ZEO inspector beside the chat
+%zchat leave                                       close the widgets and the connection
+%zchat stop                                        stop the server this kernel started
+%zchat --help                                      this text; `%zchat COMMAND --help` for one command
+
+Settings: %config ZChat.user = "ada", %config ZChat.poll_interval = 0.5, %config ZChat.room = "general"
+"""
+
+
+class ZChat(Configurable):
+    """Settings of the ``%zchat`` magics."""
+
+    user = Unicode(help="Name shown with your messages (default: JupyterHub user or login name).").tag(
+        config=True
+    )
+    room = Unicode("general", help="Room that `%zchat join` joins when --room is not given.").tag(config=True)
+    poll_interval = Float(
+        1.0, help="Seconds between the widget's fallback polls; ZEO invalidations wake it at once anyway."
+    ).tag(config=True)
+    timeout = Float(10.0, help="Seconds a send may wait for the server before it reports a failure.").tag(
+        config=True
+    )
+
+    @default("user")
+    def _default_user(self) -> str:
+        return default_user()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as IPython UsageErrors instead of exiting the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}\n\n{self.format_usage()}See `%zchat --help`.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            print(message)
+        raise _Done
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+class _Done(Exception):
+    """``--help`` was printed: nothing else to do."""
+
+
+def _parsers() -> dict[str, _Parser]:
+    def make(name: str, description: str) -> _Parser:
+        return _Parser(prog=f"%zchat {name}", description=description, add_help=True)
+
+    p = {}
+    p["serve"] = make("serve", "Start a hardened ZEO server inside this kernel.")
+    p["serve"].add_argument("--host", default="127.0.0.1")
+    p["serve"].add_argument("--port", type=int, default=0)
+    p["serve"].add_argument("--path", default=None, help="FileStorage file (default: in memory)")
+    p["join"] = make("join", "Join a chat and show the widget.")
+    p["join"].add_argument("address", nargs="?", default=None)
+    p["join"].add_argument("--room", default=None)
+    p["join"].add_argument("--name", default=None)
+    p["send"] = make("send", "Send a message to the room you joined.")
+    p["send"].add_argument("text", nargs="*")
+    p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
+    p["history"] = make("history", "Print the last messages of the room you joined.")
+    p["history"].add_argument("-n", type=int, default=20)
+    for name, text in [
+        ("rooms", "List the rooms."),
+        ("status", "Show the connection, user, room and server."),
+        ("inspect", "Show the live ZEO inspector."),
+        ("leave", "Close the widgets and the connection."),
+        ("stop", "Stop the server this kernel started."),
+    ]:
+        p[name] = make(name, text)
+    return p
+
+
+@magics_class
+class ZChatMagics(Magics):
+    """The ``%zchat`` / ``%%zchat`` magics; one instance per IPython shell."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.settings = ZChat(parent=shell)
+        shell.configurables.append(self.settings)
+        self.server: Server | None = None
+        self.client: ChatClient | None = None
+        self.room: str | None = None
+        self.session: ChatSession | None = None
+        self.widgets: list[Any] = []
+        self._parsers = _parsers()
+
+    @line_cell_magic
+    def zchat(self, line: str, cell: str | None = None) -> Any:
+        """Chat with other kernels through ZEO. `%zchat --help` lists the commands."""
+        command, _, rest = line.strip().partition(" ")
+        if command == "send" and cell is None and rest.strip() and not rest.lstrip().startswith("-"):
+            # The message is the rest of the line as typed: no shell-style parsing of the user's text.
+            return self._call("send", argparse.Namespace(text=[_unquote(rest.strip())], raw=False), cell)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%zchat: cannot parse {line!r}: {exc}") from None
+        if not words or words[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return None
+        command = words[0]
+        parser = self._parsers.get(command)
+        if parser is None:
+            raise UsageError(f"%zchat: unknown command {command!r}; the commands are:\n\n{USAGE}")
+        if cell is not None and command != "send":
+            raise UsageError(f"%%zchat {command}: only `%%zchat send` takes a cell body")
+        try:
+            args = parser.parse_args(words[1:])
+        except _Done:
+            return None
+        return self._call(command, args, cell)
+
+    def _call(self, command: str, args: argparse.Namespace, cell: str | None) -> Any:
+        try:
+            return getattr(self, f"_{command}")(args, cell)
+        except ZChatError as exc:
+            raise UsageError(f"%zchat {command}: {exc}") from exc
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _serve(self, args: argparse.Namespace, cell: str | None) -> None:
+        if self.server is not None:
+            raise UsageError(
+                f"%zchat serve: this kernel already serves at {format_address(self.server.address)}; "
+                "`%zchat stop` it first"
+            )
+        self.server = serve(args.path, args.host, args.port)
+        where = format_address(self.server.address)
+        print(f"ZEO server listening on {where} ({args.path or 'in memory'}).")
+        print(f"Join from any kernel on this machine with:  %zchat join {where}")
+
+    def _join(self, args: argparse.Namespace, cell: str | None) -> Any:
+        from IPython.display import display
+
+        user = args.name or self.settings.user
+        address = args.address
+        if address is None and self.server is not None:
+            address = self.server.address
+        wanted = parse_address(address) if address is not None else None
+        client = self.client
+        if client is None or client.closed or client.user != user or (wanted and wanted != client.address):
+            self._close_client()
+            client = self.client = connect(address, user=user, timeout=self.settings.timeout)
+        self.room = args.room or self.settings.room
+        self.session = client.session(self.room, backlog=0)
+        widget = client.widget(self.room, poll_interval=self.settings.poll_interval)
+        self.widgets.append(widget)
+        display(widget)
+        return None
+
+    def _joined(self) -> ChatSession:
+        if self.client is None or self.client.closed or self.session is None:
+            raise UsageError("%zchat: you have not joined a chat; run `%zchat join` first")
+        return self.session
+
+    def _send(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        if cell is not None:
+            if args.text:
+                raise UsageError("%%zchat send: the message is the cell body; put nothing after `send`")
+            body = cell.strip("\n")
+            if not body.strip():
+                raise UsageError("%%zchat send: the cell is empty; write the message below `%%zchat send`")
+            text = body if args.raw or "```" in body else f"```python\n{body}\n```"
+        else:
+            if not args.text:
+                raise UsageError('%zchat send: nothing to send; write `%zchat send "hello"`')
+            text = " ".join(args.text)
+        session.add_message(text)
+
+    def _history(self, args: argparse.Namespace, cell: str | None) -> None:
+        from .cli import format_line
+
+        session = self._joined()
+        if args.n < 0:
+            raise UsageError(f"%zchat history: -n must be 0 or more, not {args.n}")
+        for message in session.history(args.n):
+            print(format_line(message))
+
+    def _rooms(self, args: argparse.Namespace, cell: str | None) -> None:
+        client = self.client if self.client is not None and not self.client.closed else self._any_client()
+        for name in client.rooms():
+            marker = "  <- joined" if name == self.room else ""
+            print(f"{name}{marker}")
+
+    def _any_client(self) -> ChatClient:
+        self.client = connect(
+            self.server.address if self.server else None,
+            user=self.settings.user,
+            timeout=self.settings.timeout,
+        )
+        return self.client
+
+    def _status(self, args: argparse.Namespace, cell: str | None) -> None:
+        if self.server is not None:
+            status = self.server.status()
+            print(
+                f"serving:   {format_address(self.server.address)}, "
+                f"{status.get('connections', 0)} client connection(s)"
+            )
+        if self.client is None or self.client.closed:
+            print("chat:      not joined (`%zchat join`)")
+            return
+        state = "connected" if self.client.is_connected() else "disconnected (reconnecting)"
+        print(f"chat:      {state} to {self.client.address_text} as {self.client.user!r}, room {self.room!r}")
+        print(f"widgets:   {sum(1 for w in self.widgets if not getattr(w, 'closed', False))} open")
+
+    def _inspect(self, args: argparse.Namespace, cell: str | None) -> Any:
+        from IPython.display import display
+
+        from .inspector import Inspector
+
+        self._joined()
+        inspector = Inspector(self.client, room=self.room)
+        self.widgets.append(inspector)
+        display(inspector)
+        return None
+
+    def _leave(self, args: argparse.Namespace, cell: str | None) -> None:
+        was = self.client is not None and not self.client.closed
+        self._close_client()
+        print("Left the chat." if was else "You were not in a chat.")
+
+    def _stop(self, args: argparse.Namespace, cell: str | None) -> None:
+        if self.server is None:
+            raise UsageError(
+                "%zchat stop: this kernel started no server; stop the local default one with `zchat-nb stop`"
+            )
+        self._close_client()
+        self.server.stop()
+        self.server = None
+        print("Server stopped.")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _close_client(self) -> None:
+        for widget in self.widgets:
+            widget.close()
+        self.widgets.clear()
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.room = None
+        self.session = None
+
+    def close(self) -> None:
+        """Close widgets (their pollers), the client and any server this kernel started."""
+        self._close_client()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+_magics: ZChatMagics | None = None
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    global _magics
+    if _magics is not None and _magics.shell is ipython:
+        return
+    _magics = ZChatMagics(ipython)
+    ipython.register_magics(_magics)
+    atexit.register(_close_at_exit)  # kernel shutdown: stop pollers, close the client and server
+
+
+def _close_at_exit() -> None:
+    if _magics is not None:
+        _magics.close()
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    global _magics
+    if _magics is None:
+        return
+    _magics.close()
+    if _magics.settings in ipython.configurables:
+        ipython.configurables.remove(_magics.settings)
+    ipython.magics_manager.magics["line"].pop("zchat", None)
+    ipython.magics_manager.magics["cell"].pop("zchat", None)
+    atexit.unregister(_close_at_exit)
+    _magics = None
