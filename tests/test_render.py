@@ -1,0 +1,129 @@
+"""zchat_nb.render: message text becomes inert, readable HTML; users get stable colours and initials."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from zchat_nb.model import Message
+from zchat_nb.render import (
+    ALLOWED_TAGS,
+    initials,
+    message_payload,
+    render_markdown,
+    user_color,
+    user_hue,
+)
+
+# (payload, text that must be visible once the HTML is shown)
+ATTACKS = [
+    ("<img src=x onerror=alert(1)>", "<img src=x onerror=alert(1)>"),
+    ("<script>alert(1)</script>", "<script>alert(1)</script>"),
+    ("<svg onload=alert(1)>", "<svg onload=alert(1)>"),
+    ("[x](javascript:alert(1))", "[x](javascript:alert(1))"),
+    ('<iframe srcdoc="<script>alert(1)</script>"></iframe>', "<iframe srcdoc="),
+    ("![pic](https://example.org/x.png)", "pic"),
+    ('<a href="javascript:alert(1)">click</a>', '<a href="javascript:alert(1)">click</a>'),
+    ("[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)", "[x]"),
+    ('<div style="background:url(javascript:alert(1))">', "<div style="),
+    ("<style>*{display:none}</style>", "<style>"),
+    ("`<img src=x onerror=alert(1)>`", "<img src=x onerror=alert(1)>"),
+    ("```\n<script>alert(1)</script>\n```", "<script>alert(1)</script>"),
+]
+
+_TAG = re.compile(r"<\s*([a-zA-Z0-9]+)([^>]*)>")
+
+
+def visible_text(html: str) -> str:
+    """What a browser shows for ``html`` (tags dropped, entities decoded)."""
+    import html as html_module
+
+    return html_module.unescape(re.sub(r"<[^>]*>", "", html))
+
+
+@pytest.mark.parametrize(("payload", "shown"), ATTACKS, ids=[a[0][:30] for a in ATTACKS])
+def test_attack_payloads_render_inert_and_readable(payload: str, shown: str) -> None:
+    html = render_markdown(payload)
+    for tag, attrs in _TAG.findall(html):
+        assert tag.lower() in ALLOWED_TAGS, f"{tag} survived in {html!r}"
+        assert not re.search(r"\bon\w+\s*=", attrs, re.I), f"event handler survived in {html!r}"
+        assert "javascript:" not in attrs.lower() and "data:" not in attrs.lower()
+        assert "srcdoc" not in attrs.lower() and "style" not in attrs.lower()
+    assert shown in visible_text(html)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("**bold** and *em*", "<strong>bold</strong> and <em>em</em>"),
+        ("```python\nprint('hi')\n```", "<pre><code>print('hi')\n</code></pre>"),
+        ("inline `x < 1`", "<code>x &lt; 1</code>"),
+        ("line one\nline two", "line one<br>"),
+        ("> quoted", "<blockquote>"),
+        ("- a\n- b", "<ul>"),
+        ("~~gone~~", "<s>gone</s>"),
+    ],
+)
+def test_markdown_is_rendered(text: str, expected: str) -> None:
+    assert expected in render_markdown(text)
+
+
+@pytest.mark.parametrize(
+    "link",
+    ["[site](https://example.org/a?b=c)", "<https://example.org/a?b=c>", "[mail](mailto:ada@example.org)"],
+)
+def test_allowed_links_open_in_a_new_tab_without_referrer(link: str) -> None:
+    html = render_markdown(link)
+    assert 'href="' in html
+    assert 'target="_blank"' in html
+    assert 'rel="noopener noreferrer nofollow"' in html
+
+
+@pytest.mark.parametrize(
+    "link", ["[f](ftp://example.org/x)", "[r](/files/secret.txt)", "[v](vbscript:msgbox)"]
+)
+def test_other_link_targets_are_dropped(link: str) -> None:
+    assert "href" not in render_markdown(link)
+
+
+def test_table_alignment_survives_but_no_other_style() -> None:
+    html = render_markdown("| a | b |\n|--:|---|\n| 1 | 2 |")
+    assert '<th style="text-align:right">a</th>' in html
+    assert "<td>2</td>" in html
+
+
+def test_user_colour_is_stable_and_differs_between_users() -> None:
+    assert user_hue("alice") == user_hue("alice")
+    assert 0 <= user_hue("alice") < 360
+    assert user_color("alice") == f"hsl({user_hue('alice')}, 60%, 40%)"
+    assert len({user_hue(name) for name in ["alice", "bob", "carol", "dave", "erin", "frank"]}) > 3
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("Ada Lovelace", "AL"), ("ada", "AD"), ("grace.hopper", "GH"), ("élise", "ÉL"), ("x", "X"), ("__", "?")],
+)
+def test_initials(name: str, expected: str) -> None:
+    assert initials(name) == expected
+
+
+def test_message_payload_carries_what_the_view_shows() -> None:
+    message = Message("abc", "bob", "<b>hi</b>", 1_764_000_000.25)
+    payload = message_payload(message, own=False)
+    assert payload == {
+        "id": "abc",
+        "author": "bob",
+        "initials": "BO",
+        "color": user_color("bob"),
+        "hue": user_hue("bob"),
+        "time": "2025-11-24T16:00:00.250+00:00",
+        "ts": 1_764_000_000.25,
+        "html": "<p>&lt;b&gt;hi&lt;/b&gt;</p>",
+        "own": False,
+    }
+    assert message_payload(message, own=True)["own"] is True
+
+
+def test_message_payload_survives_an_absurd_time() -> None:
+    assert message_payload(Message("abc", "bob", "hi", 1e300), own=False)["time"] == ""

@@ -1,0 +1,553 @@
+"""ChatWidget with a recording comm instead of a kernel: what it sends to the browser, and when.
+
+Unit tests use ``ChatClient(ZODB.DB(None))``; those marked ``integration`` use a real ZEO server.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import comm
+import pytest
+import ZODB
+
+import zchat_nb
+from zchat_nb import ChatClient, Message, ZChatConnectionError, ZChatSendError
+from zchat_nb.widget import BACKLOG, ChatWidget
+
+TIMEOUT = 10.0
+
+
+class RecordingComm:
+    """Stands in for a kernel comm: records what the widget sends, lets a test play the browser."""
+
+    kernel = "recording"  # ipywidgets only sends when the comm has a kernel
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.comm_id = uuid.uuid4().hex
+        self.opened_with = kwargs
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self._handler: Callable[[dict[str, Any]], None] | None = None
+        self._changed = threading.Condition()
+
+    # -- the comm API ipywidgets uses --
+    def on_msg(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self._handler = callback
+
+    def send(self, data: dict[str, Any] | None = None, metadata: Any = None, buffers: Any = None) -> None:
+        with self._changed:
+            self.sent.append(data or {})
+            self._changed.notify_all()
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        self.closed = True
+
+    # -- for tests --
+    def custom(self, start: int = 0) -> list[dict[str, Any]]:
+        """Custom messages (anywidget ``model.send``) sent since index ``start`` of :attr:`sent`."""
+        with self._changed:
+            return [d["content"] for d in self.sent[start:] if d.get("method") == "custom"]
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self.sent)
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], start: int = 0, timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
+        """The first custom message since ``start`` that satisfies ``predicate``; fails after ``timeout``."""
+        found: list[dict[str, Any]] = []
+
+        def match() -> bool:
+            found[:] = [m for m in self.custom(start) if predicate(m)]
+            return bool(found)
+
+        with self._changed:
+            if not self._changed.wait_for(match, timeout):
+                raise AssertionError(f"no matching message within {timeout} s; got {self.custom(start)!r}")
+        return found[0]
+
+    def wait_state(
+        self, name: str, predicate: Callable[[Any], bool], start: int = 0, timeout: float = TIMEOUT
+    ) -> None:
+        """Wait for a state update (since ``start``) of trait ``name`` whose value satisfies ``predicate``."""
+
+        def match() -> bool:
+            return any(
+                d.get("method") == "update" and name in d["state"] and predicate(d["state"][name])
+                for d in self.sent[start:]
+            )
+
+        with self._changed:
+            if not self._changed.wait_for(match, timeout):
+                updates = [d["state"] for d in self.sent if d.get("method") == "update"]
+                raise AssertionError(f"no {name} update matching within {timeout} s; got {updates!r}")
+
+    def from_view(self, content: dict[str, Any]) -> None:
+        """Deliver a custom message as the browser's ``model.send(content)`` would."""
+        assert self._handler is not None
+        self._handler({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+
+    def set_from_view(self, **state: Any) -> None:
+        """Deliver a state change as the browser's ``model.set(...); model.save_changes()`` would."""
+        assert self._handler is not None
+        data = {"method": "update", "state": state, "buffer_paths": []}
+        self._handler({"content": {"data": data}, "buffers": []})
+
+
+@pytest.fixture
+def comms(monkeypatch: pytest.MonkeyPatch) -> list[RecordingComm]:
+    """Every comm a widget opens during the test, in order."""
+    made: list[RecordingComm] = []
+
+    def create_comm(**kwargs: Any) -> RecordingComm:
+        made.append(RecordingComm(**kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(comm, "create_comm", create_comm)
+    return made
+
+
+@pytest.fixture
+def client() -> Iterator[ChatClient]:
+    chat_client = ChatClient(ZODB.DB(None), user="alice")
+    yield chat_client
+    chat_client.close()
+
+
+@pytest.fixture
+def make_widget(comms: list[RecordingComm], client: ChatClient) -> Iterator[Callable[..., ChatWidget]]:
+    widgets: list[ChatWidget] = []
+
+    def make(room: str = "general", **kwargs: Any) -> ChatWidget:
+        kwargs.setdefault("client", client)
+        kwargs.setdefault("poll_interval", 0.05)
+        widgets.append(ChatWidget(room=room, **kwargs))
+        return widgets[-1]
+
+    yield make
+    for widget in widgets:
+        widget.close()
+
+
+def recorder(widget: ChatWidget) -> RecordingComm:
+    assert isinstance(widget.comm, RecordingComm)
+    return widget.comm
+
+
+def hello(widget: ChatWidget, view: str = "view-1") -> dict[str, Any]:
+    """Play a view being drawn; return the kernel's answer to it."""
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.from_view({"type": "hello", "view": view})
+    return rec.wait_for(lambda m: m["type"] == "reset" and m["view"] == view, start)
+
+
+def texts(batch: dict[str, Any]) -> list[str]:
+    return [m["html"] for m in batch["messages"]]
+
+
+def post(client: ChatClient, author: str, text: str, room: str = "general") -> Message:
+    """Commit a message as ``author`` (another user of the same database)."""
+    other = ChatClient(client.db, user=author)
+    return other.session(room).add_message(text)
+
+
+# -- first view, updates --------------------------------------------------------------------
+
+
+def test_a_new_view_gets_the_last_messages_of_the_room(client: ChatClient, make_widget: Callable) -> None:
+    for n in range(3):
+        post(client, "bob", f"m{n}")
+    widget = make_widget()
+    answer = hello(widget)
+    assert answer["room"] == "general"
+    assert texts(answer) == ["<p>m0</p>", "<p>m1</p>", "<p>m2</p>"]
+    assert answer["more"] is False
+
+
+def test_an_update_carries_only_the_new_messages(client: ChatClient, make_widget: Callable) -> None:
+    for n in range(5):
+        post(client, "bob", f"old {n}")
+    widget = make_widget()
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    new = post(client, "bob", "brand new")
+    update = rec.wait_for(lambda m: m["type"] == "append", start)
+    assert [m["id"] for m in update["messages"]] == [new.id]
+    assert update["view"] is None and update["room"] == "general"
+    assert all("old" not in str(m) for m in rec.custom(start))
+
+
+def test_two_views_each_get_their_own_first_batch(client: ChatClient, make_widget: Callable) -> None:
+    post(client, "bob", "hi")
+    widget = make_widget()
+    first, second = hello(widget, "view-a"), hello(widget, "view-b")
+    assert texts(first) == texts(second) == ["<p>hi</p>"]
+
+
+def test_backlog_is_capped_and_older_messages_load_on_request(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    session = ChatClient(client.db, user="bob").session("general")
+    sent = [session.add_message(f"n{n}") for n in range(BACKLOG + 50)]
+    widget = make_widget()
+    answer = hello(widget)
+    assert [m["id"] for m in answer["messages"]] == [m.id for m in sent[-BACKLOG:]]
+    assert answer["more"] is True
+
+    rec = recorder(widget)
+    start = rec.mark()
+    oldest = answer["messages"][0]
+    before = {"id": oldest["id"], "ts": oldest["ts"]}
+    rec.from_view({"type": "older", "view": "view-1", "room": "general", "before": before})
+    older = rec.wait_for(lambda m: m["type"] == "older", start)
+    assert older["view"] == "view-1"
+    assert [m["id"] for m in older["messages"]] == [m.id for m in sent[:50]]
+    assert older["more"] is False
+
+
+def test_load_older_method_sends_to_every_view(client: ChatClient, make_widget: Callable) -> None:
+    session = ChatClient(client.db, user="bob").session("general")
+    sent = [session.add_message(f"n{n}") for n in range(BACKLOG + 3)]
+    widget = make_widget()
+    hello(widget)
+    start = recorder(widget).mark()
+    widget.load_older()
+    older = recorder(widget).wait_for(lambda m: m["type"] == "older", start)
+    assert older["view"] is None
+    assert [m["id"] for m in older["messages"]] == [m.id for m in sent[:3]]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "<img src=x onerror=alert(1)>",
+        "<script>alert(1)</script>",
+        "<svg onload=alert(1)>",
+        "[x](javascript:alert(1))",
+        '<iframe srcdoc="<script>alert(1)</script>">',
+    ],
+)
+def test_messages_reach_the_browser_escaped(client: ChatClient, make_widget: Callable, payload: str) -> None:
+    widget = make_widget()
+    hello(widget)
+    start = recorder(widget).mark()
+    message = post(client, "mallory", payload)
+    update = recorder(widget).wait_for(lambda m: m["type"] == "append", start)
+    (shown,) = [m for m in update["messages"] if m["id"] == message.id]
+    for tag in ("<img", "<script", "<svg", "<iframe", 'javascript:alert(1)"'):
+        assert tag not in shown["html"]
+    assert shown["author"] == "mallory"
+
+
+def test_own_messages_are_marked(client: ChatClient, make_widget: Callable) -> None:
+    post(client, "bob", "from bob")
+    widget = make_widget()
+    widget.send_message("from alice").result(TIMEOUT)
+    rec = recorder(widget)
+    rec.wait_for(lambda m: m["type"] == "append" and any(x["own"] for x in m["messages"]))
+    answer = hello(widget)
+    assert [(m["author"], m["own"]) for m in answer["messages"]] == [("bob", False), ("alice", True)]
+
+
+# -- sending --------------------------------------------------------------------------------
+
+
+def test_send_message_returns_the_committed_message(client: ChatClient, make_widget: Callable) -> None:
+    widget = make_widget()
+    message = widget.send_message("hello *world*").result(TIMEOUT)
+    assert isinstance(message, Message)
+    assert (message.author, message.text) == ("alice", "hello *world*")
+    assert widget.last_sent == message
+    assert client.session("general").history(5) == [message]
+
+
+def test_a_send_from_the_view_is_acknowledged_after_the_commit(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget()
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "typed", "client_id": "c-1", "room": "general"})
+    ack = rec.wait_for(lambda m: m["type"] == "sent", start)
+    assert ack["client_id"] == "c-1"
+    (stored,) = client.session("general").history(5)
+    assert stored.id == ack["id"] and stored.text == "typed"
+    rec.wait_for(lambda m: m["type"] == "append" and m["messages"][0]["id"] == ack["id"], start)
+    assert widget.error == ""
+
+
+@pytest.mark.parametrize("text", ["   ", None, "x" * 70_000])
+def test_a_failed_send_keeps_the_text_and_shows_the_error(
+    client: ChatClient, make_widget: Callable, text: Any
+) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": text, "client_id": "c-2", "room": "general"})
+    failed = rec.wait_for(lambda m: m["type"] == "send_failed", start)
+    assert failed["client_id"] == "c-2"
+    assert failed["error"].startswith("not sent: ")
+    assert not any(m["type"] == "sent" for m in rec.custom(start))
+    rec.wait_state("error", lambda value: value == failed["error"])
+    assert widget.error == failed["error"]
+    assert client.session("general").history(5) == []
+
+
+def test_a_send_after_close_fails_at_once(make_widget: Callable) -> None:
+    widget = make_widget()
+    widget.close()
+    with pytest.raises(ZChatConnectionError, match="closed"):
+        widget.send_message("too late").result(TIMEOUT)
+
+
+# -- rooms ----------------------------------------------------------------------------------
+
+
+def test_switch_room_resets_every_view_and_counts_unread_elsewhere(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    post(client, "bob", "in general")
+    widget = make_widget()
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    widget.switch_room("random")
+    reset = rec.wait_for(lambda m: m["type"] == "reset" and m["room"] == "random", start)
+    assert reset["view"] is None and reset["messages"] == []
+    rec.wait_state("rooms", lambda rooms: rooms == ["general", "random"])
+
+    post(client, "bob", "while away 1")
+    post(client, "bob", "while away 2")
+    post(client, "alice", "my own elsewhere")  # own messages are not unread
+    rec.wait_state("unread", lambda unread: unread == {"general": 2})
+
+    start = rec.mark()
+    widget.switch_room("general")
+    back = rec.wait_for(lambda m: m["type"] == "reset" and m["room"] == "general", start)
+    assert len(back["messages"]) == 4
+    rec.wait_state("unread", lambda unread: unread == {})
+
+
+def test_a_room_made_by_someone_else_counts_all_its_messages_unread(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget()
+    hello(widget)
+    post(client, "bob", "first", room="lab")
+    post(client, "bob", "second", room="lab")
+    recorder(widget).wait_state("unread", lambda unread: unread == {"lab": 2})
+    assert "lab" in widget.rooms
+
+
+def test_the_view_switches_room_through_the_room_trait(make_widget: Callable) -> None:
+    widget = make_widget()
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.set_from_view(room="help")
+    rec.wait_for(lambda m: m["type"] == "reset" and m["room"] == "help", start)
+    assert widget.room == "help"
+
+
+def test_a_bad_room_name_is_refused(make_widget: Callable) -> None:
+    widget = make_widget()
+    with pytest.raises(zchat_nb.InvalidMessageError):
+        widget.switch_room("  ")
+    with pytest.raises(Exception, match="room name"):
+        widget.room = "x" * 100
+    assert widget.room == "general"
+
+
+def test_messages_from_the_view_that_make_no_sense_are_ignored(make_widget: Callable) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    for junk in ([1, 2], "hello", {"type": "nonsense"}, {"type": "hello"}, {"type": "older", "view": 5}):
+        rec.from_view(junk)  # type: ignore[arg-type]
+    rec.from_view({"type": "older", "view": "v", "before": {"id": 3, "ts": "x"}})
+    assert hello(widget)["room"] == "general"
+
+
+# -- presence -------------------------------------------------------------------------------
+
+
+def test_present_lists_users_with_a_recent_heartbeat(client: ChatClient, make_widget: Callable) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    rec.wait_state("present", lambda present: present == ["alice"])
+    ChatClient(client.db, user="bob").session("general").heartbeat()
+    rec.wait_state("present", lambda present: present == ["alice", "bob"])
+
+
+def test_the_widget_beats_in_the_room_it_switches_to(client: ChatClient, make_widget: Callable) -> None:
+    widget = make_widget()
+    widget.switch_room("lab")
+    recorder(widget).wait_state("present", lambda present: present == ["alice"])
+    assert client.session("lab").present() == ["alice"]
+
+
+def test_heartbeats_repeat_on_the_sender_thread(comms: list) -> None:
+    beats = threading.Condition()
+    count = [0]
+
+    def clock() -> float:
+        if threading.current_thread().name.startswith("zchat-sender"):
+            with beats:  # only the sender reads the clock, for heartbeats (and sends; none here)
+                count[0] += 1
+                beats.notify_all()
+        return time.time()
+
+    own_client = ChatClient(ZODB.DB(None), user="alice", clock=clock)
+    widget = ChatWidget(client=own_client, poll_interval=0.05, heartbeat_interval=0.05)
+    try:
+        with beats:
+            assert beats.wait_for(lambda: count[0] >= 5, TIMEOUT), count
+    finally:
+        widget.close()
+        own_client.close()
+
+
+# -- status and lifecycle -------------------------------------------------------------------
+
+
+def test_status_says_connected_with_the_address(make_widget: Callable) -> None:
+    widget = make_widget()
+    recorder(widget).wait_state("status", lambda status: status == "connected")
+    recorder(widget).wait_state("status_text", lambda text: "(in-process storage)" in text)
+    assert "alice" in widget.status_text
+
+
+def test_close_stops_threads_and_releases_connections(client: ChatClient, comms: list) -> None:
+    client.rooms()  # this thread's own connection, opened before counting
+    threads_before = threading.active_count()
+    open_before = [c for c in client.db.connectionDebugInfo() if c["opened"]]
+    widget = ChatWidget(client=client, poll_interval=0.05)
+    rec = recorder(widget)
+    hello(widget)
+    widget.send_message("hi").result(TIMEOUT)
+    assert threading.active_count() == threads_before + 2
+    widget.close()
+    assert threading.active_count() == threads_before
+    assert [c for c in client.db.connectionDebugInfo() if c["opened"]] == open_before
+    assert rec.closed
+    widget.close()  # twice is fine
+
+
+def test_closing_the_client_stops_the_poller(comms: list) -> None:
+    own_client = ChatClient(ZODB.DB(None), user="alice")
+    threads_before = threading.active_count()
+    widget = ChatWidget(client=own_client, poll_interval=0.05)
+    rec = recorder(widget)
+    hello(widget)
+    own_client.close()
+    # "disconnected" is set by the poller as it ends
+    rec.wait_state("status", lambda status: status == "disconnected")
+    assert "client was closed" in widget.status_text
+    widget.close()
+    assert threading.active_count() == threads_before
+
+
+def test_client_widget_makes_a_chat_widget(client: ChatClient, comms: list) -> None:
+    widget = client.widget("lab", poll_interval=0.05)
+    try:
+        assert isinstance(widget, ChatWidget)
+        assert (widget.room, widget.user) == ("lab", "alice")
+        assert hello(widget)["room"] == "lab"
+    finally:
+        widget.close()
+
+
+def test_view_code_and_css_use_the_stable_class_names() -> None:
+    esm, css = str(ChatWidget._esm), str(ChatWidget._css)
+    assert "model.on(name, callback)" in esm and '"msg:custom"' in esm
+    for name in ("widget", "message", "author", "time", "text", "input", "send", "status", "own", "error"):
+        assert f'"zchat-{name}' in esm or f" zchat-{name}" in esm, name
+        assert f".zchat-{name}" in css, name
+    classes = set(re.findall(r"\.([a-z][\w-]*)", css))
+    assert classes and all(cls.startswith("zchat-") for cls in classes), classes
+
+
+def test_importing_zchat_nb_does_not_import_the_widget() -> None:
+    code = (
+        "import sys, zchat_nb\n"
+        "loaded = {'zchat_nb.widget', 'ipywidgets', 'anywidget', 'IPython'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "assert zchat_nb.ChatWidget.__name__ == 'ChatWidget'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- with a real ZEO server -----------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[zchat_nb.Server]:
+    monkeypatch.setenv("ZCHAT_HOME", str(tmp_path / "home"))
+    running = zchat_nb.serve(tmp_path / "chat.fs")
+    yield running
+    running.stop()
+
+
+@pytest.mark.integration
+def test_an_invalidation_wakes_the_poller(server: zchat_nb.Server, comms: list) -> None:
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(server.address, user="bob") as bob,
+    ):
+        # A fallback interval far longer than the wait below: only the invalidation can deliver it.
+        widget = ChatWidget(client=alice, poll_interval=600)
+        try:
+            hello(widget)
+            start = recorder(widget).mark()
+            sent = bob.session("general").add_message("over the wire")
+            update = recorder(widget).wait_for(lambda m: m["type"] == "append", start)
+            assert [m["id"] for m in update["messages"]] == [sent.id]
+        finally:
+            widget.close()
+
+
+@pytest.mark.integration
+def test_status_follows_the_server_and_sends_fail_without_blocking(
+    server: zchat_nb.Server, comms: list, tmp_path: Any
+) -> None:
+    alice = zchat_nb.connect(server.address, user="alice", timeout=1.0)
+    widget = ChatWidget(client=alice, poll_interval=0.2)
+    try:
+        rec = recorder(widget)
+        rec.wait_state("status", lambda status: status == "connected")
+        assert f"{server.address[0]}:{server.address[1]}" in widget.status_text
+
+        start = rec.mark()
+        server.stop()
+        rec.wait_state("status", lambda status: status == "reconnecting")
+        assert "reconnecting to 127.0.0.1:" in widget.status_text
+
+        future = widget.send_message("into the void")
+        with pytest.raises(ZChatSendError):
+            future.result(TIMEOUT)
+        failed = rec.wait_for(lambda m: m["type"] == "send_failed", start)
+        assert "not sent" in failed["error"]
+
+        again = zchat_nb.serve(tmp_path / "chat.fs", port=server.address[1])
+        try:
+            rec.wait_state("status", lambda status: status == "connected", start, timeout=30)
+            start = rec.mark()
+            assert widget.send_message("back again").result(TIMEOUT).text == "back again"
+            rec.wait_for(lambda m: m["type"] == "append" and "back again" in str(m["messages"]), start)
+        finally:
+            widget.close()
+            again.stop()
+    finally:
+        widget.close()
+        alice.close()

@@ -1,0 +1,132 @@
+"""Turning chat messages into what a browser may show: sanitised HTML, a colour and initials per user.
+
+Message text comes from other people's kernels, and a view that assigns ``innerHTML`` runs whatever
+event handlers the HTML carries, so every message goes through two gates:
+
+1. ``MarkdownIt("js-default")`` escapes raw HTML instead of passing it through (the image rule is
+   off, so ``![alt](url)`` shows as ``!`` and a link);
+2. ``nh3.clean`` keeps only the tags listed in :data:`ALLOWED_TAGS` (no ``img``, ``svg``, ``iframe``,
+   ``style`` or ``script``), only ``http``/``https``/``mailto`` link targets, and opens links in a new
+   tab with ``rel="noopener noreferrer nofollow"``.
+
+Escaped markup stays readable: ``<img src=x onerror=...>`` shows as that text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from datetime import datetime, timezone
+from typing import Any
+
+import nh3
+from markdown_it import MarkdownIt
+
+from .model import Message
+
+__all__ = [
+    "ALLOWED_TAGS",
+    "initials",
+    "message_payload",
+    "render_markdown",
+    "user_color",
+    "user_hue",
+]
+
+#: Tags that survive sanitising; everything else is dropped (its text kept).
+ALLOWED_TAGS = frozenset(
+    {
+        "a",
+        "blockquote",
+        "br",
+        "code",
+        "del",
+        "em",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "li",
+        "ol",
+        "p",
+        "pre",
+        "s",
+        "strong",
+        "table",
+        "tbody",
+        "td",
+        "th",
+        "thead",
+        "tr",
+        "ul",
+    }
+)
+_ATTRIBUTES = {"a": {"href"}, "ol": {"start"}, "th": {"style"}, "td": {"style"}}
+_URL_SCHEMES = {"http", "https", "mailto"}
+_LINK_REL = "noopener noreferrer nofollow"
+
+# breaks: a single newline (Shift+Enter in the widget) is a line break, as chat users expect.
+_markdown = MarkdownIt("js-default", {"breaks": True}).disable("image")
+
+
+def render_markdown(text: str) -> str:
+    """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``."""
+    html = _markdown.render(text)
+    return nh3.clean(
+        html,
+        tags=set(ALLOWED_TAGS),
+        attributes=_ATTRIBUTES,
+        url_schemes=_URL_SCHEMES,
+        url_relative="deny",  # a relative link would point into the Jupyter server
+        link_rel=_LINK_REL,
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+        filter_style_properties={"text-align"},  # table column alignment only
+    ).strip()
+
+
+def user_hue(name: str) -> int:
+    """A hue in degrees (0-359) that is the same for ``name`` in every process."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % 360
+
+
+def user_color(name: str) -> str:
+    """A CSS colour for ``name``, readable on light backgrounds (the view adapts it to dark themes)."""
+    return f"hsl({user_hue(name)}, 60%, 40%)"
+
+
+_WORD_SPLIT = re.compile(r"[\s._\-@]+")
+
+
+def initials(name: str) -> str:
+    """One or two capital letters for ``name``: "Ada Lovelace" -> "AL", "ada" -> "AD"."""
+    words = [w for w in _WORD_SPLIT.split(name) if w]
+    if not words:
+        return "?"
+    letters = [w[0] for w in words[:2]] if len(words) > 1 else list(words[0][:2])
+    # Drop combining marks and the like so that a letter, not an accent, is shown.
+    letters = [c for c in letters if unicodedata.category(c)[0] in "LN"] or ["?"]
+    return "".join(letters).upper()
+
+
+def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
+    """What the browser gets for one message: everything it shows, already made safe."""
+    try:
+        when = datetime.fromtimestamp(message.time, tz=timezone.utc).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):  # another client's clock (or record) is far off
+        when = ""
+    return {
+        "id": message.id,
+        "author": message.author,
+        "initials": initials(message.author),
+        "color": user_color(message.author),
+        "hue": user_hue(message.author),
+        "time": when,
+        "ts": message.time,
+        "html": render_markdown(message.text),
+        "own": own,
+    }

@@ -1,0 +1,376 @@
+// The browser side of zchat_nb.ChatWidget (an anywidget ES module).
+//
+// The kernel renders and sanitises every message (zchat_nb/render.py: markdown-it with raw HTML
+// escaped, then nh3 with a tag allow-list); this view only places the HTML it is given and puts
+// every other string in with textContent. The message protocol is described in zchat_nb/widget.py.
+
+const BOTTOM_SLACK_PX = 24; // closer than this to the end counts as "at the bottom"
+const SEND_TIMEOUT_MS = 60000; // give the box back if the kernel never answers a send
+
+function el(tag, className, attrs = {}) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+function newId() {
+  // crypto.randomUUID exists only in secure contexts; a notebook may be served over plain http.
+  if (globalThis.crypto && typeof globalThis.crypto.randomUUID === "function") {
+    return globalThis.crypto.randomUUID();
+  }
+  return Math.random().toString(36).slice(2) + Date.now().toString(36);
+}
+
+function shortTime(date) {
+  const now = new Date();
+  const sameDay = date.toDateString() === now.toDateString();
+  const options = sameDay
+    ? { hour: "2-digit", minute: "2-digit" }
+    : { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" };
+  return date.toLocaleString([], options);
+}
+
+function render({ model, el: host }) {
+  const viewId = newId();
+
+  const root = el("div", "zchat-widget");
+  const header = el("div", "zchat-header");
+  const roomsBar = el("div", "zchat-rooms", { role: "tablist", "aria-label": "Rooms" });
+  const roomInput = el("input", "zchat-room-input", {
+    type: "text",
+    maxlength: "64",
+    placeholder: "join room…",
+    "aria-label": "Join or create a room",
+    "data-lm-suppress-shortcuts": "true",
+  });
+  const presence = el("span", "zchat-presence", { "aria-live": "polite" });
+  header.append(roomsBar, presence, roomInput);
+
+  const status = el("div", "zchat-status", { role: "status", "aria-live": "polite" });
+  const log = el("div", "zchat-log", { role: "log", "aria-live": "polite", tabindex: "0" });
+  const older = el("button", "zchat-older", { type: "button" });
+  older.textContent = "Load older messages";
+  older.hidden = true;
+  const list = el("div", "zchat-messages");
+  log.append(older, list);
+
+  const jump = el("button", "zchat-jump", { type: "button" });
+  jump.hidden = true;
+  const error = el("div", "zchat-error", { role: "alert" });
+  error.hidden = true;
+
+  const compose = el("div", "zchat-compose");
+  const input = el("textarea", "zchat-input", {
+    rows: "2",
+    placeholder: "Message — Enter sends, Shift+Enter starts a new line",
+    "aria-label": "Message",
+    "data-lm-suppress-shortcuts": "true",
+  });
+  const sendButton = el("button", "zchat-send", { type: "button" });
+  sendButton.textContent = "Send";
+  compose.append(input, sendButton);
+
+  root.append(header, log, jump, error, compose, status);
+  host.replaceChildren(root);
+
+  // -- per-view state ------------------------------------------------------------------
+  let shownRoom = null; // set by the first "reset"; messages for other rooms are ignored
+  const ids = new Set(); // ids of the messages in the DOM: a message is never shown twice
+  let unseen = 0; // messages from others that arrived below the visible part
+  let marker = null; // the "New messages" line
+  let pending = null; // client_id of the send waiting for the kernel's answer
+  let pendingTimer = null;
+
+  const atBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_SLACK_PX;
+  const scrollToBottom = () => {
+    log.scrollTop = log.scrollHeight;
+  };
+
+  function messageNode(m) {
+    const node = el("div", m.own ? "zchat-message zchat-own" : "zchat-message", {
+      "data-id": m.id,
+      "data-ts": String(m.ts),
+      "data-author": m.author,
+    });
+    node.style.setProperty("--zchat-hue", String(m.hue));
+    const avatar = el("span", "zchat-avatar", { "aria-hidden": "true", title: m.author });
+    avatar.textContent = m.initials;
+    const body = el("div", "zchat-body");
+    const meta = el("div", "zchat-meta");
+    const author = el("span", "zchat-author");
+    author.textContent = m.author;
+    const time = el("time", "zchat-time");
+    if (m.time) {
+      const date = new Date(m.time);
+      time.dateTime = m.time;
+      time.title = date.toLocaleString([], { dateStyle: "full", timeStyle: "medium" });
+      time.textContent = shortTime(date);
+    }
+    meta.append(author, time);
+    const text = el("div", "zchat-text");
+    text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
+    body.append(meta, text);
+    node.append(avatar, body);
+    return node;
+  }
+
+  function removeMarker() {
+    if (marker) marker.remove();
+    marker = null;
+  }
+
+  function updateJump() {
+    if (unseen > 0) {
+      jump.textContent = `↓ ${unseen} new message${unseen === 1 ? "" : "s"}`;
+      jump.hidden = false;
+    } else {
+      jump.hidden = true;
+    }
+  }
+
+  function append(messages, { initial = false } = {}) {
+    const fresh = messages.filter((m) => !ids.has(m.id));
+    if (!fresh.length) return;
+    const stick = atBottom();
+    const frag = document.createDocumentFragment();
+    let firstOther = null;
+    let others = 0;
+    let own = false;
+    for (const m of fresh) {
+      ids.add(m.id);
+      const node = messageNode(m);
+      frag.append(node);
+      if (m.own) {
+        own = true;
+      } else {
+        others += 1;
+        if (!firstOther) firstOther = node;
+      }
+    }
+    if (!initial && !stick && !own && firstOther) {
+      // The reader is looking at older messages: mark where the new ones start.
+      if (!marker) {
+        marker = el("div", "zchat-unread-marker", { role: "separator" });
+        marker.textContent = "New messages";
+        frag.insertBefore(marker, firstOther);
+      }
+      unseen += others;
+    } else if (!initial && stick && unseen === 0) {
+      removeMarker(); // the reader has seen what was below it
+    }
+    list.append(frag);
+    if (stick || own || initial) scrollToBottom();
+    updateJump();
+  }
+
+  function prepend(messages, more) {
+    const fresh = messages.filter((m) => !ids.has(m.id));
+    const heightBefore = log.scrollHeight;
+    const topBefore = log.scrollTop;
+    const frag = document.createDocumentFragment();
+    for (const m of fresh) {
+      ids.add(m.id);
+      frag.append(messageNode(m));
+    }
+    list.prepend(frag);
+    log.scrollTop = topBefore + (log.scrollHeight - heightBefore); // keep what the reader looked at
+    older.hidden = !more;
+    older.disabled = false;
+  }
+
+  function reset(msg) {
+    shownRoom = msg.room;
+    ids.clear();
+    list.replaceChildren();
+    marker = null;
+    unseen = 0;
+    append(msg.messages, { initial: true });
+    older.hidden = !msg.more;
+    older.disabled = false;
+    root.dataset.room = msg.room;
+    updateRooms();
+    updateJump();
+  }
+
+  // -- sending -------------------------------------------------------------------------
+  function endPending() {
+    pending = null;
+    clearTimeout(pendingTimer);
+    compose.classList.remove("zchat-pending");
+    input.readOnly = false;
+    sendButton.disabled = false;
+  }
+
+  function sendNow() {
+    const text = input.value;
+    if (pending !== null || !text.trim()) return;
+    pending = newId();
+    compose.classList.add("zchat-pending");
+    input.readOnly = true; // the box clears only when the kernel says the message is committed
+    sendButton.disabled = true;
+    const clientId = pending;
+    pendingTimer = setTimeout(() => {
+      if (pending === clientId) {
+        endPending();
+        error.textContent = "No answer from the kernel; the message may not have been sent.";
+        error.hidden = false;
+      }
+    }, SEND_TIMEOUT_MS);
+    model.send({ type: "send", text, client_id: clientId, room: shownRoom ?? model.get("room") });
+  }
+
+  // -- rooms ---------------------------------------------------------------------------
+  function switchRoom(name) {
+    const room = name.trim();
+    if (!room || room.length > 64 || room === model.get("room")) return;
+    model.set("room", room);
+    model.save_changes();
+  }
+
+  function updateRooms() {
+    const current = model.get("room");
+    const names = [...new Set([...(model.get("rooms") || []), current])].sort();
+    const unread = model.get("unread") || {};
+    roomsBar.replaceChildren(
+      ...names.map((name) => {
+        const active = name === current;
+        const tab = el("button", active ? "zchat-room zchat-room-active" : "zchat-room", {
+          type: "button",
+          role: "tab",
+          "aria-selected": String(active),
+          "data-room": name,
+        });
+        const label = el("span", "zchat-room-name");
+        label.textContent = name;
+        tab.append(label);
+        const count = unread[name] || 0;
+        if (count > 0 && !active) {
+          const badge = el("span", "zchat-unread-count", { "aria-label": `${count} unread` });
+          badge.textContent = count > 99 ? "99+" : String(count);
+          tab.append(badge);
+        }
+        tab.addEventListener("click", () => switchRoom(name));
+        return tab;
+      }),
+    );
+  }
+
+  function updateStatus() {
+    status.dataset.status = model.get("status");
+    status.textContent = model.get("status_text");
+    root.dataset.status = model.get("status");
+  }
+
+  function updatePresence() {
+    const names = model.get("present") || [];
+    const shown = names.slice(0, 5).join(", ") + (names.length > 5 ? ` +${names.length - 5}` : "");
+    presence.textContent = names.length ? `here: ${shown}` : "";
+    presence.title = names.join(", ");
+  }
+
+  function updateError() {
+    const text = model.get("error");
+    error.textContent = text;
+    error.hidden = !text;
+  }
+
+  function updateHeight() {
+    log.style.height = model.get("height");
+  }
+
+  // -- events --------------------------------------------------------------------------
+  function onCustom(msg) {
+    if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
+    if (msg.view && msg.view !== viewId) return; // an answer to another view
+    switch (msg.type) {
+      case "reset":
+        reset(msg);
+        break;
+      case "append":
+        if (msg.room === shownRoom) append(msg.messages);
+        break;
+      case "older":
+        if (msg.room === shownRoom) prepend(msg.messages, msg.more);
+        break;
+      case "sent":
+        if (msg.client_id === pending) {
+          input.value = "";
+          endPending();
+          removeMarker();
+        }
+        break;
+      case "send_failed":
+        if (msg.client_id === pending) endPending(); // the text stays; the error shows
+        break;
+    }
+  }
+
+  input.addEventListener("keydown", (event) => {
+    event.stopPropagation(); // keep JupyterLab's notebook shortcuts out of the text box
+    const plainEnter =
+      event.key === "Enter" && !event.shiftKey && !event.altKey && !event.ctrlKey && !event.metaKey;
+    if (plainEnter && !event.isComposing) {
+      event.preventDefault();
+      sendNow();
+    }
+  });
+  sendButton.addEventListener("click", sendNow);
+  roomInput.addEventListener("keydown", (event) => {
+    event.stopPropagation();
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();
+      switchRoom(roomInput.value);
+      roomInput.value = "";
+    }
+  });
+  older.addEventListener("click", () => {
+    const first = list.querySelector(".zchat-message");
+    if (!first) return;
+    older.disabled = true;
+    model.send({
+      type: "older",
+      view: viewId,
+      room: shownRoom,
+      before: { id: first.dataset.id, ts: Number(first.dataset.ts) },
+    });
+  });
+  jump.addEventListener("click", () => {
+    scrollToBottom();
+    unseen = 0;
+    updateJump();
+  });
+  log.addEventListener("scroll", () => {
+    if (unseen > 0 && atBottom()) {
+      unseen = 0;
+      updateJump();
+    }
+  });
+
+  const listeners = [
+    ["msg:custom", onCustom],
+    ["change:rooms", updateRooms],
+    ["change:unread", updateRooms],
+    ["change:room", updateRooms],
+    ["change:status", updateStatus],
+    ["change:status_text", updateStatus],
+    ["change:error", updateError],
+    ["change:present", updatePresence],
+    ["change:height", updateHeight],
+  ];
+  for (const [name, callback] of listeners) model.on(name, callback);
+
+  updateRooms();
+  updateStatus();
+  updatePresence();
+  updateError();
+  updateHeight();
+  model.send({ type: "hello", view: viewId }); // the kernel answers with this view's first messages
+
+  return () => {
+    for (const [name, callback] of listeners) model.off(name, callback);
+    clearTimeout(pendingTimer);
+  };
+}
+
+export default { render };

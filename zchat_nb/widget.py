@@ -1,0 +1,589 @@
+"""ChatWidget: one chat room in a notebook, live through ZEO, drawn by a small anywidget view.
+
+The data path, end to end::
+
+    browser "send" --> sender thread: ChatSession.add_message() --> commit over ZEO
+    server pushes the invalidation --> client.subscribe() wakes the poller
+    poller thread: new_messages() --> render.message_payload() --> widget.send({"type": "append"})
+
+Threads (both daemons, both stopped and joined by :meth:`ChatWidget.close`):
+
+``poller``
+    Reads the shown room with its own :class:`~zchat_nb.model.ChatSession` (cursor in memory, its
+    own ZODB connection), counts unread messages of the other rooms, refreshes the room list and
+    the status line, and answers the views' requests. It is the only thread that sends messages to
+    the browser. It sleeps until an invalidation, a request or ``poll_interval`` seconds pass.
+``sender``
+    Commits what the user sends, so that the kernel never waits for ZEO (a send to a server that
+    is away takes up to the client's ``timeout``). Its outcome goes back through the poller. It
+    also commits a presence heartbeat for the shown room every ``heartbeat_interval`` seconds.
+
+Messages between the kernel and the views (anywidget custom messages; ``"view": null`` means every
+view, otherwise the answer is for the view that asked)::
+
+    view -> kernel
+      {"type": "hello", "view": V}                          a view was drawn: send it the room
+      {"type": "send", "text": T, "client_id": C, "room": R}
+      {"type": "older", "view": V, "room": R, "before": {"id": I, "ts": F}}
+    kernel -> views
+      {"type": "reset", "view": V|null, "room": R, "messages": [...], "more": bool}
+      {"type": "append", "view": null, "room": R, "messages": [...]}     only the new ones
+      {"type": "older", "view": V|null, "room": R, "messages": [...], "more": bool}
+      {"type": "sent", "view": null, "client_id": C, "id": message id}
+      {"type": "send_failed", "view": null, "client_id": C, "error": text}
+
+Each message is :func:`zchat_nb.render.message_payload`: sanitised HTML plus author, initials,
+colour, ISO time and id. A view shows a message id once, so overlapping batches are harmless.
+State that every view shares (room, rooms, unread counts, status, error) lives in traitlets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import pathlib
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anywidget
+import traitlets
+from transaction.interfaces import TransientError
+
+from .exceptions import InvalidMessageError, ZChatConnectionError
+from .model import Message, check_room_name
+from .render import message_payload
+
+if TYPE_CHECKING:
+    from .client import ChatClient, ClientEvent
+    from .model import ChatSession
+
+__all__ = ["BACKLOG", "ChatWidget", "close_all"]
+
+log = logging.getLogger(__name__)
+
+_STATIC = pathlib.Path(__file__).parent / "static"
+
+#: Messages a view gets when it is drawn or switches room, and per "load older".
+BACKLOG = 200
+#: Seconds :meth:`ChatWidget.close` waits for each thread.
+JOIN_TIMEOUT = 5.0
+_MAX_ID_CHARS = 64
+
+_live: weakref.WeakSet[ChatWidget] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+class ChatWidget(anywidget.AnyWidget):
+    """A chat room shown in a notebook, updated live as messages are committed.
+
+    Parameters
+    ----------
+    client
+        A :class:`~zchat_nb.ChatClient`; ``None`` connects to the embedded default server (the
+        widget then owns that client and closes it on :meth:`close`).
+    room
+        The room to show first.
+    **kwargs
+        Traitlets, for example ``poll_interval=0.5`` or ``height="30em"``.
+
+    Every user action has a method: :meth:`send_message`, :meth:`switch_room`, :meth:`load_older`.
+    """
+
+    _esm = _STATIC / "widget.js"
+    _css = _STATIC / "widget.css"
+
+    room = traitlets.Unicode("general", help="The room shown; set it (or call switch_room) to switch.").tag(
+        sync=True
+    )
+    rooms = traitlets.List(
+        traitlets.Unicode(), help="Names of the rooms in the database, kept up to date by the poller."
+    ).tag(sync=True)
+    unread = traitlets.Dict(
+        value_trait=traitlets.Int(),
+        help="Messages from others that arrived in each room not shown, since it was last shown.",
+    ).tag(sync=True)
+    user = traitlets.Unicode(read_only=True, help="The name this widget's messages are sent as.").tag(
+        sync=True
+    )
+    status = traitlets.Enum(
+        ("connecting", "connected", "reconnecting", "disconnected"),
+        "connecting",
+        help="Connection state: connecting, connected, reconnecting (server away) or disconnected.",
+    ).tag(sync=True)
+    status_text = traitlets.Unicode(
+        "", help="The connection state in words, with the server address and the last error."
+    ).tag(sync=True)
+    error = traitlets.Unicode(
+        "", help="Why the last send failed, in words; empty after a send succeeds."
+    ).tag(sync=True)
+    height = traitlets.Unicode("22em", help="CSS height of the message list.").tag(sync=True)
+    present = traitlets.List(
+        traitlets.Unicode(), help="Users whose heartbeat in the shown room is recent, sorted."
+    ).tag(sync=True)
+    poll_interval = traitlets.Float(
+        1.0,
+        help="Seconds between reads when nothing wakes the poller; ZEO invalidations wake it at once.",
+    )
+    heartbeat_interval = traitlets.Float(
+        30.0,
+        help="Seconds between presence heartbeats; a user counts as present for three intervals.",
+    )
+
+    def __init__(self, client: ChatClient | None = None, room: str = "general", **kwargs: Any) -> None:
+        owns_client = client is None
+        if client is None:
+            from .client import connect
+
+            client = connect()
+        self.client: ChatClient = client
+        self._owns_client = owns_client
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
+        self._events: deque[ClientEvent] = deque(maxlen=16)
+        # Poller-only state: only the poller thread reads or writes these.
+        self._session: ChatSession | None = None
+        self._shown: str | None = None
+        self._cache: deque[dict[str, Any]] = deque(maxlen=BACKLOG)
+        self._oldest: Message | None = None
+        self._more = False
+        self._watch: dict[str, ChatSession] = {}
+        self._known_rooms: set[str] | None = None
+        self._poll_error = ""
+        self._lost_at: float | None = None
+        #: The last message this widget committed.
+        self.last_sent: Message | None = None
+        try:
+            super().__init__(room=check_room_name(room), **kwargs)
+            self.on_msg(self._on_view_message)
+            self._unsubscribe = client.subscribe(self._on_client_event)
+            self._poller = threading.Thread(
+                target=self._poll_loop, name=f"zchat-poller-{self.model_id[:8]}", daemon=True
+            )
+            self._sender = threading.Thread(
+                target=self._send_loop, name=f"zchat-sender-{self.model_id[:8]}", daemon=True
+            )
+            self._poller.start()
+            self._sender.start()
+        except BaseException:
+            if owns_client:
+                client.close()
+            raise
+        _live.add(self)
+        _register_atexit()
+
+    @traitlets.default("user")
+    def _default_user(self) -> str:
+        return self.client.user
+
+    @traitlets.default("status_text")
+    def _default_status_text(self) -> str:
+        return f"connecting to {self.client.address_text}"
+
+    @traitlets.validate("room")
+    def _validate_room(self, proposal: dict[str, Any]) -> str:
+        try:
+            return check_room_name(proposal["value"])
+        except InvalidMessageError as exc:
+            raise traitlets.TraitError(str(exc)) from exc
+
+    @traitlets.validate("poll_interval", "heartbeat_interval")
+    def _validate_interval(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if not (math.isfinite(value) and value > 0):
+            name = proposal["trait"].name
+            raise traitlets.TraitError(f"{name} must be a number of seconds > 0, not {value!r}")
+        return value
+
+    @traitlets.observe("room")
+    def _room_changed(self, change: dict[str, Any]) -> None:
+        self._wake.set()
+
+    # -- user actions ----------------------------------------------------------------------
+
+    def send_message(self, text: str) -> Future[Message]:
+        """Send ``text`` to the room shown, without blocking; the Future gives the committed Message.
+
+        A failure (empty text, server away past the client's timeout) is the Future's exception
+        and also shows in the widget (:attr:`error`). Use ``widget.send_message(t).result(10)``
+        to wait.
+        """
+        return self._submit(text, uuid.uuid4().hex, self._shown or self.room)
+
+    def switch_room(self, name: str) -> None:
+        """Show room ``name`` (created on first use) in every view of this widget."""
+        self.room = check_room_name(name)
+
+    def load_older(self) -> None:
+        """Add up to :data:`BACKLOG` messages before the oldest shown to every view."""
+        self._request("older", None, self._shown, None)
+
+    def close(self) -> None:
+        """Stop the poller and sender, remove the views and, if the widget made it, close the client."""
+        self.stop()
+        super().close()
+        if getattr(self, "_owns_client", False):
+            self.client.close()
+
+    def stop(self, timeout: float = JOIN_TIMEOUT) -> bool:
+        """Stop and join the threads but keep the views (they show "disconnected"); True if both ended.
+
+        Safe to call twice. Sends still queued fail with :class:`ZChatConnectionError`.
+        """
+        if not hasattr(self, "_poller"):  # __init__ failed before the threads existed
+            return True
+        self._stopping.set()
+        self._wake.set()
+        self._unsubscribe()
+        self._outbox.put(None)
+        ended = True
+        for thread in (self._sender, self._poller):
+            if thread is not threading.current_thread() and thread.is_alive():
+                thread.join(timeout)
+            if thread.is_alive():
+                log.warning("zchat_nb: %s did not stop within %g s", thread.name, timeout)
+                ended = False
+        _live.discard(self)
+        return ended
+
+    # -- from the views (kernel thread) ----------------------------------------------------
+
+    def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        if not isinstance(content, dict):
+            return
+        kind = content.get("type")
+        view = content.get("view")
+        if not (isinstance(view, str) and 0 < len(view) <= _MAX_ID_CHARS):
+            view = None
+        if kind == "hello" and view:
+            self._request("hello", view)
+        elif kind == "send":
+            client_id = content.get("client_id")
+            if not (isinstance(client_id, str) and 0 < len(client_id) <= _MAX_ID_CHARS):
+                client_id = uuid.uuid4().hex
+            room = content.get("room")
+            self._submit(content.get("text"), client_id, room if isinstance(room, str) else self.room)
+        elif kind == "older" and view:
+            self._request("older", view, content.get("room"), _before_key(content.get("before")))
+
+    def _request(self, *request: Any) -> None:
+        self._requests.put(request)
+        self._wake.set()
+
+    def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
+        future: Future[Message] = Future()
+        if self._stopping.is_set():
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with client.widget()")
+            future.set_exception(exc)
+            self._request("failed", client_id, f"not sent: {exc}")
+        else:
+            self._outbox.put(_Outgoing(room, text, client_id, future))
+        return future
+
+    def _on_client_event(self, event: ClientEvent) -> None:
+        # On ZEO's networking thread: no storage calls, no comm messages; just wake the poller.
+        if event.kind != "invalidation":
+            self._events.append(event)
+        self._wake.set()
+
+    # -- sender thread ---------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        sessions: dict[str, ChatSession] = {}
+
+        def session(room: str) -> ChatSession:
+            if room not in sessions:
+                sessions[room] = self.client.session(room)
+            return sessions[room]
+
+        next_beat = time.monotonic() + self.heartbeat_interval  # the room's first load asks for one
+        try:
+            while True:
+                try:
+                    item = self._outbox.get(timeout=max(0.0, next_beat - time.monotonic()))
+                except queue.Empty:
+                    item = _Outgoing(self._shown or self.room)  # time for a heartbeat
+                if item is None:
+                    break
+                if item.future is None:  # a heartbeat
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                    self._heartbeat(session, item.room)
+                    continue
+                if self._stopping.is_set():
+                    exc = ZChatConnectionError("this ChatWidget was closed before the message was sent")
+                    item.future.set_exception(exc)
+                    continue
+                try:
+                    message = session(item.room).add_message(item.text)
+                except Exception as exc:
+                    item.future.set_exception(exc)
+                    self._request("failed", item.client_id, f"not sent: {exc}")
+                else:
+                    self.last_sent = message
+                    item.future.set_result(message)
+                    self._request("sent", item.client_id, message)
+        finally:
+            self.client.close_connection()
+
+    def _heartbeat(self, session: Callable[[str], ChatSession], room: str) -> None:
+        if self._stopping.is_set() or not self.client.is_connected():
+            return  # the status line already says the server is away
+        try:
+            session(room).heartbeat()
+        except Exception as exc:
+            log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
+        else:
+            self._wake.set()  # the poller reads presence; our own commit sends us no invalidation
+
+    # -- poller thread ---------------------------------------------------------------------
+
+    def _poll_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()  # before reading: a wake-up during the read is not lost
+                if not self._step():
+                    break
+                self._wake.wait(self.poll_interval)
+        except Exception:
+            log.exception("zchat_nb: the poller of %r failed", self)
+        finally:
+            why = "the client was closed" if self.client.closed else "the widget was stopped"
+            self._set_status("disconnected", f"disconnected from {self.client.address_text}: {why}")
+            self.client.close_connection()
+
+    def _step(self) -> bool:
+        """One round of the poller; False when the client is closed."""
+        if self.client.closed:
+            return False
+        try:
+            self._read()
+        except ZChatConnectionError as exc:  # ZChatDisconnected included
+            if self.client.closed:
+                return False
+            self._poll_error = str(exc)
+        except TransientError as exc:  # ZEO's ClientDisconnected from a read outside new_messages
+            self._poll_error = f"the server went away ({type(exc).__name__}: {exc})"
+        except Exception as exc:
+            if self.client.closed:
+                return False
+            log.exception("zchat_nb: reading room %r failed", self._shown)
+            self._poll_error = f"reading failed: {type(exc).__name__}: {exc}"
+        else:
+            self._poll_error = ""
+        self._update_status()
+        self._answer_requests()
+        return True
+
+    def _read(self) -> None:
+        target = self.room
+        if target != self._shown or self._session is None:
+            self._load_room(target)
+        assert self._session is not None
+        self._deliver(self._session.new_messages())
+        self._refresh_rooms()
+        self._count_unread()
+        present = self._session.present(within=3 * self.heartbeat_interval)
+        if present != self.present:
+            self.present = present
+
+    def _load_room(self, name: str) -> None:
+        session = self.client.session(name, backlog=BACKLOG)
+        first = session.new_messages()  # the last BACKLOG messages, in one transaction
+        previous = self._shown
+        self._session, self._shown = session, name
+        self._outbox.put(_Outgoing(name))  # say we are here now, not at the next heartbeat
+        self._cache.clear()
+        self._cache.extend(self._payload(m) for m in first)
+        self._oldest = first[0] if first else None
+        self._more = len(first) >= BACKLOG
+        self._watch.pop(name, None)
+        if previous is not None and previous != name:
+            self._watch[previous] = self.client.session(previous, backlog=0)
+        if name in self.unread:
+            self.unread = {room: n for room, n in self.unread.items() if room != name}
+        self._broadcast_reset()
+
+    def _broadcast_reset(self, view: str | None = None) -> None:
+        self.send(
+            {
+                "type": "reset",
+                "view": view,
+                "room": self._shown,
+                "messages": list(self._cache),
+                "more": self._more,
+            }
+        )
+
+    def _deliver(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        payloads = [self._payload(m) for m in messages]
+        self._cache.extend(payloads)
+        if self._oldest is None:
+            self._oldest = messages[0]
+        if len(messages) > BACKLOG:  # a flood, or a long outage: start the views afresh
+            self._more = True
+            self._oldest = messages[-BACKLOG]
+            self._broadcast_reset()
+        else:
+            self.send({"type": "append", "view": None, "room": self._shown, "messages": payloads})
+
+    def _refresh_rooms(self) -> None:
+        names = sorted(self.client.rooms())
+        if self._known_rooms is None:  # the rooms that exist now: count what arrives from now on
+            self._known_rooms = set(names)
+            for name in names:
+                if name != self._shown:
+                    self._watch[name] = self.client.session(name, backlog=0)
+        for name in names:
+            if name not in self._known_rooms:  # a room made since: all of it is unread
+                self._known_rooms.add(name)
+                if name != self._shown:
+                    self._watch[name] = self.client.session(name, backlog=None)
+        if names != list(self.rooms):
+            self.rooms = names
+
+    def _count_unread(self) -> None:
+        counts = dict(self.unread)
+        for name, session in list(self._watch.items()):
+            new = [m for m in session.new_messages() if m.author != self.client.user]
+            if new:
+                counts[name] = counts.get(name, 0) + len(new)
+        if counts != self.unread:
+            self.unread = counts
+
+    def _answer_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            kind = request[0]
+            if kind == "hello":
+                if self._shown is not None:
+                    self._broadcast_reset(view=request[1])
+            elif kind == "older":
+                self._send_older(*request[1:])
+            elif kind == "sent":
+                _, client_id, message = request
+                self.error = ""
+                self.send({"type": "sent", "view": None, "client_id": client_id, "id": message.id})
+            elif kind == "failed":
+                _, client_id, text = request
+                self.error = text
+                self.send({"type": "send_failed", "view": None, "client_id": client_id, "error": text})
+
+    def _send_older(self, view: str | None, room: Any, before: Message | None) -> None:
+        if self._session is None or (room is not None and room != self._shown):
+            return  # asked about a room no longer shown
+        before = before or self._oldest
+        older: list[Message] = []
+        if before is not None:
+            if not self.client.is_connected():
+                self.error = "cannot load older messages while the server is away"
+                return
+            try:
+                older = self._session.history(BACKLOG, before=before)
+            except Exception as exc:
+                self.error = f"loading older messages failed: {exc}"
+                return
+        if older and (self._oldest is None or older[0].key < self._oldest.key):
+            self._oldest = older[0]
+        self.send(
+            {
+                "type": "older",
+                "view": view,
+                "room": self._shown,
+                "messages": [self._payload(m) for m in older],
+                "more": len(older) >= BACKLOG,
+            }
+        )
+
+    def _payload(self, message: Message) -> dict[str, Any]:
+        return message_payload(message, own=message.author == self.client.user)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _update_status(self) -> None:
+        while self._events:
+            event = self._events.popleft()
+            if event.kind == "disconnected":
+                self._lost_at = event.time
+            elif event.kind == "connected":
+                self._lost_at = None
+        where = self.client.address_text
+        if self.client.is_connected():
+            self._lost_at = None
+            if self._poll_error:
+                self._set_status("connected", f"connected to {where}, but {self._poll_error}")
+            else:
+                self._set_status("connected", f"connected to {where} as {self.client.user}")
+            return
+        if self._lost_at is None:
+            self._lost_at = time.time()
+        since = time.strftime("%H:%M:%S", time.localtime(self._lost_at))
+        reason = self._poll_error or "the server does not answer"
+        self._set_status("reconnecting", f"reconnecting to {where} (lost at {since}): {reason}")
+
+    def _set_status(self, status: str, text: str) -> None:
+        self.status = status
+        self.status_text = text
+
+    def __repr__(self) -> str:
+        return f"<ChatWidget room={self.room!r} user={self.user!r} status={self.status!r}>"
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """What the sender thread commits: a message (with a Future), or a heartbeat (without)."""
+
+    room: str
+    text: Any = None
+    client_id: str = ""
+    future: Future[Message] | None = None
+
+
+def _before_key(value: Any) -> Message | None:
+    """The "before" of a view's "older" request, as a Message usable for its key only."""
+    if not isinstance(value, dict):
+        return None
+    id_, ts = value.get("id"), value.get("ts")
+    if not (isinstance(id_, str) and 0 < len(id_) <= _MAX_ID_CHARS):
+        return None
+    if not (isinstance(ts, (int, float)) and math.isfinite(ts)):
+        return None
+    return Message(id=id_, author="", text="", time=float(ts))
+
+
+def close_all() -> None:
+    """Close every ChatWidget of this process (``%unload_ext zchat_nb`` calls this)."""
+    for widget in list(_live):
+        try:
+            widget.close()
+        except Exception:
+            log.debug("zchat_nb: closing %r failed", widget, exc_info=True)
+
+
+def _stop_all() -> None:
+    # At interpreter exit the kernel's sockets may be gone: stop the threads, leave the comms.
+    for widget in list(_live):
+        widget.stop(timeout=1.0)
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            atexit.register(_stop_all)
+            _atexit_registered = True
