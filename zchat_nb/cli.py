@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .exceptions import ZChatError
 
@@ -34,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="show the local default server (or $ZCHAT_ADDRESS) and whether it answers")
     sub.add_parser("stop", help="stop the local default server")
 
+    demo = sub.add_parser(
+        "demo",
+        help="start or find the local server and open JupyterLab on the demo notebook",
+        epilog="Other options are passed to `jupyter lab`, e.g. zchat-nb demo --no-browser --port 8888",
+    )
+    demo.add_argument(
+        "--dir", default=None, help="where to put the demo notebook (default: the data directory)"
+    )
+
     chat = sub.add_parser("chat", help="chat in the terminal; incoming messages print while you type")
     chat.add_argument(
         "address", nargs="?", default=None, help="host:port (default: $ZCHAT_ADDRESS or the local server)"
@@ -47,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.lab_args = extra
     try:
         return int(COMMANDS[args.command](args) or 0)
     except ZChatError as exc:
@@ -155,4 +169,43 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": _serve, "status": _status, "stop": _stop, "chat": _chat}
+def demo_notebook() -> Path:
+    """The demo notebook shipped with the package (wheel) or beside it (checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "notebooks", here.parent / "notebooks"):
+        if (candidate / "chat_demo.ipynb").exists():
+            return candidate / "chat_demo.ipynb"
+    raise ZChatError(f"the demo notebook is missing from {here}; reinstall zchat_nb")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    from .server import ENV_ADDRESS, data_dir, format_address, resolve_address
+
+    address = format_address(resolve_address(None))
+    workdir = Path(args.dir) if args.dir else data_dir() / "notebooks"
+    workdir.mkdir(parents=True, exist_ok=True)
+    notebook = workdir / "chat_demo.ipynb"
+    if not notebook.exists():  # a copy, so that JupyterLab's autosave never edits the installed one
+        shutil.copy(demo_notebook(), notebook)
+    print(f"zchat-nb: chat server at {address}; opening {notebook} in JupyterLab (Ctrl-C stops JupyterLab;")
+    print("          the server keeps running until `zchat-nb stop`)", flush=True)
+    env = {**os.environ, ENV_ADDRESS: address}
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--ServerApp.root_dir={workdir}",
+        *args.lab_args,
+        notebook.name,
+    ]
+    try:
+        return subprocess.call(cmd, env=env, cwd=workdir)
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {"demo": _demo, "serve": _serve, "status": _status, "stop": _stop, "chat": _chat}
