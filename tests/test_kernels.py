@@ -17,7 +17,7 @@ import zchat_nb
 
 jupyter_client = pytest.importorskip("jupyter_client")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60.0

@@ -337,7 +337,7 @@ def test_switch_room_resets_every_view_and_counts_unread_elsewhere(
     widget.switch_room("general")
     back = rec.wait_for(lambda m: m["type"] == "reset" and m["room"] == "general", start)
     assert len(back["messages"]) == 4
-    rec.wait_state("unread", lambda unread: unread == {})
+    rec.wait_state("unread", lambda unread: unread == {}, start)
 
 
 def test_a_room_made_by_someone_else_counts_all_its_messages_unread(
@@ -391,9 +391,13 @@ def test_present_lists_users_with_a_recent_heartbeat(client: ChatClient, make_wi
 
 
 def test_the_widget_beats_in_the_room_it_switches_to(client: ChatClient, make_widget: Callable) -> None:
+    ChatClient(client.db, user="bob").session("general").heartbeat()
     widget = make_widget()
+    rec = recorder(widget)
+    rec.wait_state("present", lambda present: present == ["alice", "bob"])
+    start = rec.mark()
     widget.switch_room("lab")
-    recorder(widget).wait_state("present", lambda present: present == ["alice"])
+    rec.wait_state("present", lambda present: present == ["alice"], start)
     assert client.session("lab").present() == ["alice"]
 
 
@@ -431,7 +435,7 @@ def test_status_says_connected_with_the_address(make_widget: Callable) -> None:
 def test_close_stops_threads_and_releases_connections(client: ChatClient, comms: list) -> None:
     client.rooms()  # this thread's own connection, opened before counting
     threads_before = threading.active_count()
-    open_before = [c for c in client.db.connectionDebugInfo() if c["opened"]]
+    open_before = sum(1 for c in client.db.connectionDebugInfo() if c["opened"])
     widget = ChatWidget(client=client, poll_interval=0.05)
     rec = recorder(widget)
     hello(widget)
@@ -439,8 +443,8 @@ def test_close_stops_threads_and_releases_connections(client: ChatClient, comms:
     assert threading.active_count() == threads_before + 2
     widget.close()
     assert threading.active_count() == threads_before
-    assert [c for c in client.db.connectionDebugInfo() if c["opened"]] == open_before
-    assert rec.closed
+    assert sum(1 for c in client.db.connectionDebugInfo() if c["opened"]) == open_before
+    assert rec.closed and widget.closed
     widget.close()  # twice is fine
 
 
@@ -551,3 +555,19 @@ def test_status_follows_the_server_and_sends_fail_without_blocking(
     finally:
         widget.close()
         alice.close()
+
+
+@pytest.mark.integration
+def test_a_widget_without_a_client_connects_and_owns_its_client(
+    server: zchat_nb.Server, comms: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, port = server.address
+    monkeypatch.setenv("ZCHAT_ADDRESS", f"{host}:{port}")
+    monkeypatch.setenv("ZCHAT_USER", "dora")
+    widget = ChatWidget(room="general", poll_interval=0.2)
+    try:
+        assert widget.user == "dora"
+        assert hello(widget)["room"] == "general"
+    finally:
+        widget.close()
+    assert widget.client.closed

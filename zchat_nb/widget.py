@@ -257,6 +257,11 @@ class ChatWidget(anywidget.AnyWidget):
         _live.discard(self)
         return ended
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`stop` or :meth:`close` was called: nothing is polled or sent any more."""
+        return self._stopping.is_set()
+
     # -- from the views (kernel thread) ----------------------------------------------------
 
     def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
