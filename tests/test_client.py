@@ -191,3 +191,52 @@ def test_send_while_the_server_stays_away_fails_clearly_within_the_timeout(
         server_process.start()
         assert client.wait_connected(30)
         assert [m.text for m in chat.history(10)] == ["while it is up"]
+
+
+def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
+    file_server: zchat_nb.Server,
+) -> None:
+    with (
+        zchat_nb.connect(file_server.address, user="a") as a,
+        zchat_nb.connect(file_server.address, user="b") as b,
+    ):
+        events: list[zchat_nb.ClientEvent] = []
+        heard = threading.Event()
+
+        def listen(event: zchat_nb.ClientEvent) -> None:
+            events.append(event)
+            if event.kind == "invalidation":
+                heard.set()
+
+        unsubscribe = a.subscribe(listen)
+        chat = a.session("general")
+        chat.add_message("mine")
+        chat.new_messages()
+        b.session("general").add_message("theirs")
+        assert heard.wait(10)
+        kinds = {e.kind for e in events}
+        assert {"commit", "poll", "invalidation"} <= kinds
+        commit = next(e for e in events if e.kind == "commit" and "sending" in e.details["what"])
+        assert commit.details["latency"] > 0 and commit.details["conflicts"] == 0
+        poll = next(e for e in events if e.kind == "poll")
+        assert poll.details["count"] == 1 and poll.details["room"] == "general"
+        invalidation = next(e for e in events if e.kind == "invalidation")
+        assert invalidation.tid and invalidation.oids
+
+        # Two clients inserting into the same bucket at once: the server merges, the client hears "resolved".
+        tm1, c1 = a.connection()
+        tm2, c2 = b.connection()
+        tm1.begin()
+        tm2.begin()
+        from zchat_nb.model import ROOMS_KEY, Message
+
+        c1.root()[ROOMS_KEY]["general"].append("w1", Message("1" * 32, "a", "x", 1.0))
+        c2.root()[ROOMS_KEY]["general"].heads["w2"] = 7
+        tm2.commit()
+        events.clear()
+        tm1.commit()
+        assert any(e.kind == "resolved" and e.details["count"] >= 1 for e in events)
+        unsubscribe()
+        events.clear()
+        chat.add_message("unheard")
+        assert events == []

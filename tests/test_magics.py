@@ -28,7 +28,9 @@ def zchat(ip: InteractiveShell, line: str, cell: str | None = None) -> object:
 
 
 @pytest.mark.parametrize("line", ["", "--help", "help"])
-def test_usage_lists_every_command(ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str) -> None:
+def test_usage_lists_every_command(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str
+) -> None:
     zchat(ip, line)
     out = capsys.readouterr().out
     for command in ["serve", "join", "send", "history", "rooms", "status", "leave", "stop", "inspect"]:
@@ -53,7 +55,9 @@ def test_mistakes_raise_usage_errors_that_name_the_fix(ip: InteractiveShell, lin
         zchat(ip, line)
 
 
-def test_command_help_does_not_run_the_command(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_help_does_not_run_the_command(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
     zchat(ip, "serve --help")
     assert "--port" in capsys.readouterr().out
     with pytest.raises(UsageError, match="started no server"):

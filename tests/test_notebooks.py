@@ -21,7 +21,9 @@ def test_demo_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     shutil.copy(NOTEBOOKS / "chat_demo.ipynb", path)  # never write outputs into the repository
     nb = nbformat.read(path, as_version=4)
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         stop_local_server()
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]

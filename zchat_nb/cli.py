@@ -1,4 +1,4 @@
-"""The ``zchat-nb`` command: serve | status | stop | chat | demo."""
+"""The ``zchat-nb`` command: serve | status | stop | chat | demo | certs | export | clear | pack."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .exceptions import ZChatError
+
+if TYPE_CHECKING:
+    from .client import ChatClient
 
 __all__ = ["main"]
 
@@ -26,9 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="run a ZEO server in the foreground (Ctrl-C stops it)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    bind = serve.add_mutually_exclusive_group()
+    bind.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    bind.add_argument(
+        "--public",
+        action="store_true",
+        help="listen on every interface (0.0.0.0) so that other machines can join; prints the address "
+        "students type (give --port 8100 for one that stays the same)",
+    )
     serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     serve.add_argument("--path", default=None, help="FileStorage file (default: keep data in memory)")
+    serve.add_argument(
+        "--tls",
+        metavar="DIR",
+        default=None,
+        help="use TLS and admit only clients with a certificate from the classroom directory DIR "
+        "(made by `zchat-nb certs DIR`)",
+    )
     serve.add_argument("--state-file", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -49,10 +67,19 @@ def _parser() -> argparse.ArgumentParser:
         "address", nargs="?", default=None, help="host:port (default: $ZCHAT_ADDRESS or the local server)"
     )
     chat.add_argument("--room", default="general", help="room to join (default: general)")
-    chat.add_argument("--name", default=None, help="your name (default: your login name)")
+    chat.add_argument(
+        "--name", default=None, help="your name (default: your login name, or your certificate's with --tls)"
+    )
+    chat.add_argument(
+        "--tls",
+        metavar="FOLDER",
+        default=None,
+        help="your certificate folder from the teacher (ca.pem, NAME.pem, NAME.key) for a TLS server",
+    )
     chat.add_argument(
         "--backlog", type=int, default=20, help="messages of history to show first (default 20)"
     )
+    _add_classroom_commands(sub)
     return parser
 
 
@@ -74,7 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import run_foreground
 
-    run_foreground(args.path, args.host, args.port, state_file=args.state_file, ready_fd=args.ready_fd)
+    ssl = None
+    if args.tls:
+        from .certs import server_context
+
+        ssl = server_context(args.tls)
+    host = "0.0.0.0" if args.public else args.host
+    run_foreground(args.path, host, args.port, state_file=args.state_file, ready_fd=args.ready_fd, ssl=ssl)
     return 0
 
 
@@ -114,7 +147,7 @@ def format_line(message: object) -> str:
 def _chat(args: argparse.Namespace) -> int:
     from .client import connect
 
-    client = connect(args.address, user=args.name)
+    client = connect(args.address, user=args.name, tls=args.tls)
     session = client.session(args.room, backlog=args.backlog)
     prompt = f"{client.user}@{args.room}> "
     stop = threading.Event()
@@ -208,4 +241,135 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
 
 
-COMMANDS = {"demo": _demo, "serve": _serve, "status": _status, "stop": _stop, "chat": _chat}
+# -- classroom: certs, export, clear, pack ----------------------------------------------------
+
+CERTS_HELP = """\
+Make TLS certificates for a class. DIR gets:
+  ca.pem, ca.key       the classroom CA (ca.key signs new students: keep it private)
+  server/              for `zchat-nb serve --public --port 8100 --tls DIR`
+  students/NAME/       ca.pem, NAME.pem, NAME.key: hand this folder to NAME, who runs
+                       `zchat-nb chat HOST:8100 --tls NAME` (the folder) or, in Python,
+                       zchat_nb.connect("HOST:8100", tls="NAME")
+A bundle for the teacher (students/teacher) is made too. Run it again to add students.
+"""
+
+
+def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = sub.add_parser(
+        "certs",
+        help="make TLS certificates for a class: a CA, the server's, one per student",
+        description=CERTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    certs.add_argument("dir", help="the classroom directory (created if missing)")
+    certs.add_argument("--student", action="append", default=[], metavar="NAME", help="a student (repeat)")
+    certs.add_argument("--students-file", metavar="FILE", help="a file of student names, one a line")
+    certs.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name or IP address students type to reach the server (repeat); localhost and "
+        "this machine's address are always included",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity of new certificates (default 365)")
+
+    export = sub.add_parser("export", help="write a room's messages as CSV or a Markdown transcript")
+    export.add_argument("room", help="the room to export")
+    export.add_argument("--format", choices=("csv", "md"), default="csv", help="csv (default) or md")
+    export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    _connect_options(export)
+
+    clear = sub.add_parser("clear", help="delete every message of a room, for everyone (export it first)")
+    clear.add_argument("room", help="the room to clear")
+    clear.add_argument("--yes", action="store_true", help="really delete them")
+    _connect_options(clear)
+
+    pack = sub.add_parser("pack", help="pack the server's storage: free the space of old and cleared data")
+    pack.add_argument(
+        "--days", type=float, default=0.0, help="keep undo history younger than this (default 0)"
+    )
+    _connect_options(pack)
+
+
+def _connect_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, help="host:port (default: $ZCHAT_ADDRESS or the local server)"
+    )
+    parser.add_argument(
+        "--tls",
+        metavar="FOLDER",
+        default=None,
+        help="certificate folder for a TLS server (DIR/students/teacher)",
+    )
+    parser.add_argument("--name", default=None, help="user name to connect as")
+
+
+def _teacher_client(args: argparse.Namespace) -> ChatClient:
+    from .client import connect
+    from .server import resolve_address
+
+    address = args.address if args.address else resolve_address(None, start=False)
+    return connect(address, user=args.name, tls=args.tls)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from .certs import describe_classroom, make_classroom, read_names, this_machine_names
+
+    names = list(args.student)
+    if args.students_file:
+        names += read_names(args.students_file)
+    if not names:
+        print("zchat-nb: no students named (--student NAME or --students-file FILE); making the CA, "
+              "the server's certificate and the teacher's", file=sys.stderr)  # fmt: skip
+    made = make_classroom(args.dir, names, [*args.server_name, *this_machine_names()], days=args.days)
+    print(describe_classroom(made))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .teacher import export
+
+    with _teacher_client(args) as client:
+        count = export(client, args.room, args.output or sys.stdout, format=args.format)
+    if args.output:
+        print(f"zchat-nb: wrote {count} messages of room {args.room!r} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    from .teacher import clear_room
+
+    if not args.yes:
+        print(
+            f"zchat-nb: this deletes every message of room {args.room!r} for everyone. Export it first "
+            f"(zchat-nb export {args.room} -o FILE), then run this again with --yes",
+            file=sys.stderr,
+        )
+        return 2
+    with _teacher_client(args) as client:
+        count = clear_room(client, args.room)
+    print(f"zchat-nb: cleared room {args.room!r} ({count} messages); `zchat-nb pack` frees their disk space")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .teacher import pack
+
+    with _teacher_client(args) as client:
+        pack(client, days=args.days)
+        print(f"zchat-nb: packed the storage at {client.address_text} (kept {args.days:g} days of history)")
+    return 0
+
+
+COMMANDS = {
+    "demo": _demo,
+    "serve": _serve,
+    "status": _status,
+    "stop": _stop,
+    "chat": _chat,
+    "certs": _certs,
+    "export": _export,
+    "clear": _clear,
+    "pack": _pack,
+}

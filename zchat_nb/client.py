@@ -61,10 +61,14 @@ def default_user() -> str:
 class ClientEvent:
     """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
 
-    kind: str  # "invalidation", "connected" or "disconnected"
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread, these wake readers), or
+    #: "commit", "poll", "resolved" (from the thread that did it: for inspectors, they wake nobody).
+    kind: str
     time: float
     tid: bytes | None = None
     oids: tuple[bytes, ...] = field(default=())
+    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count; "resolved": count.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class _WakingClientStorage(ClientStorage):
@@ -74,12 +78,21 @@ class _WakingClientStorage(ClientStorage):
     """
 
     _zchat_notify: Callable[[ClientEvent], None] | None = None
+    _zchat_report: Callable[..., None] | None = None
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
         if self._zchat_notify is not None:
             self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+
+    def tpc_vote(self, txn: Any) -> Any:
+        result = super().tpc_vote(txn)
+        buffer = txn.data(self)
+        resolved = len(buffer.server_resolved) + len(buffer.client_resolved)
+        if resolved and self._zchat_report is not None:
+            self._zchat_report("resolved", count=resolved)
+        return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
         super().notify_connected(conn, info)
@@ -124,6 +137,7 @@ class ChatClient:
         storage = db.storage
         if isinstance(storage, _WakingClientStorage):
             storage._zchat_notify = self._notify
+            storage._zchat_report = self.report
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -187,6 +201,14 @@ class ChatClient:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+        self._dispatch(event)
+
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
+        self._dispatch(ClientEvent(kind, time.time(), details=details))
+
+    def _dispatch(self, event: ClientEvent) -> None:
+        with self._changed:
             subscribers = list(self._subscribers)
         for callback in subscribers:
             try:
@@ -275,6 +297,7 @@ def connect(
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     cache_size: int = 20 * 1024 * 1024,
     ssl: ssl_module.SSLContext | None = None,
+    tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
     clock: Callable[[], float] = time.time,
 ) -> ChatClient:
@@ -297,14 +320,28 @@ def connect(
         Size of ZEO's client cache in bytes.
     ssl
         An ``ssl.SSLContext`` for a server started with TLS.
+    tls
+        Instead of ``ssl``: a student's certificate folder made by ``zchat-nb certs`` (``ca.pem``,
+        ``NAME.pem``, ``NAME.key``); ``user`` defaults to NAME. See :mod:`zchat_nb.certs`.
     allow
         Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
     clock
         Where message times come from (tests pass a slow clock).
     """
+    if tls is not None:
+        from .certs import load_bundle
+
+        if ssl is not None:
+            raise ZChatConnectionError("give connect() tls= (a certificate folder) or ssl=, not both")
+        bundle = load_bundle(tls, user)
+        ssl, user = bundle.client_context(), user if user is not None else bundle.name
     addr = resolve_address(address)
     where = format_address(addr)
-    if not probe(addr, timeout=connect_timeout):
+    if ssl is not None:
+        from .certs import check_tls
+
+        check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
+    elif not probe(addr, timeout=connect_timeout):
         raise ZChatConnectionError(
             f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
@@ -317,6 +354,13 @@ def connect(
         try:
             storage._wait(connect_timeout)
         except ClientDisconnected as exc:
+            from .certs import speaks_tls
+
+            if ssl is None and speaks_tls(addr):
+                raise ZChatConnectionError(
+                    f"the ZEO server at {where} requires TLS with a client certificate; connect with "
+                    "tls=<your certificate folder> (`zchat-nb chat ADDRESS --tls FOLDER`)"
+                ) from exc
             raise ZChatConnectionError(
                 f"{where} accepts connections but no ZEO server answered within "
                 f"{connect_timeout:g} s (wrong port, or a TLS server without ssl=?)"

@@ -250,6 +250,9 @@ class SessionHost(Protocol):
 
     def is_connected(self) -> bool: ...
 
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell observers (the inspector) about a commit or a poll."""
+
     @property
     def closed(self) -> bool: ...
 
@@ -337,6 +340,12 @@ class ChatSession:
         )
 
     def _poll(self) -> list[Message]:
+        started = time.perf_counter()
+        found = self._collect()
+        self._host.report("poll", room=self.room, cost=time.perf_counter() - started, count=len(found))
+        return found
+
+    def _collect(self) -> list[Message]:
         with self._lock:
             room = self._room()
             assert room.count is not None and room.heads is not None
@@ -463,9 +472,12 @@ class ChatSession:
                     "(`zchat-nb status`) and send again"
                 ) from last_error
             try:
+                started = time.perf_counter()
                 tm.begin()
                 change(conn)
                 tm.commit()
+                latency = time.perf_counter() - started
+                self._host.report("commit", room=self.room, what=what, latency=latency, conflicts=conflicts)
                 return
             except ConflictError as exc:
                 tm.abort()

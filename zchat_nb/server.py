@@ -8,6 +8,8 @@ it, or starts it as a detached ``zchat-nb serve`` process with a FileStorage in 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -133,7 +135,12 @@ def format_address(address: Address) -> str:
 def probe(address: Address, timeout: float = 2.0) -> bool:
     """Whether something accepts TCP connections at ``address``."""
     try:
-        with socket.create_connection(address, timeout=timeout):
+        with socket.create_connection(address, timeout=timeout) as sock:
+            # Read the server's greeting before closing: closing with it unread sends a RST, which
+            # ZEO logs as an error ("Disconnected ConnectionResetError") in the server's process.
+            sock.settimeout(min(timeout, 0.5))
+            with contextlib.suppress(OSError):
+                sock.recv(256)
             return True
     except OSError:
         return False
@@ -158,7 +165,10 @@ class Server:
         storage = MemoryStorage() if self.path is None else FileStorage(str(self.path))
         try:
             _ensure_root(storage)
-            self._server = StorageServer((host, port), {"1": storage}, ssl=ssl)
+            # ZEO binds by running an event loop in the calling thread, which fails where one already
+            # runs (a Jupyter kernel's main thread): build the server on a helper thread.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                self._server = pool.submit(StorageServer, (host, port), {"1": storage}, ssl=ssl).result()
         except OSError as exc:
             storage.close()
             raise ZChatServerError(
@@ -183,7 +193,38 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._close_client_connections()
         self._server.close(join_timeout=5)
+
+    def _close_client_connections(self, timeout: float = 5.0) -> None:
+        """Close every client connection on the server's event loop, and wait until they are closed.
+
+        ZEO's ``StorageServer.close()`` stops its event loop and then schedules the connections'
+        closing on it; when the loop has closed first, the sockets stay open and clients never
+        learn that the server went away.
+        """
+        server = self._server
+
+        async def close_all() -> None:
+            # Stop listening first: a client whose connection closes reconnects at once, and a
+            # connection accepted now would be left open when the loop stops.
+            if server.acceptor.server is not None:
+                server.acceptor.server.close()
+            protocols = [
+                zs.connection
+                for storages in server.zeo_storages_by_storage_id.values()
+                for zs in storages
+                if getattr(zs, "connection", None) is not None
+            ]
+            closing = [protocol.close() or protocol.closing for protocol in protocols]
+            closing = [future for future in closing if future is not None]
+            if closing:
+                await asyncio.wait(closing, timeout=timeout)
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_all(), server.acceptor.event_loop).result(timeout + 1)
+        except Exception:  # the loop is already gone: nothing is left to close
+            log.debug("closing the ZEO server's client connections failed", exc_info=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until :meth:`stop` is called (from a signal handler, say)."""
@@ -207,12 +248,60 @@ def serve(
     port: int = 0,
     *,
     ssl: ssl_module.SSLContext | None = None,
+    tls: str | os.PathLike[str] | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, or in the FileStorage at ``path``.
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
+    ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
+    need a certificate from it (:mod:`zchat_nb.certs`).
     """
+    if tls is not None:
+        from .certs import server_context
+
+        if ssl is not None:
+            raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
+        ssl = server_context(tls)
     return Server(path, host, port, ssl=ssl)
+
+
+def outward_ip() -> str:
+    """This machine's address on its network, as students should type it; sends no packet."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Connecting a UDP socket only picks the route (to a documentation address, RFC 5737).
+        sock.connect(("192.0.2.1", 9))
+        ip = str(sock.getsockname()[0])
+        if not ip.startswith(("127.", "0.")):
+            return ip
+    with contextlib.suppress(OSError):
+        for ip in socket.gethostbyname_ex(socket.gethostname())[2]:
+            if not ip.startswith("127."):
+                return str(ip)
+    return "127.0.0.1"
+
+
+def public_notice(address: Address, *, tls: bool) -> str:
+    """What ``zchat-nb serve`` prints when it listens beyond this machine: the address, and a warning."""
+    host, port = address
+    shown = format_address((outward_ip() if host in ("0.0.0.0", "::", "") else host, port))
+    where = "on every network interface" if host in ("0.0.0.0", "::", "") else f"on {host}"
+    lines = [f"zchat_nb: listening {where}. Students connect to {shown}:"]
+    if tls:
+        lines += [
+            f"    zchat-nb chat {shown} --tls FOLDER",
+            f'  or in Python: zchat_nb.connect("{shown}", tls=FOLDER), where FOLDER is the student\'s',
+            "  certificate folder from `zchat-nb certs` (DIR/students/NAME). The server certificate must",
+            f"  name {shown.rpartition(':')[0]} (`zchat-nb certs DIR --server-name HOST` adds a name).",
+            "  Only clients with a certificate from this classroom's CA get in.",
+        ]
+    else:
+        lines += [
+            f'    zchat-nb chat {shown}    or in Python: zchat_nb.connect("{shown}")',
+            f"  WARNING: anyone who can reach this machine on port {port} can read and write this chat:",
+            "  there is no password. Use a network you trust, stop the server after class, or make",
+            "  certificates with `zchat-nb certs DIR --student NAME ...` and serve with `--tls DIR`.",
+        ]
+    return "\n".join(lines)
 
 
 # -- the embedded default -------------------------------------------------------------------
@@ -438,6 +527,8 @@ def run_foreground(
         signal.signal(signum, lambda *_: server.stop())
     if announce:
         print(f"zchat_nb: ZEO server listening on {text} ({path or 'in memory'})", flush=True)
+        if host != "localhost" and not host.startswith("127.") and host != "::1":
+            print(public_notice(server.address, tls=ssl is not None), flush=True)
     if ready_fd is not None:
         os.write(ready_fd, f"{text}\n".encode())
         os.close(ready_fd)
