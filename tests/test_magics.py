@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
@@ -117,3 +118,17 @@ def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
     # A cell body, as IPython's $-expansion of a 70 kB line magic takes it 20 s.
     with pytest.raises(UsageError, match="over the 65536-byte limit"):
         zchat(ip, "send --raw", "x" * 70_000)
+
+
+def test_join_with_a_certificate_folder(
+    ip: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zchat_nb import certs
+
+    classroom = certs.make_classroom(tmp_path, students=["ada"])
+    with zchat_nb.serve(tls=classroom.directory) as server:
+        zchat(ip, "join {}:{} --tls {}".format(*server.address, classroom.bundles["ada"]))
+        zchat(ip, "send over TLS")
+        zchat(ip, "status")
+        assert "as 'ada'" in capsys.readouterr().out
+        zchat(ip, "leave")

@@ -25,7 +25,8 @@ __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_ext
 USAGE = """\
 %zchat serve [--host H] [--port P] [--path FILE]   start a ZEO server in this kernel; prints its address
 %zchat join [ADDRESS] [--room R] [--name N]        join a chat and show the widget (no ADDRESS: the local
-                                                   default server, started if needed; or $ZCHAT_ADDRESS)
+           [--tls FOLDER]                          default server, started if needed; or $ZCHAT_ADDRESS;
+                                                   --tls: your certificate folder for a classroom server)
 %zchat send TEXT                                   send TEXT to the room you joined
 %%zchat send [--raw]                               the cell body as one message (a code block unless --raw)
 %zchat history [-n N]                              print the last N messages (default 20)
@@ -94,6 +95,9 @@ def _parsers() -> dict[str, _Parser]:
     p["join"].add_argument("address", nargs="?", default=None)
     p["join"].add_argument("--room", default=None)
     p["join"].add_argument("--name", default=None)
+    p["join"].add_argument(
+        "--tls", default=None, metavar="FOLDER", help="your certificate folder (zchat-nb certs)"
+    )
     p["send"] = make("send", "Send a message to the room you joined.")
     p["send"].add_argument("text", nargs="*")
     p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
@@ -173,15 +177,23 @@ class ZChatMagics(Magics):
     def _join(self, args: argparse.Namespace, cell: str | None) -> Any:
         from IPython.display import display
 
-        user = args.name or self.settings.user
+        # With --tls and no --name, the name is the one on the certificate.
+        user = args.name or (None if args.tls else self.settings.user)
         address = args.address
         if address is None and self.server is not None:
             address = self.server.address
         wanted = parse_address(address) if address is not None else None
         client = self.client
-        if client is None or client.closed or client.user != user or (wanted and wanted != client.address):
+        reuse = (
+            client is not None
+            and not client.closed
+            and not args.tls
+            and client.user == user
+            and (wanted is None or wanted == client.address)
+        )
+        if client is None or not reuse:
             self._close_client()
-            client = self.client = connect(address, user=user, timeout=self.settings.timeout)
+            client = self.client = connect(address, user=user, timeout=self.settings.timeout, tls=args.tls)
         self.room = args.room or self.settings.room
         self.session = client.session(self.room, backlog=0)
         widget = client.widget(self.room, poll_interval=self.settings.poll_interval)
@@ -252,6 +264,7 @@ class ZChatMagics(Magics):
         from .inspector import Inspector
 
         self._joined()
+        assert self.client is not None and self.room is not None
         inspector = Inspector(self.client, room=self.room)
         self.widgets.append(inspector)
         display(inspector)

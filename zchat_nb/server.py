@@ -162,7 +162,7 @@ class Server:
 
         harden_server_process()
         self.path = None if path is None else Path(path)
-        storage = MemoryStorage() if self.path is None else FileStorage(str(self.path))
+        storage = MemoryStorage() if self.path is None else FileStorage(str(self.path), pack_keep_old=False)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
