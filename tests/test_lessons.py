@@ -1,0 +1,68 @@
+"""The lesson notebooks (notebooks/lessons/) run top to bottom under nbclient, as committed.
+
+Each lesson runs in a copy of the lessons folder in a temporary directory (the notebooks import
+``seed_chat.py`` from their own folder, and importing it writes ``__pycache__``), with ``ZCHAT_HOME``
+pointing into that directory so that no user state is touched. Lessons that need a ZEO server start
+one with ``zchat_nb.serve()`` and stop it at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+LESSONS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "lessons"
+LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _tagged(nb: object, tag: str) -> list:
+    return [cell for cell in nb.cells if tag in cell.get("metadata", {}).get("tags", [])]
+
+
+def test_there_are_six_lessons_in_order() -> None:
+    assert [path.name[:3] for path in LESSONS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
+    assert (LESSONS_DIR / "seed_chat.py").is_file()
+
+
+@pytest.mark.parametrize("notebook", LESSONS, ids=lambda path: path.stem)
+def test_lesson_is_committed_without_outputs_and_has_one_checked_exercise(notebook: Path) -> None:
+    nb = nbformat.read(notebook, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.execution_count is None and cell.outputs == [], f"{notebook.name} has outputs"
+    exercise, check = _tagged(nb, "exercise"), _tagged(nb, "check")
+    assert len(exercise) == 1 and len(check) == 1, "one exercise cell and one check cell"
+    assert nb.cells.index(check[0]) == nb.cells.index(exercise[0]) + 1, "the check follows the exercise"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("notebook", LESSONS, ids=lambda path: path.stem)
+def test_lesson_runs_top_to_bottom(notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZCHAT_HOME", str(tmp_path / "zchat-home"))
+    monkeypatch.delenv("ZCHAT_ADDRESS", raising=False)
+    work = tmp_path / "lessons"
+    shutil.copytree(LESSONS_DIR, work, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    nb = nbformat.read(work / notebook.name, as_version=4)
+
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+
+    (check,) = _tagged(nb, "check")
+    printed = "".join(out.get("text", "") for out in check.outputs if out.output_type == "stream")
+    assert "Correct" in printed, f"the exercise check of {notebook.name} printed: {printed!r}"
+    # A lesson shows students no tracebacks or log noise: nothing is printed to stderr.
+    stderr = [
+        out.text
+        for cell in nb.cells
+        for out in cell.get("outputs", [])
+        if out.output_type == "stream" and out.name == "stderr"
+    ]
+    assert stderr == [], f"{notebook.name} printed to stderr: {stderr}"
