@@ -1,0 +1,318 @@
+"""The ZEO inspector: tree summaries and pictures (unit), and what it sees of a real server (integration).
+
+Integration tests run a hardened ZEO server on a FileStorage (``file_server``), so that the server
+resolves concurrent inserts into one bucket as in production, and connect two clients to it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import transaction
+import ZODB
+from BTrees.OOBTree import OOBTree
+
+import zchat_nb
+from zchat_nb import ChatClient, Message
+from zchat_nb.inspector import Inspector, classify, room_oids, tree_summary, tree_svg
+from zchat_nb.model import ROOMS_KEY, Room
+
+TIMEOUT = 10.0
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _all_buckets(tree: OOBTree) -> list[int]:
+    """Every bucket's length, oldest first, by walking the whole tree (what the inspector avoids)."""
+    state = tree.__getstate__()
+    if state is None:
+        return []
+    children = state[0]
+    if len(children) == 1 and isinstance(children[0], tuple):
+        return [len(children[0][0]) // 2]
+    found: list[int] = []
+    for kid in children[::2]:
+        found.extend(_all_buckets(kid) if isinstance(kid, OOBTree) else [len(kid)])
+    return found
+
+
+@pytest.fixture
+def stored_tree() -> Iterator[tuple[OOBTree, transaction.TransactionManager]]:
+    """An empty OOBTree committed to an in-memory database, so that its buckets are persistent."""
+    db = ZODB.DB(None)
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    tree = conn.root()["tree"] = OOBTree()
+    tm.commit()
+    yield tree, tm
+    tm.abort()
+    db.close()
+
+
+def _append(tree: OOBTree, tm: transaction.TransactionManager, upto: int) -> None:
+    """Append messages keyed as in Room.messages up to ``upto`` items, committing every 100."""
+    for i in range(len(tree), upto):
+        tree[(float(i), uuid.uuid4().hex)] = ("id", "author", "text", float(i))
+        if i % 100 == 99:
+            tm.commit()
+    tm.commit()
+
+
+# -- unit: the tree's right edge -----------------------------------------------------------
+
+
+def test_empty_tree_has_no_buckets(stored_tree: tuple[OOBTree, transaction.TransactionManager]) -> None:
+    summary = tree_summary(stored_tree[0])
+    assert summary["depth"] == 0
+    assert summary["buckets"] == 0 and summary["fills"] == []
+    root = ET.fromstring(tree_svg(summary, title="empty"))
+    assert root.tag == f"{SVG}svg"
+
+
+@pytest.mark.parametrize("items", [1, 30, 31, 100, 1000])
+def test_small_tree_is_counted_exactly(
+    stored_tree: tuple[OOBTree, transaction.TransactionManager], items: int
+) -> None:
+    tree, tm = stored_tree
+    _append(tree, tm, items)
+    summary = tree_summary(tree, last=40)
+    buckets = _all_buckets(tree)
+    assert summary["depth"] == 1
+    assert summary["buckets"] == len(buckets) and summary["buckets_exact"]
+    assert summary["fills"] == buckets[-40:]
+    assert all(0 < fill <= summary["max_fill"] == 30 for fill in summary["fills"])
+
+
+def test_large_tree_loads_only_its_right_edge_and_estimates_the_rest(
+    stored_tree: tuple[OOBTree, transaction.TransactionManager],
+) -> None:
+    tree, tm = stored_tree
+    _append(tree, tm, 20_000)
+    buckets = _all_buckets(tree)
+    tm.abort()
+    tree._p_jar.cacheMinimize()
+    summary = tree_summary(tree, last=40)
+    assert summary["depth"] == 2
+    assert summary["fills"] == buckets[-40:]
+    assert not summary["buckets_exact"]
+    assert abs(summary["buckets"] - len(buckets)) <= 0.25 * len(buckets)
+    # the root is exact; the bottom level is shown only where the last 40 buckets hang
+    assert summary["levels"][0] == {"nodes": 1, "exact": True, "shown": summary["levels"][0]["shown"]}
+    assert sum(len(node["children"]) for node in summary["levels"][1]["shown"]) == 40
+    loaded = sum(1 for obj in tree._p_jar._cache.lru_items())
+    assert loaded < len(buckets) / 4, "the summary loaded most of the tree"
+
+
+def test_picture_is_xml_and_escapes_the_title(
+    stored_tree: tuple[OOBTree, transaction.TransactionManager], tmp_path: Path
+) -> None:
+    tree, tm = stored_tree
+    _append(tree, tm, 500)
+    svg = tree_svg(tree_summary(tree), title="room '<img src=x onerror=alert(1)>'")
+    path = tmp_path / "tree.svg"
+    path.write_text(svg, encoding="utf-8")
+    root = ET.parse(path).getroot()
+    assert root.tag == f"{SVG}svg"
+    assert "<img" not in svg
+    assert len(root.findall(f".//{SVG}g[@class='zchat-tree-bucket']")) == len(_all_buckets(tree)[-40:])
+    assert "currentColor" in svg and "var(--jp-" in svg
+
+
+def test_objects_are_named_by_their_role_in_the_room() -> None:
+    db = ZODB.DB(None)
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    rooms = conn.root()[ROOMS_KEY] = OOBTree()
+    room = rooms["general"] = Room("general")
+    other = rooms["other"] = Room("other")
+    room.beat("ada", 1.0)
+    other.append("w2", Message(uuid.uuid4().hex, "bob", "elsewhere", 0.5))
+    for i in range(40):  # a split: the messages tree gets buckets of its own
+        room.append("w1", Message(uuid.uuid4().hex, "ada", f"m{i}", float(i)))
+    tm.commit()
+    known = room_oids(room, rooms._p_oid)
+    names = {oid: classify(conn, oid, known) for oid in known}
+    assert {e["kind"] for e in names.values()} == {
+        "root",
+        "rooms index",
+        "room",
+        "messages tree",
+        "log tree",
+        "heads",
+        "count",
+        "presence",
+    }
+    assert names[room.count._p_oid]["class"] == "Length"
+    bucket = room.messages.__getstate__()[0][0]
+    assert classify(conn, bucket._p_oid, known) | {"oid": ""} == {
+        "oid": "",
+        "kind": "bucket",
+        "class": "OOBucket",
+        "label": "messages bucket",
+    }
+    log_bucket = room.log.__getstate__()[0][0]
+    assert classify(conn, log_bucket._p_oid, known)["label"] == "log bucket"
+    assert classify(conn, other._p_oid, known)["label"] == "room 'other'"
+    assert classify(conn, other.messages._p_oid, known)["label"] == "messages tree node"
+    assert classify(conn, other.heads._p_oid, known)["label"] == "heads tree node"
+    assert classify(conn, b"\0\0\0\0\0\0\xff\xff", known)["kind"] == "unreadable"
+    tm.abort()
+    db.close()
+
+
+@pytest.mark.parametrize("bad", [{"max_rate": 0}, {"max_rate": float("nan")}, {"status_interval": -1}])
+def test_bad_rates_are_refused(bad: dict[str, float]) -> None:
+    with ChatClient(ZODB.DB(None), user="ada") as client, pytest.raises(ValueError, match="must be"):
+        Inspector(client, **bad)
+
+
+# -- integration: a real server and two clients ----------------------------------------------
+
+
+def _inspector_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("zchat-inspector")]
+
+
+@pytest.fixture
+def clients(file_server: zchat_nb.Server) -> Iterator[tuple[ChatClient, ChatClient]]:
+    a = zchat_nb.connect(file_server.address, user="alice")
+    b = zchat_nb.connect(file_server.address, user="bob")
+    a.session("general").add_message("the room exists")
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.integration
+def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
+    clients: tuple[ChatClient, ChatClient], tmp_path: Path
+) -> None:
+    a, b = clients
+    threads_before = threading.active_count()
+    inspector = Inspector(a, room="general", max_rate=20.0, status_interval=0.2)
+    try:
+        first = inspector.wait_for(lambda s: s["connections"] == 2 and s["tree"] is not None, TIMEOUT)
+        assert first["connected"] and first["address"] == a.address_text
+        assert first["last_tid"] and first["last_time"] == pytest.approx(time.time(), abs=600)
+        buckets_before = first["tree"]["buckets"]
+
+        # B's commit arrives as an invalidation that names the room's objects
+        chat_b = b.session("general")
+        sent = chat_b.add_message("hello from bob")
+        seen = inspector.wait_for(lambda s: s["invalidations_total"] >= 1, TIMEOUT)
+        invalidation = seen["invalidations"][-1]
+        assert invalidation["count"] == len(invalidation["objects"]) >= 4
+        kinds = {o["kind"] for o in invalidation["objects"]}
+        assert {"messages tree", "log tree", "heads", "count"} <= kinds
+        assert seen["last_tid"] >= invalidation["tid"]
+
+        # A's own commit, with its latency; A's poll, with its cost
+        chat_a = a.session("general")
+        chat_a.add_message("hello from alice")
+        assert sent in chat_a.new_messages(timeout=TIMEOUT)
+        mine = inspector.wait_for(lambda s: s["commits_total"] >= 1 and s["polls"]["count"] >= 1, TIMEOUT)
+        commit = mine["commits"][-1]
+        assert commit["room"] == "general" and commit["latency"] > 0 and commit["conflicts"] == 0
+        assert mine["polls"]["last_cost"] is not None and mine["polls"]["recent"][-1]["room"] == "general"
+
+        # A and B insert into the same bucket at once: the server merges them
+        tm, conn = a.connection()
+        tm.begin()
+        room = conn.root()[ROOMS_KEY]["general"]
+        room.append(a.writer, Message(uuid.uuid4().hex, "alice", "racing", time.time()))
+        chat_b.add_message("racing too")
+        tm.commit()
+        inspector.wait_for(lambda s: s["resolved"] >= 1, TIMEOUT)
+
+        # 100 messages: the tree splits into more buckets, and the picture follows
+        for i in range(100):
+            chat_b.add_message(f"message {i}")
+        grown = inspector.wait_for(
+            lambda s: s["tree"]["buckets"] > buckets_before and s["messages"] == 105, TIMEOUT
+        )
+        assert sum(grown["tree"]["fills"]) == 105  # a small tree: every bucket is shown
+        path = tmp_path / "tree.svg"
+        path.write_text(inspector.tree_svg(), encoding="utf-8")
+        assert ET.parse(path).getroot().tag == f"{SVG}svg"
+
+        # the same, drawn in the widget's sections
+        html_by_class = {tuple(child._dom_classes): child.value for child in inspector.children}
+        assert "zchat-inspector" in inspector._dom_classes
+        assert "<svg" in html_by_class[("zchat-inspector-tree",)]
+        assert "messages bucket" in html_by_class[("zchat-inspector-invalidations",)]
+        assert "sending to room" in html_by_class[("zchat-inspector-commits",)]
+        assert a.address_text in html_by_class[("zchat-inspector-server",)]
+    finally:
+        inspector.close()
+    assert not inspector.running and inspector.closed
+    assert _inspector_threads() == []
+    assert threading.active_count() == threads_before
+
+
+@pytest.mark.integration
+def test_updates_are_coalesced_at_the_bounded_rate(clients: tuple[ChatClient, ChatClient]) -> None:
+    a, b = clients
+    inspector = Inspector(a, room="general", max_rate=2.0, status_interval=60.0)
+    try:
+        start = inspector.wait_for(lambda s: s["updates"] >= 1, TIMEOUT)
+        started = time.monotonic()
+        chat_b = b.session("general")
+        for i in range(50):
+            chat_b.add_message(f"burst {i}")
+        end = inspector.wait_for(lambda s: s["invalidations_total"] >= 50, TIMEOUT)
+        elapsed = time.monotonic() - started
+        updates = end["updates"] - start["updates"]
+        assert updates <= 1 + elapsed * inspector.max_rate + 1  # never more than max_rate a second
+        assert len(end["invalidations"]) == 50  # coalesced, none lost
+    finally:
+        inspector.close()
+
+
+@pytest.mark.integration
+def test_user_and_room_names_are_escaped(file_server: zchat_nb.Server) -> None:
+    evil = "<img src=x onerror=alert(1)>"
+    with zchat_nb.connect(file_server.address, user=evil) as client:
+        client.session(evil).add_message("hi")
+        inspector = Inspector(client, room=evil)
+        try:
+            inspector.wait_for(lambda s: s["commits_total"] >= 0 and s["tree"] is not None, TIMEOUT)
+            for child in inspector.children:
+                assert "<img" not in child.value
+            assert any("&lt;img" in child.value for child in inspector.children)
+        finally:
+            inspector.close()
+
+
+@pytest.mark.integration
+def test_thread_ends_when_the_client_is_closed(file_server: zchat_nb.Server) -> None:
+    client = zchat_nb.connect(file_server.address, user="alice")
+    inspector = Inspector(client, status_interval=0.1)
+    inspector.wait_for(lambda s: s["updates"] >= 1, TIMEOUT)
+    client.close()
+    inspector._thread.join(TIMEOUT)
+    assert not inspector.running
+    assert inspector.snapshot()["error"] == "the client was closed"
+    inspector.close()  # still safe
+    assert _inspector_threads() == []
+
+
+@pytest.mark.integration
+def test_server_going_away_shows_and_close_does_not_hang(tmp_path: Path) -> None:
+    server = zchat_nb.serve(path=tmp_path / "chat.fs")
+    client = zchat_nb.connect(server.address, user="alice", timeout=30.0)
+    inspector = Inspector(client, status_interval=0.1)
+    try:
+        inspector.wait_for(lambda s: s["connected"] and s["connections"] == 1, TIMEOUT)
+        server.stop()
+        gone = inspector.wait_for(lambda s: not s["connected"] and s["updates"] > 1, TIMEOUT)
+        assert gone["running"]
+    finally:
+        inspector.close()
+        client.close()
+        server.stop()
+    assert _inspector_threads() == []

@@ -1,0 +1,852 @@
+"""Inspector: a live view of what ZEO does for one chat client, shown beside the chat.
+
+It shows the server (address, connected clients, last transaction and its time), the invalidations
+the server pushes to this client (which objects: the room, its trees, buckets), this client's own
+commits with their latency and the conflicts they retried or the server resolved, the polls and
+what they cost, and a picture of the room's messages BTree: its depth and the buckets at its right
+edge, where chat traffic appends, with their fill.
+
+Threads and data path::
+
+    ZEO network thread / committing threads --client.subscribe()--> _on_event: enqueue, wake
+    inspector thread (daemon): drain events; tm.begin() on its own connection; classify oids,
+        server_status() (at most every status_interval), tree summary; render HTML/SVG strings;
+        set the HTML widgets' values (the only writer), at most max_rate times a second
+
+Every storage call happens on the inspector thread, never on ZEO's networking thread.
+The data is also available without HTML: :meth:`Inspector.snapshot` and :meth:`Inspector.wait_for`.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets
+from transaction.interfaces import TransientError
+from ZODB.TimeStamp import TimeStamp
+
+from .exceptions import ZChatConnectionError
+from .model import ROOMS_KEY, Room, check_room_name
+
+if TYPE_CHECKING:
+    from ZODB.Connection import Connection
+
+    from .client import ChatClient, ClientEvent
+
+__all__ = ["Inspector", "classify", "room_oids", "tree_summary", "tree_svg"]
+
+log = logging.getLogger(__name__)
+
+#: Invalidations, commits and polls kept (and returned by snapshot()).
+HISTORY = 50
+#: Rows shown per table.
+ROWS = 8
+#: Objects of one invalidation that are loaded and named; the rest are only counted.
+MAX_CLASSIFIED = 12
+#: Longest title drawn above the tree picture, in characters.
+MAX_TITLE = 64
+#: Events (other than polls, which are only counted) queued for the inspector thread at most.
+MAX_QUEUED = 10_000
+#: Seconds close() waits for the thread.
+JOIN_TIMEOUT = 5.0
+_Z64 = b"\0" * 8
+_MAX_LABELS = 10_000
+
+
+# -- naming objects ----------------------------------------------------------------------------
+
+
+def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, str]:
+    """``oid -> kind`` for a room and its trees (and the root and the rooms index)."""
+    known = {_Z64: "root"}
+    if rooms_oid is not None:
+        known[rooms_oid] = "rooms index"
+    if room is None:
+        return known
+    if room._p_oid is not None:
+        known[room._p_oid] = "room"
+    for attr, kind in (
+        ("messages", "messages tree"),
+        ("log", "log tree"),
+        ("heads", "heads"),
+        ("count", "count"),
+        ("presence", "presence"),
+    ):
+        oid = getattr(getattr(room, attr, None), "_p_oid", None)
+        if oid is not None:
+            known[oid] = kind
+    return known
+
+
+def classify(conn: Connection, oid: bytes, known: dict[bytes, str]) -> dict[str, str]:
+    """Name the object ``oid`` as seen by ``conn``'s current transaction.
+
+    Returns ``{"oid", "kind", "class", "label"}``: kind is one of ``known``'s values (room, messages
+    tree, log tree, heads, count, presence, ...) or "bucket", "tree node", "room" (another room),
+    "object", "unreadable"; class is the class name (OOBucket, Length, ...); label is short words
+    ("messages bucket": a bucket's tree is guessed from its keys). Loads the object: call it only
+    on the connection's own thread.
+    """
+    entry = {"oid": oid.hex(), "kind": known.get(oid, ""), "class": "", "label": ""}
+    try:
+        obj = conn.get(oid)
+        cls = type(obj).__name__
+        entry["class"] = cls
+        if entry["kind"]:
+            entry["label"] = entry["kind"]
+        elif isinstance(obj, Room):
+            entry["kind"], entry["label"] = "room", f"room {obj.name!r}"
+        elif cls.endswith("Bucket"):
+            tree = _guess_tree(obj)
+            entry["kind"], entry["label"] = "bucket", f"{tree} bucket" if tree else "bucket"
+        elif cls.endswith("BTree"):  # an inner node, or the root of another room's tree
+            tree = _guess_tree(obj)
+            entry["kind"], entry["label"] = "tree node", f"{tree} tree node" if tree else "tree node"
+        else:
+            entry["kind"], entry["label"] = "object", cls
+    except TransientError:
+        raise
+    except Exception as exc:  # deleted, packed away, or refused by the class allow-list
+        entry["kind"] = entry["kind"] or "unreadable"
+        entry["label"] = f"{entry['kind']} ({type(exc).__name__})"
+    return entry
+
+
+def _guess_tree(node: Any) -> str:
+    """Which of a room's trees a bucket or tree node belongs to, guessed from its first key and value."""
+    try:
+        key = node.minKey()  # not len(): on a tree node that would load every bucket
+    except ValueError:  # empty
+        return ""
+    value = node[key]
+    if isinstance(key, tuple) and len(key) == 2:
+        if isinstance(key[0], float):
+            return "messages"
+        if isinstance(key[1], int):
+            return "log"
+    if isinstance(key, str):
+        return "heads" if isinstance(value, int) else "presence"
+    return ""
+
+
+# -- the tree's right edge ---------------------------------------------------------------------
+
+
+def tree_summary(tree: Any, last: int = 40) -> dict[str, Any]:
+    """The shape of a BTree without loading all of it: depth, node counts and the last buckets.
+
+    Loads the nodes on the right edge (where appends go) down to the last ``last`` buckets, and
+    one more node per level to estimate how many nodes the level has. Returns::
+
+        {"depth": BTree levels above the buckets (0 when empty),
+         "levels": [{"nodes": n, "exact": bool, "shown": [{"fanout": k, "children": [i, ...]}]}],
+                   one per BTree level, root first; children index the next level's "shown"
+                   (the buckets, for the last level), all oldest first,
+         "buckets": n, "buckets_exact": bool, "fills": [len of each shown bucket, oldest first],
+         "max_fill": the bucket size limit (30 for OOBTree), "max_fanout": the node size limit}
+    """
+    tree_class = type(tree)
+    max_fill = int(getattr(tree_class, "max_leaf_size", 30) or 30)
+    max_fanout = int(getattr(tree_class, "max_internal_size", 250) or 250)
+    levels: list[list[dict[str, Any]]] = []
+    samples: list[list[int]] = []  # fanouts of nodes seen, per level, for the estimates
+    fills: list[int] = []  # newest first while walking
+
+    def fanout_of(node: Any) -> int:
+        state = node.__getstate__()
+        if state is None:
+            return 0
+        children = state[0]
+        return 1 if len(children) == 1 and isinstance(children[0], tuple) else len(children[::2])
+
+    def visit(node: Any, level: int) -> int:
+        while len(levels) <= level:
+            levels.append([])
+            samples.append([])
+        entry: dict[str, Any] = {"fanout": 0, "children": []}
+        levels[level].append(entry)
+        index = len(levels[level]) - 1
+        node._p_activate()
+        state = node.__getstate__()
+        if state is None:
+            return index
+        children = state[0]
+        if len(children) == 1 and isinstance(children[0], tuple):  # one bucket, stored inline
+            entry["fanout"] = 1
+            fills.append(len(children[0][0]) // 2)  # the bucket's state: ((k0, v0, k1, v1, ...),)
+            entry["children"].append(len(fills) - 1)
+            return index
+        kids = children[::2]
+        entry["fanout"] = len(kids)
+        samples[level].append(len(kids))
+        first_visited = len(kids)
+        for position in range(len(kids) - 1, -1, -1):
+            if len(fills) >= last:
+                break
+            first_visited = position
+            kid = kids[position]
+            if isinstance(kid, tree_class):
+                entry["children"].append(visit(kid, level + 1))
+            else:
+                fills.append(len(kid))
+                entry["children"].append(len(fills) - 1)
+        if 0 < first_visited < len(kids) and isinstance(kids[first_visited - 1], tree_class):
+            # an unvisited neighbour: a settled node, for the estimate of its level's size
+            while len(samples) <= level + 1:
+                samples.append([])
+            samples[level + 1].append(fanout_of(kids[position - 1]))
+        return index
+
+    tree._p_activate()
+    if tree.__getstate__() is not None:
+        visit(tree, 0)
+
+    # Oldest first: reverse every level and renumber the children.
+    out_levels: list[dict[str, Any]] = []
+    nodes, exact = 1, True
+    for depth_index, shown in enumerate(levels):
+        below = len(levels[depth_index + 1]) if depth_index + 1 < len(levels) else len(fills)
+        ordered = [
+            {"fanout": e["fanout"], "children": sorted(below - 1 - c for c in e["children"])}
+            for e in reversed(shown)
+        ]
+        out_levels.append({"nodes": nodes, "exact": exact, "shown": ordered})
+        fanouts = [e["fanout"] for e in shown]
+        unseen = nodes - len(shown)
+        if unseen > 0:
+            settled = [f for f in samples[depth_index] if f] if depth_index < len(samples) else []
+            settled = settled[1:] if len(settled) > 1 else settled  # skip the growing right edge
+            typical = sum(settled) / len(settled) if settled else max_fanout / 2
+            nodes, exact = round(sum(fanouts) + unseen * typical), False
+        else:
+            nodes = sum(fanouts)
+    return {
+        "depth": len(levels),
+        "levels": out_levels,
+        "buckets": nodes if levels else 0,
+        "buckets_exact": exact,
+        "fills": list(reversed(fills)),
+        "max_fill": max_fill,
+        "max_fanout": max_fanout,
+    }
+
+
+def _about(n: int, exact: bool) -> str:
+    return f"{n:,}" if exact else f"about {n:,}"
+
+
+def tree_svg(summary: dict[str, Any] | None, *, title: str = "", width: int = 420) -> str:
+    """Draw a :func:`tree_summary` as a standalone SVG document (valid XML).
+
+    Colours come from ``currentColor`` and JupyterLab's ``--jp-*`` variables (with fallbacks), so
+    the picture is readable in light and dark themes.
+    """
+    bar_h, row_h, top = 54, 36, 34
+    esc = html.escape
+    parts: list[str] = []
+    if len(title) > MAX_TITLE:
+        title = title[: MAX_TITLE - 1] + "…"
+    parts.append(f'<text x="8" y="14" class="zchat-tree-title" font-weight="bold">{esc(title)}</text>')
+    if not summary or not summary.get("depth"):
+        parts.append('<text x="8" y="34" opacity="0.8">empty: no buckets yet</text>')
+        return _svg(parts, width, 44)
+    levels, fills = summary["levels"], summary["fills"]
+    max_fill, depth = summary["max_fill"], summary["depth"]
+    shown, total = len(fills), summary["buckets"]
+    left, right = 22, 8
+    step = (width - left - right) / max(shown, 1)
+    bar_top = top + depth * row_h
+    height = bar_top + bar_h + 34
+    mean = sum(fills) / len(fills) if fills else 0.0
+    parts.append(
+        f'<text x="8" y="28" opacity="0.8">depth {depth} · {_about(total, summary["buckets_exact"])} '
+        f"buckets · last {shown} shown · mean fill {mean:.1f} of {max_fill}</text>"
+    )
+    # x of every shown node, bottom-up: buckets first, a node above the middle of its children
+    xs: list[list[float]] = [[0.0] * len(level["shown"]) for level in levels]
+    below_x = [left + step * (i + 0.5) for i in range(shown)]
+    for li in range(depth - 1, -1, -1):
+        for ni, node in enumerate(levels[li]["shown"]):
+            kids = [below_x[c] for c in node["children"] if c < len(below_x)]
+            xs[li][ni] = sum(kids) / len(kids) if kids else width - right - 15
+        below_x = xs[li]
+    node_w, node_h = 30, 14
+    for li, level in enumerate(levels):
+        y = top + li * row_h
+        name = "root" if li == 0 else f"level {li}"
+        parts.append(
+            f'<text x="8" y="{y + 11}" font-size="9" opacity="0.75">{name}: '
+            f"{_about(level['nodes'], level['exact'])} node{'s' if level['nodes'] != 1 else ''}</text>"
+        )
+        child_y = y + row_h
+        for ni, node in enumerate(level["shown"]):
+            x = xs[li][ni]
+            targets = (
+                [left + step * (c + 0.5) for c in node["children"]]
+                if li == depth - 1
+                else [xs[li + 1][c] for c in node["children"]]
+            )
+            for tx in targets:
+                parts.append(
+                    f'<line x1="{x:.1f}" y1="{y + node_h + 12:.1f}" x2="{tx:.1f}" y2="{child_y + 12:.1f}" '
+                    'stroke="currentColor" stroke-opacity="0.35" stroke-width="0.8"/>'
+                )
+            parts.append(
+                f'<rect class="zchat-tree-node" x="{x - node_w / 2:.1f}" y="{y + 12}" width="{node_w}" '
+                f'height="{node_h}" rx="3" style="fill:var(--jp-layout-color2,#eeeeee)" '
+                f'stroke="currentColor" stroke-opacity="0.6"><title>node with {node["fanout"]} '
+                f"children (splits above {summary['max_fanout']})</title></rect>"
+            )
+            parts.append(
+                f'<text x="{x:.1f}" y="{y + 22.5}" font-size="9" text-anchor="middle">{node["fanout"]}</text>'
+            )
+        if level["shown"] and (level["nodes"] > len(level["shown"])):
+            first = min(xs[li])
+            more_x = first - node_w / 2 - 4
+            parts.append(f'<text x="{more_x:.1f}" y="{y + 23}" text-anchor="end" opacity="0.6">…</text>')
+    bar_w = max(step - 2, 1.0)
+    for i, fill in enumerate(fills):
+        x = left + step * i + (step - bar_w) / 2
+        inner = bar_h - 12
+        filled = inner * min(fill, max_fill) / max_fill
+        colour = "--jp-warn-color1,#f57c00" if i == shown - 1 else "--jp-brand-color1,#1976d2"
+        parts.append(
+            f'<g class="zchat-tree-bucket"><title>bucket with {fill} of {max_fill} items</title>'
+            f'<rect x="{x:.1f}" y="{bar_top + 12}" width="{bar_w:.1f}" height="{inner}" '
+            'fill="none" stroke="currentColor" stroke-opacity="0.4"/>'
+            f'<rect x="{x:.1f}" y="{bar_top + 12 + inner - filled:.1f}" width="{bar_w:.1f}" '
+            f'height="{filled:.1f}" style="fill:var({colour})"/></g>'
+        )
+    if total > shown:
+        parts.append(f'<text x="8" y="{bar_top + bar_h - 4}" opacity="0.6">…</text>')
+    parts.append(
+        f'<text x="8" y="{bar_top + bar_h + 16}" font-size="10" opacity="0.8">buckets: '
+        f"{shown} shown of {_about(total, summary['buckets_exact'])}; bar: items / {max_fill}; "
+        "node: its children</text>"
+    )
+    parts.append(
+        f'<text x="{width - right}" y="{bar_top + bar_h + 28}" font-size="10" text-anchor="end" '
+        'opacity="0.8">newest bucket (appends) →</text>'
+    )
+    return _svg(parts, width, height)
+
+
+def _svg(parts: list[str], width: int, height: int) -> str:
+    body = "".join(parts)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="zchat-inspector-svg" viewBox="0 0 {width} {height}" '
+        f'width="100%" font-size="11" fill="currentColor" role="img" '
+        f'style="max-width:{width}px;font-family:var(--jp-ui-font-family,sans-serif)">{body}</svg>'
+    )
+
+
+# -- the widget --------------------------------------------------------------------------------
+
+_STYLE = """<style>
+.zchat-inspector { font-size: var(--jp-ui-font-size1, 13px); color: var(--jp-ui-font-color1, inherit);
+  border: 1px solid var(--jp-border-color2, #8884); border-radius: 4px; padding: 4px 8px; }
+.zchat-inspector h4 { margin: 6px 0 2px; font-size: 1em; line-height: 1.4; }
+.zchat-inspector .widget-html-content { line-height: 1.35; }
+.zchat-inspector table { border-collapse: collapse; font-size: 0.9em; width: 100%; }
+.zchat-inspector td, .zchat-inspector th { padding: 1px 6px 1px 0; text-align: left; vertical-align: top; }
+.zchat-inspector th { font-weight: normal; color: var(--jp-ui-font-color2, inherit); opacity: 0.8; }
+.zchat-inspector code { font-size: 0.95em; }
+.zchat-inspector .zchat-muted { color: var(--jp-ui-font-color2, inherit); opacity: 0.8; }
+</style>"""
+
+
+class Inspector(ipywidgets.VBox):
+    """The live ZEO inspector of one client and room; display it beside the chat.
+
+    Parameters
+    ----------
+    client
+        The :class:`~zchat_nb.ChatClient` to watch; ``None`` connects to the embedded default
+        server (the inspector then owns that client and closes it on :meth:`close`).
+    room
+        The room whose objects are named and whose messages tree is drawn.
+    max_rate
+        Most redraws per second; events arriving faster are coalesced.
+    status_interval
+        Seconds between ``server_status()`` calls (connected clients, last transaction) when
+        nothing else happens; also how soon the inspector notices that its client was closed.
+    buckets_shown
+        How many of the tree's last buckets the picture shows.
+
+    The data behind the picture: :meth:`snapshot`; wait for a state with :meth:`wait_for`.
+    """
+
+    def __init__(
+        self,
+        client: ChatClient | None = None,
+        room: str = "general",
+        *,
+        max_rate: float = 4.0,
+        status_interval: float = 1.0,
+        buckets_shown: int = 40,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("max_rate", max_rate), ("status_interval", status_interval)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Inspector({name}=...) must be a number > 0, not {value!r}")
+        if not (isinstance(buckets_shown, int) and buckets_shown > 0):
+            raise ValueError(f"Inspector(buckets_shown=...) must be an int > 0, not {buckets_shown!r}")
+        self.room = check_room_name(room)
+        owns_client = client is None
+        if client is None:
+            from .client import connect
+
+            client = connect()
+        self.client: ChatClient = client
+        self._owns_client = owns_client
+        self.max_rate = float(max_rate)
+        self.status_interval = float(status_interval)
+        self.buckets_shown = buckets_shown
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._events: deque[ClientEvent] = deque(maxlen=MAX_QUEUED)
+        self._dropped = 0
+        # Polls can come by the thousand: counted as they come, not queued.
+        self._poll_lock = threading.Lock()
+        self._polls: dict[str, Any] = {
+            "count": 0,
+            "total_cost": 0.0,
+            "last_cost": None,
+            "max_cost": 0.0,
+            "recent": deque(maxlen=HISTORY),
+        }
+        self._changed = threading.Condition()
+        # Inspector-thread state; snapshot() copies _state under _changed.
+        self._labels: dict[bytes, dict[str, str]] = {}
+        self._status_due = 0.0
+        self._state: dict[str, Any] = {
+            "address": client.address_text,
+            "room": self.room,
+            "user": client.user,
+            "connected": False,
+            "connections": None,
+            "last_tid": None,
+            "last_time": None,
+            "server": {},
+            "invalidations": [],
+            "invalidations_total": 0,
+            "commits": [],
+            "commits_total": 0,
+            "conflicts": 0,
+            "resolved": 0,
+            "polls": {"count": 0, "total_cost": 0.0, "last_cost": None, "max_cost": 0.0, "recent": []},
+            "dropped": 0,
+            "tree": None,
+            "messages": None,
+            "updates": 0,
+            "error": "",
+            "running": True,
+        }
+        self._server_html = ipywidgets.HTML(_STYLE + self._render_server(self._state))
+        self._invalidations_html = ipywidgets.HTML(self._render_invalidations(self._state))
+        self._commits_html = ipywidgets.HTML(self._render_commits(self._state))
+        self._tree_html = ipywidgets.HTML(self._render_tree(self._state))
+        sections = [
+            (self._server_html, "zchat-inspector-server"),
+            (self._invalidations_html, "zchat-inspector-invalidations"),
+            (self._commits_html, "zchat-inspector-commits"),
+            (self._tree_html, "zchat-inspector-tree"),
+        ]
+        try:
+            kwargs.setdefault("layout", ipywidgets.Layout(max_width="44em", flex="1 1 24em"))
+            super().__init__(children=[w for w, _ in sections], **kwargs)
+            self.add_class("zchat-inspector")
+            for widget, css in sections:
+                widget.add_class(css)
+            self._unsubscribe = client.subscribe(self._on_event)
+            self._thread = threading.Thread(
+                target=self._run, name=f"zchat-inspector-{self.model_id[:8]}", daemon=True
+            )
+            self._thread.start()
+        except BaseException:
+            for widget, _ in sections:
+                widget.close()
+            if owns_client:
+                client.close()
+            raise
+
+    # -- public --------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of what the inspector shows, as plain data.
+
+        Keys: address, room, user, connected, connections, last_tid (hex), last_time, server (the
+        last ``server_status()``), invalidations (newest last: time, tid, count, objects (oid, kind,
+        class, label), more), invalidations_total, commits (time, room, what, latency, conflicts),
+        commits_total, conflicts (retried by this client), resolved (by the server, in this
+        client's commits), polls (count, total_cost, last_cost, max_cost, recent), tree (see
+        :func:`tree_summary`), messages, updates, error, running, dropped (events lost because
+        the inspector fell more than ``MAX_QUEUED`` behind).
+        """
+        with self._changed:
+            return copy.deepcopy(self._state)
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """Block until ``predicate(snapshot)`` holds after an update; return that snapshot.
+
+        Raises ``TimeoutError`` with the last snapshot after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if predicate(self._state):
+                    return copy.deepcopy(self._state)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._state["running"]:
+                    brief = {k: v for k, v in self._state.items() if k not in ("invalidations", "polls")}
+                    raise TimeoutError(
+                        f"the inspector did not reach the expected state within {timeout:g} s; "
+                        f"last snapshot (without invalidations and polls): {brief!r}"
+                    )
+                self._changed.wait(remaining)
+
+    def refresh(self) -> None:
+        """Ask for a redraw with fresh server status now (still at most ``max_rate`` a second)."""
+        self._status_due = 0.0
+        self._wake.set()
+
+    def tree_svg(self) -> str:
+        """The current picture of the room's messages tree, as a standalone SVG document."""
+        snap = self.snapshot()
+        return tree_svg(snap["tree"], title=self._tree_title(snap))
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` (or :meth:`stop`) was called."""
+        return self._stopping.is_set()
+
+    @property
+    def running(self) -> bool:
+        """True while the inspector thread runs."""
+        return hasattr(self, "_thread") and self._thread.is_alive()
+
+    def stop(self, timeout: float = JOIN_TIMEOUT) -> bool:
+        """Stop and join the thread, keeping the views; True if it ended. Safe to call twice."""
+        if not hasattr(self, "_thread"):
+            return True
+        self._stopping.set()
+        self._wake.set()
+        self._unsubscribe()
+        if self._thread is not threading.current_thread() and self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("zchat_nb: %s did not stop within %g s", self._thread.name, timeout)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the thread, remove the views and, if the inspector made it, close the client."""
+        self.stop()
+        for child in getattr(self, "children", ()):
+            child.close()
+        super().close()
+        if getattr(self, "_owns_client", False):
+            self.client.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Inspector room={self.room!r} of {self.client!r} {state}>"
+
+    # -- from other threads --------------------------------------------------------------
+
+    def _on_event(self, event: ClientEvent) -> None:
+        # On ZEO's networking thread or a committing thread: no storage calls here.
+        if event.kind == "poll":
+            cost = float(event.details.get("cost", 0.0))
+            room = str(event.details.get("room", ""))
+            count = int(event.details.get("count", 0))
+            with self._poll_lock:
+                polls = self._polls
+                polls["count"] += 1
+                polls["total_cost"] += cost
+                polls["last_cost"] = cost
+                polls["max_cost"] = max(polls["max_cost"], cost)
+                polls["recent"].append({"time": event.time, "room": room, "cost": cost, "count": count})
+        else:
+            if len(self._events) == MAX_QUEUED:  # the inspector fell far behind: say so
+                self._dropped += 1
+            self._events.append(event)
+        self._wake.set()
+
+    # -- inspector thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_update = 0.0
+        try:
+            while not self._stopping.is_set() and not self.client.closed:
+                wait = next_update - time.monotonic()
+                if wait > 0 and self._stopping.wait(wait):  # coalesce: at most max_rate updates/s
+                    break
+                self._wake.clear()  # before reading: an event during the update is not lost
+                if not self._update():
+                    break
+                next_update = time.monotonic() + 1.0 / self.max_rate
+                self._wake.wait(max(0.0, self._status_due - time.monotonic()))
+        except Exception:
+            log.exception("zchat_nb: the inspector of %r failed", self.client)
+        finally:
+            self._unsubscribe()
+            why = "the client was closed" if self.client.closed else "the inspector was stopped"
+            with self._changed:
+                self._state["running"] = False
+                self._state["connected"] = False
+                self._state["error"] = why
+                self._changed.notify_all()
+            try:
+                self._server_html.value = _STYLE + self._render_server(self._state)
+            except Exception:  # the comm may be gone at interpreter exit
+                log.debug("zchat_nb: final inspector redraw failed", exc_info=True)
+            self.client.close_connection()
+
+    def _update(self) -> bool:
+        """One round: read what happened, ask the server if due, redraw. False when the client closed."""
+        events: list[ClientEvent] = []
+        while self._events:
+            events.append(self._events.popleft())
+        invalidations = [e for e in events if e.kind == "invalidation"]
+        commits = [e for e in events if e.kind == "commit"]
+        state = self._state
+        new: dict[str, Any] = {"error": ""}
+        described: list[dict[str, Any]] = []
+        tree_changed = bool(invalidations or commits) or state["updates"] == 0
+        try:
+            connected = self.client.is_connected()
+            new["connected"] = connected
+            if connected:
+                tm, conn = self.client.connection()
+                tm.begin()
+                rooms = conn.root().get(ROOMS_KEY)
+                room = rooms.get(self.room) if rooms is not None else None
+                known = room_oids(room, getattr(rooms, "_p_oid", None))
+                described = [self._describe(conn, e, known) for e in invalidations]
+                if tree_changed or state["tree"] is None:
+                    if room is not None and room.messages is not None:
+                        new["tree"] = tree_summary(room.messages, self.buckets_shown)
+                        new["messages"] = room.count() if room.count is not None else None
+                    else:
+                        new["tree"], new["messages"] = None, None
+                if time.monotonic() >= self._status_due:
+                    self._status_due = time.monotonic() + self.status_interval
+                    new["server"] = dict(self.client.db.storage.server_status())
+                new["local_tid"] = self.client.db.storage.lastTransaction()
+            else:
+                self._status_due = time.monotonic() + self.status_interval
+                new["error"] = "the server does not answer; the client reconnects by itself"
+        except ZChatConnectionError:
+            if self.client.closed:
+                return False
+            raise
+        except TransientError as exc:  # the server went away during the round
+            new["connected"] = False
+            new["error"] = f"the server went away ({type(exc).__name__})"
+        except Exception as exc:
+            if self.client.closed:
+                return False
+            log.exception("zchat_nb: inspecting room %r failed", self.room)
+            new["error"] = f"{type(exc).__name__}: {exc}"
+        if invalidations and not described:  # could not load them: still show that they came
+            described = [self._describe(None, e, {}) for e in invalidations]
+        self._apply(events, described, new)
+        self._redraw()
+        return True
+
+    def _describe(
+        self, conn: Connection | None, event: ClientEvent, known: dict[bytes, str]
+    ) -> dict[str, Any]:
+        """An invalidation as data, its first objects named (loaded through ``conn``, if given)."""
+        objects = []
+        for oid in event.oids[:MAX_CLASSIFIED] if conn is not None else ():
+            if oid in known:
+                entry = classify(conn, oid, known)
+            else:
+                cached = self._labels.get(oid)
+                if cached is None:
+                    cached = classify(conn, oid, known)
+                    if len(self._labels) >= _MAX_LABELS:
+                        self._labels.clear()
+                    self._labels[oid] = cached
+                entry = dict(cached)
+            objects.append(entry)
+        return {
+            "time": event.time,
+            "tid": event.tid.hex() if event.tid else None,
+            "count": len(event.oids),
+            "objects": objects,
+            "more": len(event.oids) - len(objects),
+        }
+
+    def _apply(self, events: list[ClientEvent], described: list[dict[str, Any]], new: dict[str, Any]) -> None:
+        with self._changed:
+            state = self._state
+            tids = [t for t in (state["last_tid"],) if t]
+            for entry in described:
+                state["invalidations"].append(entry)
+                state["invalidations_total"] += 1
+                if entry["tid"]:
+                    tids.append(entry["tid"])
+            for event in events:
+                details = event.details
+                if event.kind == "commit":
+                    state["commits"].append(
+                        {
+                            "time": event.time,
+                            "room": str(details.get("room", "")),
+                            "what": str(details.get("what", "")),
+                            "latency": float(details.get("latency", 0.0)),
+                            "conflicts": int(details.get("conflicts", 0)),
+                        }
+                    )
+                    state["commits_total"] += 1
+                    state["conflicts"] += int(details.get("conflicts", 0))
+                elif event.kind == "resolved":
+                    state["resolved"] += int(details.get("count", 0))
+            for key in ("invalidations", "commits"):
+                del state[key][:-HISTORY]
+            with self._poll_lock:
+                state["polls"] = {**self._polls, "recent": list(self._polls["recent"])}
+            state["dropped"] = self._dropped
+            if "server" in new:
+                state["server"] = new["server"]
+                state["connections"] = new["server"].get("connections")
+                if new["server"].get("last-transaction"):
+                    tids.append(str(new["server"]["last-transaction"]))
+            local = new.get("local_tid")
+            if local and local != _Z64:
+                tids.append(local.hex())
+            if tids:
+                last = max(tids)  # hex of the same width: text order is tid order
+                state["last_tid"] = last
+                state["last_time"] = TimeStamp(bytes.fromhex(last)).timeTime()
+            if "tree" in new:
+                state["tree"] = new["tree"]
+                state["messages"] = new["messages"]
+            state["connected"] = new.get("connected", False)
+            state["error"] = new["error"]
+            state["updates"] += 1
+            self._changed.notify_all()
+
+    def _redraw(self) -> None:
+        with self._changed:
+            state = copy.deepcopy(self._state)
+        for widget, text in (
+            (self._server_html, _STYLE + self._render_server(state)),
+            (self._invalidations_html, self._render_invalidations(state)),
+            (self._commits_html, self._render_commits(state)),
+            (self._tree_html, self._render_tree(state)),
+        ):
+            if widget.value != text:
+                widget.value = text
+
+    # -- HTML (everything from the database or the user is escaped) ---------------------
+
+    @staticmethod
+    def _render_server(state: dict[str, Any]) -> str:
+        esc = html.escape
+        if state["connected"]:
+            status = "connected"
+        elif state["running"] and not state["error"]:
+            status = "connecting"
+        else:
+            status = "not connected"
+        clients = state["connections"]
+        server = state["server"]
+        rows = [
+            ("server", f"<code>{esc(state['address'])}</code> · {status}"),
+            ("clients connected", "?" if clients is None else esc(str(clients))),
+        ]
+        if state["last_tid"]:
+            rows.append(
+                ("last transaction", f"<code>{esc(state['last_tid'])}</code> at {_clock(state['last_time'])}")
+            )
+        if server:
+            rows.append(
+                (
+                    "conflicts",
+                    f"{esc(str(server.get('conflicts', '?')))} commits refused by the server "
+                    "(all clients, since it started)",
+                )
+            )
+        rows.append(("watching", f"room {esc(repr(state['room']))} as {esc(state['user'])}"))
+        body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        error = f'<div class="zchat-inspector-error">{esc(state["error"])}</div>' if state["error"] else ""
+        return f"<h4>ZEO</h4><table>{body}</table>{error}"
+
+    @staticmethod
+    def _render_invalidations(state: dict[str, Any]) -> str:
+        esc = html.escape
+        rows = []
+        for entry in reversed(state["invalidations"][-ROWS:]):
+            labels = ", ".join(
+                f'<span title="oid {esc(o["oid"])}, {esc(o["class"])}">{esc(o["label"] or o["kind"])}</span>'
+                for o in entry["objects"]
+            )
+            if entry["more"]:
+                labels += f"{', ' if labels else ''}+{entry['more']} more"
+            rows.append(
+                f"<tr><td>{_clock(entry['time'])}</td><td><code>{esc(entry['tid'] or '')}</code></td>"
+                f"<td>{entry['count']}</td><td>{labels}</td></tr>"
+            )
+        total = state["invalidations_total"]
+        head = "<tr><th>time</th><th>tid</th><th>objects</th><th>which</th></tr>"
+        table = (
+            f"<table>{head}{''.join(rows)}</table>"
+            if rows
+            else '<div class="zchat-muted">none yet: they arrive when another client commits</div>'
+        )
+        return f"<h4>Invalidations from the server ({total})</h4>{table}"
+
+    @staticmethod
+    def _render_commits(state: dict[str, Any]) -> str:
+        esc = html.escape
+        rows = [
+            f"<tr><td>{_clock(c['time'])}</td><td>{c['latency'] * 1000:.1f} ms</td>"
+            f"<td>{c['conflicts']}</td><td>{esc(c['what'])}</td></tr>"
+            for c in reversed(state["commits"][-ROWS:])
+        ]
+        polls = state["polls"]
+        if polls["count"]:
+            mean = polls["total_cost"] / polls["count"]
+            poll_text = (
+                f"{polls['count']} polls, mean {mean * 1e3:.2f} ms, last {polls['last_cost'] * 1e3:.2f} ms, "
+                f"max {polls['max_cost'] * 1e3:.2f} ms; a poll loads from the server only what changed"
+            )
+        else:
+            poll_text = "no polls yet"
+        summary = (
+            f"{state['commits_total']} commits, {state['conflicts']} conflicts retried, "
+            f"{state['resolved']} resolved by the server"
+        )
+        head = "<tr><th>time</th><th>latency</th><th>conflicts</th><th>what</th></tr>"
+        table = f"<table>{head}{''.join(rows)}</table>" if rows else ""
+        return (
+            f"<h4>This client's commits</h4><div>{summary}</div>{table}"
+            f'<div class="zchat-inspector-polls">{poll_text}</div>'
+        )
+
+    @staticmethod
+    def _tree_title(state: dict[str, Any]) -> str:
+        messages = state["messages"]
+        return f"room {state['room']!r}" + (f", {messages:,} messages" if messages is not None else "")
+
+    @classmethod
+    def _render_tree(cls, state: dict[str, Any]) -> str:
+        return f"<h4>Messages BTree</h4>{tree_svg(state['tree'], title=cls._tree_title(state))}"
+
+
+def _clock(when: float | None) -> str:
+    if when is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
