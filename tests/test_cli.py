@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +19,19 @@ from zchat_nb.server import stop_local_server
 from .conftest import free_port
 
 pytestmark = pytest.mark.integration
+
+
+def get_when_listening(url: str, timeout: float = 30.0) -> bytes:
+    """GET ``url``; JupyterLab may log its URL a moment before it accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return bytes(response.read())
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # nothing to wait on but the socket itself
 
 
 def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Path) -> None:
@@ -43,8 +58,7 @@ def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Pat
             pytest.fail("JupyterLab never served:\n" + "".join(seen))
         assert "chat server at 127.0.0.1:" in "".join(seen)
         url = f"http://127.0.0.1:{port}/api/contents/chat_demo.ipynb?token={token}&content=0"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            assert json.load(response)["type"] == "notebook"
+        assert json.loads(get_when_listening(url))["type"] == "notebook"
         assert (zchat_home / "notebooks" / "chat_demo.ipynb").exists()
         with zchat_nb.connect(user="after-demo") as client:  # the local default server it started
             client.session().add_message("the demo's server answers")

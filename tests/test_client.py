@@ -208,7 +208,9 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
             if event.kind == "invalidation":
                 heard.set()
 
-        unsubscribe = a.subscribe(listen)
+        unsubscribe = a.subscribe(listen, activity=True)
+        quiet: list[zchat_nb.ClientEvent] = []
+        a.subscribe(quiet.append)
         chat = a.session("general")
         chat.add_message("mine")
         chat.new_messages()
@@ -220,6 +222,7 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
         assert commit.details["latency"] > 0 and commit.details["conflicts"] == 0
         poll = next(e for e in events if e.kind == "poll")
         assert poll.details["count"] == 1 and poll.details["room"] == "general"
+        assert {e.kind for e in quiet} <= {"invalidation", "connected", "disconnected"} and quiet
         invalidation = next(e for e in events if e.kind == "invalidation")
         assert invalidation.tid and invalidation.oids
 

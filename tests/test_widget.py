@@ -522,6 +522,27 @@ def test_an_invalidation_wakes_the_poller(server: zchat_nb.Server, comms: list) 
 
 
 @pytest.mark.integration
+def test_an_idle_poller_does_not_wake_itself(server: zchat_nb.Server, comms: list) -> None:
+    """Its own polls must not wake it again (they once did: tens of thousands of polls a second)."""
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(server.address, user="bob") as bob,
+    ):
+        polls: list[float] = []
+        alice.subscribe(lambda e: polls.append(e.time) if e.kind == "poll" else None, activity=True)
+        widget = ChatWidget(client=alice, poll_interval=600)
+        try:
+            hello(widget)
+            start = recorder(widget).mark()
+            before = len(polls)
+            bob.session("general").add_message("one invalidation")
+            recorder(widget).wait_for(lambda m: m["type"] == "append", start)
+            assert len(polls) - before <= 5, f"{len(polls) - before} polls for one invalidation"
+        finally:
+            widget.close()
+
+
+@pytest.mark.integration
 def test_status_follows_the_server_and_sends_fail_without_blocking(
     server: zchat_nb.Server, comms: list, tmp_path: Any
 ) -> None:

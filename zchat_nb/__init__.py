@@ -28,6 +28,7 @@ from .model import ChatSession, Message, Room, SendPolicy
 from .server import Server, serve
 
 if TYPE_CHECKING:
+    from .inspector import Inspector
     from .widget import ChatWidget
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "ChatSession",
     "ChatWidget",
     "ClientEvent",
+    "Inspector",
     "InvalidMessageError",
     "Message",
     "Room",
@@ -63,6 +65,10 @@ def __getattr__(name: str) -> Any:
         from .widget import ChatWidget
 
         return ChatWidget
+    if name == "Inspector":
+        from .inspector import Inspector
+
+        return Inspector
     raise AttributeError(f"module 'zchat_nb' has no attribute {name!r}")
 
 

@@ -214,7 +214,6 @@ def demo_notebook() -> Path:
 def _demo(args: argparse.Namespace) -> int:
     import os
     import shutil
-    import subprocess
 
     from .server import ENV_ADDRESS, data_dir, format_address, resolve_address
 
@@ -235,10 +234,9 @@ def _demo(args: argparse.Namespace) -> int:
         *args.lab_args,
         notebook.name,
     ]
-    try:
-        return subprocess.call(cmd, env=env, cwd=workdir)
-    except KeyboardInterrupt:
-        return 0
+    os.chdir(workdir)
+    # Become JupyterLab, so that a signal to this process reaches it (no orphaned server).
+    os.execve(sys.executable, cmd, env)
 
 
 # -- classroom: certs, export, clear, pack ----------------------------------------------------

@@ -71,6 +71,12 @@ class ClientEvent:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+#: Events from ZEO's networking thread; each also wakes readers waiting in ``new_messages``.
+WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected"})
+#: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
+ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
+
+
 class _WakingClientStorage(ClientStorage):
     """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
 
@@ -132,7 +138,7 @@ class ChatClient:
         self._generation = 0
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
-        self._subscribers: list[Callable[[ClientEvent], None]] = []
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
         self._closed = False
         storage = db.storage
         if isinstance(storage, _WakingClientStorage):
@@ -209,25 +215,31 @@ class ChatClient:
 
     def _dispatch(self, event: ClientEvent) -> None:
         with self._changed:
-            subscribers = list(self._subscribers)
+            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
         for callback in subscribers:
             try:
                 callback(event)
             except Exception:
                 log.exception("zchat_nb subscriber %r failed", callback)
 
-    def subscribe(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
+    def subscribe(
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+    ) -> Callable[[], None]:
         """Call ``callback(event)`` on each invalidation and (dis)connection; returns an unsubscribe.
 
-        The callback runs on ZEO's networking thread: it must be quick and make no storage calls.
+        With ``activity=True`` the callback also hears this client's own "commit", "poll" and
+        "resolved" events (an inspector wants them; a poller must not wake on its own polls).
+        The callback runs on ZEO's networking thread or the acting thread: it must be quick and
+        make no storage calls.
         """
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
         with self._changed:
-            self._subscribers.append(callback)
+            self._subscribers.append(entry)
 
         def unsubscribe() -> None:
             with self._changed:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
 
         return unsubscribe
 

@@ -466,7 +466,7 @@ class Inspector(ipywidgets.VBox):
             self.add_class("zchat-inspector")
             for widget, css in sections:
                 widget.add_class(css)
-            self._unsubscribe = client.subscribe(self._on_event)
+            self._unsubscribe = client.subscribe(self._on_event, activity=True)
             self._thread = threading.Thread(
                 target=self._run, name=f"zchat-inspector-{self.model_id[:8]}", daemon=True
             )
