@@ -81,6 +81,12 @@ def test_serve_join_send_history_rooms_status_leave_stop(
     assert lines[0].endswith("ada: hello from the magic")
     assert "```python" in lines[1] and "print('code')" in lines[2]
     assert lines[-1].endswith("ada: *as typed*")
+    zchat(ip, "inspect")
+    from zchat_nb import magics
+    from zchat_nb.inspector import Inspector
+
+    assert magics._magics is not None
+    assert any(isinstance(w, Inspector) for w in magics._magics.widgets)
     zchat(ip, "rooms")
     assert "lab  <- joined" in capsys.readouterr().out
     zchat(ip, "status")

@@ -259,15 +259,24 @@ class ZChatMagics(Magics):
         print(f"widgets:   {sum(1 for w in self.widgets if not getattr(w, 'closed', False))} open")
 
     def _inspect(self, args: argparse.Namespace, cell: str | None) -> Any:
+        import ipywidgets
         from IPython.display import display
 
         from .inspector import Inspector
+        from .widget import ChatWidget
 
         self._joined()
         assert self.client is not None and self.room is not None
         inspector = Inspector(self.client, room=self.room)
         self.widgets.append(inspector)
-        display(inspector)
+        # Beside the chat: another view of the chat widget this kernel joined with, if there is one.
+        chats = [w for w in self.widgets if isinstance(w, ChatWidget) and not w.closed]
+        if chats:
+            row = ipywidgets.HBox([chats[-1], inspector], layout={"align_items": "flex-start", "gap": "1em"})
+            row.add_class("zchat-inspect-row")
+            display(row)
+        else:
+            display(inspector)
         return None
 
     def _leave(self, args: argparse.Namespace, cell: str | None) -> None:
