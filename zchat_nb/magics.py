@@ -272,7 +272,7 @@ class ZChatMagics(Magics):
         # Beside the chat: another view of the chat widget this kernel joined with, if there is one.
         chats = [w for w in self.widgets if isinstance(w, ChatWidget) and not w.closed]
         if chats:
-            row = ipywidgets.HBox([chats[-1], inspector], layout={"align_items": "flex-start", "gap": "1em"})
+            row = ipywidgets.HBox([chats[-1], inspector], layout={"align_items": "flex-start"})
             row.add_class("zchat-inspect-row")
             display(row)
         else:
