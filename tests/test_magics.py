@@ -138,3 +138,17 @@ def test_join_with_a_certificate_folder(
         zchat(ip, "status")
         assert "as 'ada'" in capsys.readouterr().out
         zchat(ip, "leave")
+
+
+def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb.Server) -> None:
+    import threading
+
+    before = threading.active_count()
+    client = zchat_nb.connect(server.address, user="coder")
+    widget = client.widget("general")  # made in code, not by %zchat join
+    assert threading.active_count() > before
+    ip.run_line_magic("unload_ext", "zchat_nb")
+    assert widget.closed
+    client.close()
+    assert threading.active_count() == before
+    ip.run_line_magic("load_ext", "zchat_nb")  # the fixture unloads it again

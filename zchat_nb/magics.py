@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import shlex
+import sys
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -333,6 +334,9 @@ def _close_at_exit() -> None:
 
 def unload_ipython_extension(ipython: Any) -> None:
     global _magics
+    widget_module = sys.modules.get("zchat_nb.widget")
+    if widget_module is not None:  # widgets made in code too, not only by %zchat join
+        widget_module.close_all()
     if _magics is None:
         return
     _magics.close()
