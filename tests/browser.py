@@ -1,8 +1,9 @@
-"""Real-browser harness: headless JupyterLab or Voilà, Debian's Chromium through Playwright.
+"""Real-browser harness: headless JupyterLab, Notebook 7 or Voilà, Debian's Chromium through Playwright.
 
-Used by ``tests/test_browser.py``, ``tests/test_voila.py`` and ``benchmarks/browser.py``. Nothing
-here runs at import time. Every process started here is stopped by the object that started it
-(``with JupyterLab(...)``, ``with Voila(...)``), kernels included, even when a test fails.
+Used by ``tests/test_browser.py``, ``tests/test_voila.py``, ``tests/test_notebook7.py`` and
+``benchmarks/browser.py``. Nothing here runs at import time. Every process started here is stopped
+by the object that started it (``with JupyterLab(...)``, ``with Notebook7(...)``, ``with
+Voila(...)``), kernels included, even when a test fails.
 
 The two-notebook chat (:class:`TwoNotebooks`): one JupyterLab, two pages in one Chromium, each page
 opening its own notebook (and its own workspace, so neither page restores the other's tabs) on its
@@ -265,6 +266,38 @@ class JupyterLab(_WebApp):
     def stop(self, timeout: float = 30.0) -> None:
         super().stop(timeout)
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+class Notebook7(JupyterLab):
+    """``jupyter notebook`` (Notebook 7) headless: the same settings as :class:`JupyterLab`, its own pages.
+
+    Notebook 7 is built on JupyterLab's components and also exposes ``window.jupyterapp``, so
+    :func:`open_notebook_and_run` drives it too (the workspace argument is ignored: one tab per page).
+    """
+
+    name = "notebook7"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "notebook",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root}",
+            f"--JupyterNotebookApp.workspaces_dir={self.state / 'workspaces'}",
+            f"--JupyterNotebookApp.user_settings_dir={self.state / 'settings'}",
+            "--JupyterNotebookApp.expose_app_in_browser=True",  # window.jupyterapp, to run cells by command
+        ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-root")
+        return cmd
+
+    def notebook_url(self, name: str, workspace: str = "") -> str:
+        return f"{self.base_url}/notebooks/{name}?token={self.token}"
 
 
 class Voila(_WebApp):
