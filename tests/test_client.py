@@ -234,7 +234,7 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
         from zchat_nb.model import ROOMS_KEY, Message
 
         c1.root()[ROOMS_KEY]["general"].append("w1", Message("1" * 32, "a", "x", 1.0))
-        c2.root()[ROOMS_KEY]["general"].heads["w2"] = 7
+        c2.root()[ROOMS_KEY]["general"].append("w2", Message("2" * 32, "b", "y", 2.0))
         tm2.commit()
         events.clear()
         tm1.commit()

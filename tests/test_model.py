@@ -7,8 +7,8 @@ import math
 from collections.abc import Iterator
 
 import pytest
-import transaction
 import ZODB
+from BTrees.OOBTree import OOBTree
 
 import zchat_nb
 from zchat_nb.model import ROOMS_KEY, Message, Room
@@ -125,9 +125,9 @@ def test_post_is_idempotent(db: ZODB.DB) -> None:
     chat.post(msg)
     chat.post(msg)
     assert chat.new_messages() == [msg]
-    _, conn = client.connection()
-    transaction.begin()
-    assert len(conn.root()[ROOMS_KEY]["general"].messages) == 1
+    tm, conn = client.connection()
+    tm.begin()
+    assert conn.root()[ROOMS_KEY]["general"].count() == 1
 
 
 def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
@@ -209,14 +209,29 @@ def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.D
     tm, conn = client.connection()
     tm.begin()
     room: Room = conn.root()[ROOMS_KEY]["general"]
-    room.log[("evil", 1)] = ("id", "mallory", b"\x00" * 10, "not a time")
-    room.heads["evil"] = 1
+    room.streams["evil"] = OOBTree({(1.0, "x"): ("id", "mallory", b"\x00" * 10, "not a time")})
+    room.heads["evil"] = (1, 1.0, 1.0, "x")
+    room.heads["junk"] = "not a head"
     room.count.change(1)
     tm.commit()
     chat.add_message("good two")
     assert texts(chat.new_messages()) == ["good one", "good two"]
-    assert len(chat.skipped) == 1 and "evil#1" in chat.skipped[0][0]
+    assert [where.split()[0] for where, _ in chat.skipped] == ["head", "evil@(1.0,"]
     assert chat.new_messages() == []
+    assert texts(chat.history(10)) == ["good one", "good two"]
+    assert len(chat.skipped) == 3  # the head once, the bad record once per read
+
+
+def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB) -> None:
+    reader = make_client(db, "bob").session("general")
+    assert reader.new_messages() == []  # makes the room
+    times = iter([50.0, 50.0, 10.0])
+    chat = make_client(db, "alice", clock=lambda: next(times)).session("general")
+    sent = [chat.add_message(t) for t in ("first", "second", "third")]
+    assert [m.time for m in sent] == sorted(m.time for m in sent) and len({m.time for m in sent}) == 3
+    assert sent[0].time == 50.0 and sent[1].time > 50.0  # moved just past the previous one
+    assert texts(reader.new_messages()) == ["first", "second", "third"]
+    assert texts(reader.history(2)) == ["second", "third"]
 
 
 def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB) -> None:

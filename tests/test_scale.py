@@ -91,9 +91,10 @@ def idle_poll_loads(counting: CountingDB) -> tuple[int, int]:
 @pytest.mark.slow
 def test_history_reads_the_same_amount_at_1k_and_1m(small: CountingDB, large: CountingDB) -> None:
     at_1k, at_1m = cold_history_loads(small), cold_history_loads(large)
-    # 200 records live in about 8 buckets of 30; a full read at 1M would be ~33,000 buckets.
-    assert at_1m <= 30, at_1m
-    assert at_1m <= at_1k + 4, (at_1k, at_1m)
+    # The rooms' 8 writers each load their stream's root, inner node and a bucket or two (200
+    # records are about 8 buckets of 30); a full read at 1M would be ~33,000 buckets.
+    assert at_1m <= 8 * 4 + 8, at_1m
+    assert at_1m <= at_1k + 8, (at_1k, at_1m)  # one more tree level per stream
 
 
 @pytest.mark.slow

@@ -134,6 +134,7 @@ class ChatClient:
         self.max_text_bytes = max_text_bytes
         self.policy = policy or SendPolicy()
         self.clock = clock
+        self.send_lock = threading.Lock()
         self._changed = threading.Condition()
         self._generation = 0
         self._local = threading.local()

@@ -2,12 +2,15 @@
 
 The seed (Kuchling's ``chatter.py``) kept one BTree keyed by ``time.time()`` and a ``_v_last_time``
 cursor. That cursor is lost whenever the object is ghostified, and it never delivers a message
-stamped earlier but committed later than one already seen. Here each writer appends to its own
-stream in ``Room.log`` under a sequence number it owns, so a reader's cursor is one sequence number
-per writer, held by the :class:`ChatSession` in ordinary memory: commit order within a writer is
-sequence order, and nothing about the cursor lives on a persistent object.
+stamped earlier but committed later than one already seen; and every writer appending to the end of
+one shared BTree makes bucket splits, which cannot be merged, conflict all the time under load.
 
-``Room.messages`` indexes the same records by ``(time, id)`` for :meth:`ChatSession.history`.
+Here each writer (one per :class:`~zchat_nb.client.ChatClient`) appends to a stream of its own,
+``Room.streams[writer]``, keyed by ``(time, id)``, where times only grow: a writer's key order is
+its commit order. A reader's cursor is the last key it was given from each stream, held by the
+:class:`ChatSession` in ordinary memory, never on a persistent object. Writers touch only their own
+stream, their own key of ``Room.heads`` and the ``Room.count`` counter, all of which merge, so
+concurrent senders do not conflict. History merges the recent ends of the streams by time.
 Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
 
 This module knows nothing of ZEO, widgets or IPython: a :class:`ChatSession` gets its connection,
@@ -16,13 +19,15 @@ its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatCl
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import logging
 import math
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,7 +81,7 @@ class Message:
 
     @property
     def key(self) -> tuple[float, str]:
-        """The message's key in ``Room.messages``: ordered by time, ties broken by id."""
+        """The message's key in its writer's stream: ordered by time, ties broken by id."""
         return (self.time, self.id)
 
     def to_record(self) -> Record:
@@ -150,11 +155,11 @@ class Room(Persistent):
     created = 0.0
     #: Bumped by :meth:`clear`; readers that see a new epoch start their cursors afresh.
     epoch = 0
-    #: ``(time, id) -> record``: the time-ordered index used for history.
-    messages: OOBTree | None = None
-    #: ``(writer, seq) -> record``: each writer's stream, in its commit order.
-    log: OOBTree | None = None
-    #: ``writer -> last seq``. Writers change only their own key, so concurrent commits merge.
+    #: ``writer -> stream``; a stream is an ``OOBTree`` of ``(time, id) -> record`` that only its
+    #: writer appends to, so writers never conflict. A writer's times increase in commit order.
+    streams: OOBTree | None = None
+    #: ``writer -> (count, first time, last time, last id)``. Writers change only their own key,
+    #: so concurrent commits merge.
     heads: OOBTree | None = None
     #: Number of messages in this epoch; a reader with as many delivered is idle.
     count: Length | None = None
@@ -167,25 +172,35 @@ class Room(Persistent):
         self._new_trees()
 
     def _new_trees(self) -> None:
-        self.messages = OOBTree()
-        self.log = OOBTree()
+        self.streams = OOBTree()
         self.heads = OOBTree()
         self.count = Length()
 
-    def contains(self, message: Message) -> bool:
-        return self.messages is not None and message.key in self.messages
+    def append(self, writer: str, message: Message) -> Message:
+        """Add ``message`` to the end of ``writer``'s stream and return it as stored.
 
-    def append(self, writer: str, message: Message) -> int:
-        """Add ``message`` as the next entry of ``writer``'s stream; returns its sequence number."""
-        assert self.heads is not None and self.log is not None and self.messages is not None
-        seq = self.heads.get(writer, 0) + 1
-        record = message.to_record()
-        self.messages[message.key] = record
-        self.log[(writer, seq)] = record
-        self.heads[writer] = seq
-        assert self.count is not None
+        Its time is moved just past the writer's previous message if the writer's clock went back,
+        so that each stream's key order is its commit order. A message that is already the
+        stream's last (a retried send whose first commit did happen) is left alone.
+        """
+        assert self.streams is not None and self.heads is not None and self.count is not None
+        stream = self.streams.get(writer)
+        if stream is None:
+            stream = self.streams[writer] = OOBTree()
+        count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
+        if last_id == message.id:
+            return Message.from_record(stream[(last, last_id)])
+        if message.time <= last:
+            message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
+        stream[message.key] = message.to_record()
+        self.heads[writer] = (count + 1, first, message.time, message.id)
         self.count.change(1)
-        return seq
+        return message
+
+    def records(self) -> Iterator[tuple[Any, Any]]:
+        """Every ``(key, record)`` of the room in time order (reads everything: for exports)."""
+        assert self.streams is not None
+        return heapq.merge(*(stream.items() for stream in self.streams.values()), key=lambda item: item[0])
 
     def beat(self, user: str, when: float) -> None:
         if self.presence is None:
@@ -204,6 +219,31 @@ class Room(Persistent):
 
     def __repr__(self) -> str:
         return f"<Room {self.name!r}>"
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A writer's entry in ``Room.heads``, checked."""
+
+    count: int
+    first: float
+    last: float
+    last_id: str
+
+    @property
+    def last_key(self) -> tuple[float, str]:
+        return (self.last, self.last_id)
+
+    @classmethod
+    def check(cls, value: object) -> _Head:
+        if not (isinstance(value, tuple) and len(value) == 4):
+            raise ValueError(f"head is not a 4-tuple: {type(value).__name__}")
+        count, first, last, last_id = value
+        if not (isinstance(count, int) and count > 0 and isinstance(last_id, str)):
+            raise ValueError(f"bad head {value!r:.80}")
+        if not (isinstance(first, float) and isinstance(last, float) and math.isfinite(last)):
+            raise ValueError(f"bad head times {value!r:.80}")
+        return cls(count, first, last, last_id)
 
 
 def rooms_of(conn: Connection) -> OOBTree:
@@ -235,6 +275,8 @@ class SessionHost(Protocol):
     max_text_bytes: int
     policy: SendPolicy
     clock: Callable[[], float]
+    #: Held while a message is committed: one send at a time per writer.
+    send_lock: threading.Lock
 
     def connection(self) -> tuple[transaction.TransactionManager, Connection]:
         """This thread's transaction manager and connection."""
@@ -271,8 +313,9 @@ class ChatSession:
     def __init__(self, host: SessionHost, room: str, *, backlog: int | None = None) -> None:
         self._host = host
         self.room = check_room_name(room)
-        #: ``writer -> last sequence number delivered``; plain memory, never persisted.
-        self._cursor: dict[str, int] = {}
+        #: ``writer -> (messages delivered, key of the last one)``; plain memory, never persisted.
+        self._cursor: dict[str, tuple[int, tuple[float, str] | None]] = {}
+        self._bad_heads: set[str] = set()
         self._epoch: int | None = None
         self._backlog = backlog
         self._lock = threading.RLock()
@@ -353,32 +396,49 @@ class ChatSession:
                 self._cursor.clear()
                 self._epoch = room.epoch
                 if self._backlog is not None:
-                    self._cursor.update(room.heads.items())
+                    for writer, head in self._heads(room):
+                        self._cursor[writer] = (head.count, head.last_key)
                     backlog, self._backlog = self._backlog, None
                     return self._history(room, backlog, None)
-            if room.count() == sum(self._cursor.values()):
+            if room.count() == sum(seen for seen, _ in self._cursor.values()):
                 return []
             found: list[Message] = []
             cursor = dict(self._cursor)
-            for writer, head in list(room.heads.items()):
-                seen = cursor.get(writer, 0)
-                if head > seen:
-                    found.extend(self._read_stream(room, writer, seen, head))
-                    cursor[writer] = head
+            for writer, head in self._heads(room):
+                seen, seen_key = cursor.get(writer, (0, None))
+                if head.count > seen:
+                    found.extend(self._read_stream(room, writer, seen_key, head.last_key))
+                    cursor[writer] = (head.count, head.last_key)
             self._cursor = cursor  # only now: an outage mid-read must not skip anything
             found.sort(key=lambda m: m.key)
             return found
 
-    def _read_stream(self, room: Room, writer: str, seen: int, head: int) -> list[Message]:
-        assert room.log is not None
+    def _heads(self, room: Room) -> list[tuple[str, _Head]]:
+        """The room's writers and their heads, checked (another client may have written anything)."""
+        assert room.heads is not None
+        heads = []
+        for writer, value in room.heads.items():
+            try:
+                heads.append((writer, _Head.check(value)))
+            except ValueError as exc:
+                if writer not in self._bad_heads:
+                    self._bad_heads.add(writer)
+                    self._skip(f"head of writer {writer!r:.40}", exc)
+        return heads
+
+    def _read_stream(
+        self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str]
+    ) -> list[Message]:
+        assert room.streams is not None
         try:
-            entries = list(room.log.items(min=(writer, seen + 1), max=(writer, head)))
+            stream = room.streams[writer]
+            entries = list(stream.items(after, upto, excludemin=after is not None))
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
-            self._skip(f"stream {writer!r} after #{seen}", exc)
+            self._skip(f"stream {writer!r:.40} after {after}", exc)
             return []
-        found = (self._check(record, where=f"{writer}#{key[1]}") for key, record in entries)
+        found = (self._check(record, where=f"{writer}@{key!r:.60}") for key, record in entries)
         return [m for m in found if m is not None]
 
     def _check(self, record: object, where: str) -> Message | None:
@@ -406,28 +466,36 @@ class ChatSession:
             return self._history(self._room(), n, before)
 
     def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
-        tree = room.messages
-        assert tree is not None
-        if n == 0 or not tree:
+        heads = self._heads(room)
+        if n == 0 or not heads:
             return []
-        top: tuple[Any, ...] = before.key if before is not None else tree.maxKey()
-        start_time = top[0]
-        oldest_time = tree.minKey()[0]
+        assert room.streams is not None
+        top: tuple[float, str] | None = before.key if before is not None else None
+        start = max(head.last for _, head in heads)
+        if top is not None:
+            start = min(start, top[0])
+        oldest = min(head.first for _, head in heads)
         window = 1.0
         while True:
-            low = (start_time - window,)
-            try:
-                items = list(tree.items(min=low, max=top, excludemax=before is not None))
-            except transaction.interfaces.TransientError:
-                raise
-            except Exception as exc:
-                self._skip(f"history of {self.room!r}", exc)
-                return []
-            if len(items) >= n or low[0] < oldest_time:
+            # Only the streams that have messages between low and top; each read is O(log N).
+            low = start - window
+            items: list[tuple[Any, Any]] = []
+            for writer, head in heads:
+                if head.last < low or (top is not None and head.first > top[0]):
+                    continue
+                try:
+                    stream = room.streams[writer]
+                    items.extend(stream.items((low,), top, excludemax=top is not None))
+                except transaction.interfaces.TransientError:
+                    raise
+                except Exception as exc:
+                    self._skip(f"history of {writer!r:.40}", exc)
+            if len(items) >= n or low < oldest:
                 break
             # Widen the window to where n messages should be at the density just seen.
             window *= max(2.0, 1.2 * n / len(items)) if items else 4.0
-        found = [self._check(record, where=f"{key!r}") for key, record in items[-n:]]
+        items.sort(key=lambda item: item[0])
+        found = [self._check(record, where=f"{key!r:.60}") for key, record in items[-n:]]
         return [m for m in found if m is not None]
 
     # -- writing -------------------------------------------------------------------------
@@ -442,19 +510,20 @@ class ChatSession:
         """
         text = check_text(text, self._host.max_text_bytes)
         message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()))
-        self.post(message)
-        return message
+        return self.post(message)
 
-    def post(self, message: Message) -> None:
-        """Commit an already built message (idempotent: a message already stored is left alone)."""
+    def post(self, message: Message) -> Message:
+        """Commit an already built message and return it as stored (idempotent, like a retry)."""
         writer = self._host.writer
+        stored: list[Message] = []
 
         def append(conn: Connection) -> None:
-            room = self._room_in(conn)
-            if not room.contains(message):
-                room.append(writer, message)
+            stored[:] = [self._room_in(conn).append(writer, message)]
 
-        self._commit(append, what=f"sending to room {self.room!r}")
+        # One send at a time per writer: each stream's key order must be its commit order.
+        with self._host.send_lock:
+            self._commit(append, what=f"sending to room {self.room!r}")
+        return stored[0]
 
     def _commit(self, change: Callable[[Connection], object], what: str) -> None:
         """Run ``change`` in a transaction and commit it, retrying conflicts and outages."""

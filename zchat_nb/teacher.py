@@ -92,9 +92,8 @@ def messages(client: ChatClient, room: str) -> list[Message]:
     """Every message of ``room`` in time order (records that fail the checks are skipped and logged)."""
 
     def read(found: Room) -> list[Message]:
-        assert found.messages is not None
         result = []
-        for key, record in found.messages.items():
+        for key, record in found.records():
             try:
                 result.append(Message.from_record(record, client.max_text_bytes))
             except ValueError as exc:  # another client may have written anything
