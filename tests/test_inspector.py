@@ -55,7 +55,7 @@ def stored_tree() -> Iterator[tuple[OOBTree, transaction.TransactionManager]]:
 
 
 def _append(tree: OOBTree, tm: transaction.TransactionManager, upto: int) -> None:
-    """Append messages keyed as in Room.messages up to ``upto`` items, committing every 100."""
+    """Append messages keyed as in a room's stream up to ``upto`` items, committing every 100."""
     for i in range(len(tree), upto):
         tree[(float(i), uuid.uuid4().hex)] = ("id", "author", "text", float(i))
         if i % 100 == 99:
@@ -132,7 +132,7 @@ def test_objects_are_named_by_their_role_in_the_room() -> None:
     other = rooms["other"] = Room("other")
     room.beat("ada", 1.0)
     other.append("w2", Message(uuid.uuid4().hex, "bob", "elsewhere", 0.5))
-    for i in range(40):  # a split: the messages tree gets buckets of its own
+    for i in range(40):  # a split: the writer's stream gets buckets of its own
         room.append("w1", Message(uuid.uuid4().hex, "ada", f"m{i}", float(i)))
     tm.commit()
     known = room_oids(room, rooms._p_oid)
@@ -141,24 +141,22 @@ def test_objects_are_named_by_their_role_in_the_room() -> None:
         "root",
         "rooms index",
         "room",
-        "messages tree",
-        "log tree",
+        "streams index",
+        "stream of w1",
         "heads",
         "count",
         "presence",
     }
     assert names[room.count._p_oid]["class"] == "Length"
-    bucket = room.messages.__getstate__()[0][0]
+    bucket = room.streams["w1"].__getstate__()[0][0]
     assert classify(conn, bucket._p_oid, known) | {"oid": ""} == {
         "oid": "",
         "kind": "bucket",
         "class": "OOBucket",
-        "label": "messages bucket",
+        "label": "stream bucket",
     }
-    log_bucket = room.log.__getstate__()[0][0]
-    assert classify(conn, log_bucket._p_oid, known)["label"] == "log bucket"
     assert classify(conn, other._p_oid, known)["label"] == "room 'other'"
-    assert classify(conn, other.messages._p_oid, known)["label"] == "messages tree node"
+    assert classify(conn, other.streams["w2"]._p_oid, known)["label"] == "stream tree node"
     assert classify(conn, other.heads._p_oid, known)["label"] == "heads tree node"
     assert classify(conn, b"\0\0\0\0\0\0\xff\xff", known)["kind"] == "unreadable"
     tm.abort()
@@ -208,7 +206,7 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         invalidation = seen["invalidations"][-1]
         assert invalidation["count"] == len(invalidation["objects"]) >= 4
         kinds = {o["kind"] for o in invalidation["objects"]}
-        assert {"messages tree", "log tree", "heads", "count"} <= kinds
+        assert {f"stream of {b.writer}", "heads", "count"} <= kinds
         assert seen["last_tid"] >= invalidation["tid"]
 
         # A's own commit, with its latency; A's poll, with its cost
@@ -229,13 +227,13 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         tm.commit()
         inspector.wait_for(lambda s: s["resolved"] >= 1, TIMEOUT)
 
-        # 100 messages: the tree splits into more buckets, and the picture follows
+        # 100 messages from B: B's stream, the busiest, splits into more buckets; the picture follows
         for i in range(100):
             chat_b.add_message(f"message {i}")
         grown = inspector.wait_for(
             lambda s: s["tree"]["buckets"] > buckets_before and s["messages"] == 105, TIMEOUT
         )
-        assert sum(grown["tree"]["fills"]) == 105  # a small tree: every bucket is shown
+        assert sum(grown["tree"]["fills"]) == 102  # B's stream, small: every bucket is shown
         path = tmp_path / "tree.svg"
         path.write_text(inspector.tree_svg(), encoding="utf-8")
         assert ET.parse(path).getroot().tag == f"{SVG}svg"
@@ -244,7 +242,7 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         html_by_class = {tuple(child._dom_classes): child.value for child in inspector.children}
         assert "zchat-inspector" in inspector._dom_classes
         assert "<svg" in html_by_class[("zchat-inspector-tree",)]
-        assert "messages bucket" in html_by_class[("zchat-inspector-invalidations",)]
+        assert "stream bucket" in html_by_class[("zchat-inspector-invalidations",)]
         assert "sending to room" in html_by_class[("zchat-inspector-commits",)]
         assert a.address_text in html_by_class[("zchat-inspector-server",)]
     finally:

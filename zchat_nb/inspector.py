@@ -74,8 +74,7 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
     if room._p_oid is not None:
         known[room._p_oid] = "room"
     for attr, kind in (
-        ("messages", "messages tree"),
-        ("log", "log tree"),
+        ("streams", "streams index"),
         ("heads", "heads"),
         ("count", "count"),
         ("presence", "presence"),
@@ -83,6 +82,10 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
         oid = getattr(getattr(room, attr, None), "_p_oid", None)
         if oid is not None:
             known[oid] = kind
+    if room.streams is not None:
+        for writer, stream in room.streams.items():  # one entry per writer: small
+            if stream._p_oid is not None:
+                known[stream._p_oid] = f"stream of {writer}"
     return known
 
 
@@ -90,9 +93,9 @@ def classify(conn: Connection, oid: bytes, known: dict[bytes, str]) -> dict[str,
     """Name the object ``oid`` as seen by ``conn``'s current transaction.
 
     Returns ``{"oid", "kind", "class", "label"}``: kind is one of ``known``'s values (room, messages
-    tree, log tree, heads, count, presence, ...) or "bucket", "tree node", "room" (another room),
+    (room, streams index, stream of WRITER, heads, count, presence, ...) or "bucket", "tree node", "room"
     "object", "unreadable"; class is the class name (OOBucket, Length, ...); label is short words
-    ("messages bucket": a bucket's tree is guessed from its keys). Loads the object: call it only
+    ("stream bucket": a bucket's tree is guessed from its keys). Loads the object: call it only
     on the connection's own thread.
     """
     entry = {"oid": oid.hex(), "kind": known.get(oid, ""), "class": "", "label": ""}
@@ -127,14 +130,23 @@ def _guess_tree(node: Any) -> str:
     except ValueError:  # empty
         return ""
     value = node[key]
-    if isinstance(key, tuple) and len(key) == 2:
-        if isinstance(key[0], float):
-            return "messages"
-        if isinstance(key[1], int):
-            return "log"
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], float):
+        return "stream"
     if isinstance(key, str):
-        return "heads" if isinstance(value, int) else "presence"
+        if isinstance(value, tuple):
+            return "heads"
+        return "presence" if isinstance(value, float) else "streams index"
     return ""
+
+
+def _busiest_stream(room: Room | None) -> Any:
+    """The stream (a writer's BTree) with the most messages: the picture shows it."""
+    if room is None or room.heads is None or room.streams is None:
+        return None
+    counts = [(head[0], writer) for writer, head in room.heads.items() if isinstance(head, tuple) and head]
+    if not counts:
+        return None
+    return room.streams.get(max(counts)[1])
 
 
 # -- the tree's right edge ---------------------------------------------------------------------
@@ -372,7 +384,7 @@ class Inspector(ipywidgets.VBox):
         The :class:`~zchat_nb.ChatClient` to watch; ``None`` connects to the embedded default
         server (the inspector then owns that client and closes it on :meth:`close`).
     room
-        The room whose objects are named and whose messages tree is drawn.
+        The room whose objects are named and whose busiest stream (a writer's BTree) is drawn.
     max_rate
         Most redraws per second; events arriving faster are coalesced.
     status_interval
@@ -519,7 +531,7 @@ class Inspector(ipywidgets.VBox):
         self._wake.set()
 
     def tree_svg(self) -> str:
-        """The current picture of the room's messages tree, as a standalone SVG document."""
+        """The current picture of the busiest stream of the room, as a standalone SVG document."""
         snap = self.snapshot()
         return tree_svg(snap["tree"], title=self._tree_title(snap))
 
@@ -633,8 +645,9 @@ class Inspector(ipywidgets.VBox):
                 known = room_oids(room, getattr(rooms, "_p_oid", None))
                 described = [self._describe(conn, e, known) for e in invalidations]
                 if tree_changed or state["tree"] is None:
-                    if room is not None and room.messages is not None:
-                        new["tree"] = tree_summary(room.messages, self.buckets_shown)
+                    stream = _busiest_stream(room)
+                    if room is not None and stream is not None:
+                        new["tree"] = tree_summary(stream, self.buckets_shown)
                         new["messages"] = room.count() if room.count is not None else None
                     else:
                         new["tree"], new["messages"] = None, None
