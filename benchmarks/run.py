@@ -1,4 +1,4 @@
-"""zchat_nb against the seed (Kuchling's ChatSession, ``seed.py``): same run, same machine, one table.
+"""zchat_nb against the seed (Kuchling's ChatSession, ``zchat_nb/seed.py``): same run, same machine, one table.
 
 Usage::
 
@@ -105,10 +105,8 @@ QUICK = Sizes(
 
 
 def _seed() -> ModuleType:
-    """The baseline module, always imported as ``seed`` so that its pickles name one class."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    import seed
+    """The baseline module: the guide's ChatSession, kept in the package as ``zchat_nb.seed``."""
+    from zchat_nb import seed
 
     return seed
 

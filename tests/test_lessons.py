@@ -1,9 +1,8 @@
 """The lesson notebooks (notebooks/lessons/) run top to bottom under nbclient, as committed.
 
-Each lesson runs in a copy of the lessons folder in a temporary directory (the notebooks import
-``seed_chat.py`` from their own folder, and importing it writes ``__pycache__``), with ``ZCHAT_HOME``
-pointing into that directory so that no user state is touched. Lessons that need a ZEO server start
-one with ``zchat_nb.serve()`` and stop it at the end.
+Each lesson runs in a copy of the lessons folder in a temporary directory (lessons write files next
+to themselves), with ``ZCHAT_HOME`` pointing into that directory so that no user state is touched.
+Lessons that need a ZEO server start one with ``zchat_nb.serve()`` and stop it at the end.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "lessons"
 LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -26,7 +24,6 @@ def _tagged(nb: object, tag: str) -> list:
 
 def test_there_are_six_lessons_in_order() -> None:
     assert [path.name[:3] for path in LESSONS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
-    assert (LESSONS_DIR / "seed_chat.py").is_file()
 
 
 @pytest.mark.parametrize("notebook", LESSONS, ids=lambda path: path.stem)

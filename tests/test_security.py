@@ -67,7 +67,7 @@ def test_crafted_record_runs_nothing_in_a_reader(server: zchat_nb.Server, tmp_pa
         stream = conn.root()[ROOMS_KEY]["general"].streams[client.writer]
         stream_oid, key = stream._p_oid, stream.maxKey()
         tm.abort()
-        # The writer's stream, rewritten by "another client" with a value that calls the payload when unpickled.
+        # The stream rewritten by "another client": a value that calls the payload when unpickled.
         crafted = pickle.dumps(OOBTree, 3) + pickle.dumps((((key, payload),),), 3)
         overwrite(server.address, stream_oid, crafted)
 
