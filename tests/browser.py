@@ -241,20 +241,23 @@ class JupyterLab(_WebApp):
             (settings / plugin).mkdir(parents=True, exist_ok=True)
             (settings / plugin / file).write_text(json.dumps(value))
 
+    #: ``python -m MODULE`` and the traitlets class of its app.
+    module, app = "jupyterlab", "LabApp"
+
     def command(self) -> list[str]:
         cmd = [
             sys.executable,
             "-m",
-            "jupyterlab",
+            self.module,
             "--no-browser",
             "--ip=127.0.0.1",
             f"--port={self.port}",
             "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={self.token}",
             f"--ServerApp.root_dir={self.root}",
-            f"--LabApp.workspaces_dir={self.state / 'workspaces'}",
-            f"--LabApp.user_settings_dir={self.state / 'settings'}",
-            "--LabApp.expose_app_in_browser=True",  # window.jupyterapp, to run cells by command
+            f"--{self.app}.workspaces_dir={self.state / 'workspaces'}",
+            f"--{self.app}.user_settings_dir={self.state / 'settings'}",
+            f"--{self.app}.expose_app_in_browser=True",  # window.jupyterapp, to run cells by command
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
@@ -276,25 +279,7 @@ class Notebook7(JupyterLab):
     """
 
     name = "notebook7"
-
-    def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "notebook",
-            "--no-browser",
-            "--ip=127.0.0.1",
-            f"--port={self.port}",
-            "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}",
-            f"--ServerApp.root_dir={self.root}",
-            f"--JupyterNotebookApp.workspaces_dir={self.state / 'workspaces'}",
-            f"--JupyterNotebookApp.user_settings_dir={self.state / 'settings'}",
-            "--JupyterNotebookApp.expose_app_in_browser=True",  # window.jupyterapp, to run cells by command
-        ]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.append("--allow-root")
-        return cmd
+    module, app = "notebook", "JupyterNotebookApp"
 
     def notebook_url(self, name: str, workspace: str = "") -> str:
         return f"{self.base_url}/notebooks/{name}?token={self.token}"

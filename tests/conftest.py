@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import zchat_nb
-from zchat_nb.server import _read_line
+from zchat_nb.server import spawn_server
 
 
 @pytest.fixture(autouse=True)
@@ -57,19 +55,8 @@ class ServerProcess:
         return ("127.0.0.1", self.port)
 
     def start(self, timeout: float = 30.0) -> None:
-        read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "zchat_nb", "serve", "--path", str(self.path), "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [*cmd, "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        os.close(write_fd)
-        try:
-            line = _read_line(read_fd, timeout)
-        finally:
-            os.close(read_fd)
+        args = ["--path", str(self.path), "--port", str(self.port)]
+        self.proc, line = spawn_server(args, timeout=timeout)
         if not line:
             self.kill()
             raise RuntimeError(f"zchat-nb serve did not start on port {self.port}")
@@ -79,8 +66,6 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
         self.proc = None
 
 

@@ -59,14 +59,6 @@ class Kernel:
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[zchat_nb.Server]:
-    monkeypatch.setenv("ZCHAT_HOME", str(tmp_path / "home"))
-    running = zchat_nb.serve(tmp_path / "chat.fs")
-    yield running
-    running.stop()
-
-
-@pytest.fixture
 def kernels(tmp_path: Path, server: zchat_nb.Server) -> Iterator[tuple[Kernel, Kernel]]:
     env = dict(os.environ)
     env["ZCHAT_HOME"] = str(tmp_path / "home")

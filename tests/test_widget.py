@@ -495,14 +495,6 @@ def test_importing_zchat_nb_does_not_import_the_widget() -> None:
 # -- with a real ZEO server -----------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[zchat_nb.Server]:
-    monkeypatch.setenv("ZCHAT_HOME", str(tmp_path / "home"))
-    running = zchat_nb.serve(tmp_path / "chat.fs")
-    yield running
-    running.stop()
-
-
 @pytest.mark.integration
 def test_an_invalidation_wakes_the_poller(server: zchat_nb.Server, comms: list) -> None:
     with (

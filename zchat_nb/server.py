@@ -378,31 +378,39 @@ def ensure_local_server(timeout: float = START_TIMEOUT) -> Address:
         return _start_detached(port, timeout)
 
 
-def _start_detached(port: int, timeout: float) -> Address:
-    directory = data_dir()
+def spawn_server(
+    args: list[str], *, timeout: float, detached: bool = False, output: Any = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``zchat-nb serve ARGS`` as a child process and wait until it listens.
+
+    Returns the process and the address it announced through a pipe (an event, not a poll), or
+    ``""`` if it exited or said nothing within ``timeout`` seconds. ``detached`` puts it in a
+    session of its own, so that it outlives this process and its terminal.
+    """
     read_fd, write_fd = os.pipe()
-    cmd = [
-        sys.executable, "-m", "zchat_nb", "serve",
-        "--path", str(directory / DATA_FILE),
-        "--port", str(port),
-        "--state-file",
-        "--ready-fd", str(write_fd),
-    ]  # fmt: skip
-    with open(directory / "server.log", "ab") as logfile:
+    cmd = [sys.executable, "-m", "zchat_nb", "serve", *args, "--ready-fd", str(write_fd)]
+    try:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
+            stdout=output,
+            stderr=output,
             pass_fds=(write_fd,),
-            start_new_session=True,
-            env={**os.environ, "ZCHAT_HOME": str(directory)},
+            start_new_session=detached,
         )
-    os.close(write_fd)
+    finally:
+        os.close(write_fd)
     try:
-        line = _read_line(read_fd, timeout)
+        return proc, _read_line(read_fd, timeout)
     finally:
         os.close(read_fd)
+
+
+def _start_detached(port: int, timeout: float) -> Address:
+    directory = data_dir()
+    args = ["--path", str(directory / DATA_FILE), "--port", str(port), "--state-file"]
+    with open(directory / "server.log", "ab") as logfile:
+        proc, line = spawn_server(args, timeout=timeout, detached=True, output=logfile)
     if not line:
         code = proc.poll()
         if code is None:
