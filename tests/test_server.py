@@ -137,3 +137,19 @@ def test_every_command_has_help(command: str) -> None:
         [sys.executable, "-m", "zchat_nb", command, "--help"], capture_output=True, text=True, check=True
     )
     assert f"zchat-nb {command}" in out.stdout
+
+
+def test_a_stale_state_file_does_not_send_clients_to_a_stranger(zchat_home: Path) -> None:
+    """A recorded server whose process is gone is replaced, even if its port now answers."""
+    from zchat_nb.server import LocalState, write_state
+
+    with zchat_nb.serve() as stranger:  # some other program listening on the recorded port
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        write_state(LocalState(*stranger.address, dead.pid, str(zchat_home / "chat.fs")))
+        try:
+            with zchat_nb.connect(user="ann") as client:
+                assert client.address != stranger.address
+                assert read_state() is not None and read_state().pid != dead.pid
+        finally:
+            assert stop_local_server() is True

@@ -372,10 +372,21 @@ def ensure_local_server(timeout: float = START_TIMEOUT) -> Address:
     """The embedded default's address: the recorded server if it answers, else a new one."""
     with _locked():
         state = read_state()
-        if state is not None and probe(state.address, timeout=1.0):
+        # Its process must be alive too: after a reboot the port may belong to something else.
+        if state is not None and _alive(state.pid) and probe(state.address, timeout=1.0):
             return state.address
         port = state.port if state is not None else 0
         return _start_detached(port, timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
 
 
 def spawn_server(
