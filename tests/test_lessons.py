@@ -2,7 +2,8 @@
 
 Each lesson runs in a copy of the lessons folder in a temporary directory (lessons write files next
 to themselves), with ``ZCHAT_HOME`` pointing into that directory so that no user state is touched.
-Lessons that need a ZEO server start one with ``zchat_nb.serve()`` and stop it at the end.
+Every lesson starts its ZEO server with ``zchat_nb.serve()`` and stops it at the end; a probe cell
+run after the lesson shows that no server, ZEO client or child process is left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ import pytest
 
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "lessons"
 LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+# Run in the kernel after the last cell of a lesson: what the lesson left running.
+LEFTOVERS_PROBE = """
+import os, threading
+threads = sorted(t.name for t in threading.enumerate() if "StorageServer" in t.name or "zeo client" in t.name)
+try:
+    os.waitpid(-1, os.WNOHANG)  # (0, 0): a child process is still running; reaps a finished one
+    children = "a child process"
+except ChildProcessError:
+    children = "none"
+print("leftovers:", threads, children)
+"""
 
 
 def _tagged(nb: object, tag: str) -> list:
@@ -46,6 +60,8 @@ def test_lesson_runs_top_to_bottom(notebook: Path, tmp_path: Path, monkeypatch: 
     work = tmp_path / "lessons"
     shutil.copytree(LESSONS_DIR, work, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     nb = nbformat.read(work / notebook.name, as_version=4)
+    probe = nbformat.v4.new_code_cell(LEFTOVERS_PROBE)
+    nb.cells.append(probe)
 
     client = nbclient.NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(work)}}
@@ -55,6 +71,8 @@ def test_lesson_runs_top_to_bottom(notebook: Path, tmp_path: Path, monkeypatch: 
     (check,) = _tagged(nb, "check")
     printed = "".join(out.get("text", "") for out in check.outputs if out.output_type == "stream")
     assert "Correct" in printed, f"the exercise check of {notebook.name} printed: {printed!r}"
+    left = "".join(out.get("text", "") for out in probe.outputs if out.output_type == "stream")
+    assert left.strip() == "leftovers: [] none", f"{notebook.name} left running: {left!r}"
     # A lesson shows students no tracebacks or log noise: nothing is printed to stderr.
     stderr = [
         out.text
