@@ -153,3 +153,21 @@ def test_a_stale_state_file_does_not_send_clients_to_a_stranger(zchat_home: Path
                 assert read_state() is not None and read_state().pid != dead.pid
         finally:
             assert stop_local_server() is True
+
+
+def test_a_client_reset_is_not_reported_as_an_error(
+    server: zchat_nb.Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import socket
+    import struct
+
+    with caplog.at_level(logging.INFO, logger="ZEO.asyncio.server"):
+        sock = socket.create_connection(server.address, timeout=10)
+        sock.recv(4)  # the server's greeting has started: the connection is established
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, as when a kernel dies
+        with zchat_nb.connect(server.address, user="next") as client:  # the server is still fine
+            client.session().add_message("after the reset")
+    resets = [r for r in caplog.records if "ConnectionReset" in r.getMessage()]
+    assert resets and all(r.levelno == logging.INFO for r in resets)

@@ -146,6 +146,25 @@ def probe(address: Address, timeout: float = 2.0) -> bool:
         return False
 
 
+class _ClientDisconnectsAreInfo(logging.Filter):
+    """ZEO logs a client whose connection was reset as an ERROR; for a chat server it is routine.
+
+    Kernels restart and laptops close all the time, and in a notebook that serves, Python's
+    last-resort handler would print each of them to stderr. Other errors are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.getMessage().startswith("Disconnected ConnectionReset"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _demote_client_disconnects() -> None:
+    zeo_server_log = logging.getLogger("ZEO.asyncio.server")
+    if not any(isinstance(f, _ClientDisconnectsAreInfo) for f in zeo_server_log.filters):
+        zeo_server_log.addFilter(_ClientDisconnectsAreInfo())
+
+
 class Server:
     """A ZEO server running in a daemon thread of this process. ``stop()`` is safe to call twice."""
 
@@ -161,6 +180,7 @@ class Server:
         from ZODB.FileStorage import FileStorage
 
         harden_server_process()
+        _demote_client_disconnects()
         self.path = None if path is None else Path(path)
         storage = MemoryStorage() if self.path is None else FileStorage(str(self.path), pack_keep_old=False)
         try:
