@@ -243,3 +243,24 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
         events.clear()
         chat.add_message("unheard")
         assert events == []
+
+
+def test_a_reader_is_woken_by_a_send_from_its_own_client(server: zchat_nb.Server) -> None:
+    """ZEO sends no invalidation to the committing client: the client wakes its own readers."""
+    with zchat_nb.connect(server.address, user="a") as client:
+        reader = client.session("general")
+        assert reader.new_messages() == []
+        ready = threading.Event()
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            ready.set()
+            result["messages"] = reader.new_messages(timeout=60)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        ready.wait(10)
+        sent = client.session("general").add_message("from this very client")
+        thread.join(30)  # would take the full 60 s if the reader were not woken
+        assert not thread.is_alive()
+        assert result["messages"] == [sent]

@@ -85,12 +85,21 @@ class _WakingClientStorage(ClientStorage):
 
     _zchat_notify: Callable[[ClientEvent], None] | None = None
     _zchat_report: Callable[..., None] | None = None
+    _zchat_wake: Callable[[], None] | None = None
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
         if self._zchat_notify is not None:
             self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+
+    def tpc_finish(self, txn: Any, f: Any = None) -> Any:
+        tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
+        # The server sends no invalidation to the client that committed: wake this client's own
+        # readers (other threads waiting in new_messages) as an invalidation would.
+        if self._zchat_wake is not None:
+            self._zchat_wake()
+        return tid
 
     def tpc_vote(self, txn: Any) -> Any:
         result = super().tpc_vote(txn)
@@ -145,6 +154,7 @@ class ChatClient:
         if isinstance(storage, _WakingClientStorage):
             storage._zchat_notify = self._notify
             storage._zchat_report = self.report
+            storage._zchat_wake = self._wake_readers
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -205,10 +215,13 @@ class ChatClient:
     # -- events --------------------------------------------------------------------------
 
     def _notify(self, event: ClientEvent) -> None:
+        self._wake_readers()
+        self._dispatch(event)
+
+    def _wake_readers(self) -> None:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
-        self._dispatch(event)
 
     def report(self, kind: str, **details: Any) -> None:
         """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
