@@ -40,6 +40,29 @@ def collect(session: zchat_nb.ChatSession, expected: int, timeout: float = 60.0)
     return got
 
 
+def read_while(reader: zchat_nb.ChatSession, send: Any) -> str:
+    """Block ``reader`` in ``new_messages(timeout=60)`` on a thread, ``send()``, and say how it ended.
+
+    "woken" means the reader returned with exactly the message sent, long before its 60 s timeout.
+    """
+    ready = threading.Event()
+    result: dict[str, Any] = {}
+
+    def read() -> None:
+        ready.set()
+        result["messages"] = reader.new_messages(timeout=60)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    ready.wait(10)
+    sent = send()
+    thread.join(30)  # would take the full 60 s if the reader were not woken
+    if thread.is_alive():
+        thread.join()
+        return "timed out"
+    return "woken" if result["messages"] == [sent] else f"got {result['messages']!r}"
+
+
 def test_every_client_receives_every_message_from_concurrent_writer_processes(
     file_server: zchat_nb.Server,
 ) -> None:
@@ -90,20 +113,7 @@ def test_new_messages_waits_for_an_invalidation_not_for_the_timeout(server: zcha
     with zchat_nb.connect(server.address, user="a") as a, zchat_nb.connect(server.address, user="b") as b:
         reader = a.session("general")
         writer = b.session("general")
-        ready = threading.Event()
-        result: dict[str, Any] = {}
-
-        def read() -> None:
-            ready.set()
-            result["messages"] = reader.new_messages(timeout=60)
-
-        thread = threading.Thread(target=read)
-        thread.start()
-        ready.wait(10)
-        sent = writer.add_message("wake up")
-        thread.join(30)  # would take the full 60 s if the reader were not woken
-        assert not thread.is_alive()
-        assert result["messages"] == [sent]
+        assert read_while(reader, lambda: writer.add_message("wake up")) == "woken"
 
 
 def test_no_redelivery_after_the_cache_is_emptied(server: zchat_nb.Server) -> None:
@@ -250,17 +260,5 @@ def test_a_reader_is_woken_by_a_send_from_its_own_client(server: zchat_nb.Server
     with zchat_nb.connect(server.address, user="a") as client:
         reader = client.session("general")
         assert reader.new_messages() == []
-        ready = threading.Event()
-        result: dict[str, Any] = {}
-
-        def read() -> None:
-            ready.set()
-            result["messages"] = reader.new_messages(timeout=60)
-
-        thread = threading.Thread(target=read)
-        thread.start()
-        ready.wait(10)
-        sent = client.session("general").add_message("from this very client")
-        thread.join(30)  # would take the full 60 s if the reader were not woken
-        assert not thread.is_alive()
-        assert result["messages"] == [sent]
+        writer = client.session("general")
+        assert read_while(reader, lambda: writer.add_message("from this very client")) == "woken"
