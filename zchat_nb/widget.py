@@ -289,7 +289,7 @@ class ChatWidget(anywidget.AnyWidget):
     def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
         future: Future[Message] = Future()
         if self._stopping.is_set():
-            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with client.widget()")
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
             self._request("failed", client_id, f"not sent: {exc}")
         else:
