@@ -25,7 +25,7 @@ import ZODB
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
-from .exceptions import ZChatConnectionError
+from .exceptions import ZChatConnectionError, server_boundary
 from .local import resolve_address
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
@@ -271,9 +271,10 @@ class ChatClient:
     def rooms(self) -> list[str]:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
-        tm.begin()
-        rooms = conn.root().get(ROOMS_KEY)
-        return list(rooms.keys()) if rooms is not None else []
+        with server_boundary(self.address_text):
+            tm.begin()
+            rooms = conn.root().get(ROOMS_KEY)
+            return list(rooms.keys()) if rooms is not None else []
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -31,10 +31,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets
-from transaction.interfaces import TransientError
 from ZODB.TimeStamp import TimeStamp
 
-from .exceptions import ZChatConnectionError
+from .exceptions import ZChatConnectionError, ZChatDisconnected, server_boundary
 from .model import ROOMS_KEY, check_room_name
 from .treeview import busiest_stream, classify, room_oids, tree_summary, tree_svg
 
@@ -339,33 +338,36 @@ class Inspector(ipywidgets.VBox):
             connected = self.client.is_connected()
             new["connected"] = connected
             if connected:
-                tm, conn = self.client.connection()
-                tm.begin()
-                rooms = conn.root().get(ROOMS_KEY)
-                room = rooms.get(self.room) if rooms is not None else None
-                known = room_oids(room, getattr(rooms, "_p_oid", None))
-                described = [self._describe(conn, e, known) for e in invalidations]
-                if tree_changed or state["tree"] is None:
-                    stream = busiest_stream(room)
-                    if room is not None and stream is not None:
-                        new["tree"] = tree_summary(stream, self.buckets_shown)
-                        new["messages"] = room.count() if room.count is not None else None
-                    else:
-                        new["tree"], new["messages"] = None, None
-                if time.monotonic() >= self._status_due:
-                    self._status_due = time.monotonic() + self.status_interval
-                    new["server"] = dict(self.client.db.storage.server_status())
-                new["local_tid"] = self.client.db.storage.lastTransaction()
+                with server_boundary(self.client.address_text):
+                    tm, conn = self.client.connection()
+                    tm.begin()
+                    rooms = conn.root().get(ROOMS_KEY)
+                    room = rooms.get(self.room) if rooms is not None else None
+                    known = room_oids(room, getattr(rooms, "_p_oid", None))
+                    described = [self._describe(conn, e, known) for e in invalidations]
+                    if tree_changed or state["tree"] is None:
+                        stream = busiest_stream(room)
+                        if room is not None and stream is not None:
+                            new["tree"] = tree_summary(stream, self.buckets_shown)
+                            new["messages"] = room.count() if room.count is not None else None
+                        else:
+                            new["tree"], new["messages"] = None, None
+                    if time.monotonic() >= self._status_due:
+                        self._status_due = time.monotonic() + self.status_interval
+                        new["server"] = dict(self.client.db.storage.server_status())
+                    new["local_tid"] = self.client.db.storage.lastTransaction()
             else:
                 self._status_due = time.monotonic() + self.status_interval
                 new["error"] = "the server does not answer; the client reconnects by itself"
+        except ZChatDisconnected as exc:  # the server went away during the round
+            if self.client.closed:
+                return False
+            new["connected"] = False
+            new["error"] = f"the server went away ({type(exc.__cause__).__name__})"
         except ZChatConnectionError:
             if self.client.closed:
                 return False
             raise
-        except TransientError as exc:  # the server went away during the round
-            new["connected"] = False
-            new["error"] = f"the server went away ({type(exc).__name__})"
         except Exception as exc:
             if self.client.closed:
                 return False
