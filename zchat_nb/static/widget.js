@@ -31,6 +31,105 @@ function shortTime(date) {
   return date.toLocaleString([], options);
 }
 
+// -- code blocks: a Copy button each ---------------------------------------------------------
+
+function copyWithSelection(text) {
+  // The fallback where navigator.clipboard is missing (plain http) or refused: a hidden textarea.
+  const area = el("textarea", "zchat-copy-buffer", { readonly: "", "aria-hidden": "true" });
+  area.value = text;
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.append(area);
+  area.select();
+  let ok = false;
+  try {
+    ok = document.execCommand("copy");
+  } catch (_err) {
+    ok = false;
+  }
+  area.remove();
+  return ok;
+}
+
+async function copyText(text) {
+  if (navigator.clipboard && typeof navigator.clipboard.writeText === "function") {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch (_err) {
+      // denied (no user gesture, no permission): try the old way
+    }
+  }
+  return copyWithSelection(text);
+}
+
+function decorateCode(container) {
+  for (const pre of container.querySelectorAll("pre")) {
+    const wrap = el("div", "zchat-code");
+    const copy = el("button", "zchat-copy", { type: "button", title: "Copy this code" });
+    copy.textContent = "Copy";
+    copy.addEventListener("click", async () => {
+      const text = pre.textContent.replace(/\n$/, ""); // markdown-it ends every block with a newline
+      const ok = await copyText(text);
+      copy.textContent = ok ? "Copied" : "Copy failed";
+      setTimeout(() => {
+        copy.textContent = "Copy";
+      }, 1500);
+    });
+    pre.replaceWith(wrap);
+    wrap.append(copy, pre);
+  }
+}
+
+// -- reading a busy room: one header per run of messages, a line per day -----------------------
+
+const GROUP_WINDOW_MS = 5 * 60 * 1000; // one author's messages closer than this share a header
+
+function dayLabel(date) {
+  const today = new Date();
+  const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (date.toDateString() === today.toDateString()) return "Today";
+  if (date.toDateString() === yesterday.toDateString()) return "Yesterday";
+  return date.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+}
+
+function regroup(list) {
+  // Recomputed over the whole list after each change: batches arrive at both ends (older, append).
+  for (const old of list.querySelectorAll(":scope > .zchat-day")) old.remove();
+  let prev = null;
+  let prevTime = null;
+  let prevDay = null;
+  let broken = true; // the unread marker (or anything else between messages) starts a new group
+  for (const node of [...list.children]) {
+    if (!node.classList.contains("zchat-message")) {
+      broken = true;
+      continue;
+    }
+    const time = node.dataset.time ? new Date(node.dataset.time) : null;
+    const valid = time !== null && !Number.isNaN(time.getTime());
+    const day = valid ? time.toDateString() : null;
+    if (day !== null && day !== prevDay) {
+      const separator = el("div", "zchat-day", { role: "separator", "data-day": day });
+      separator.textContent = dayLabel(time);
+      node.before(separator);
+      prevDay = day;
+      broken = true;
+    }
+    const continued =
+      !broken &&
+      prev !== null &&
+      valid &&
+      prevTime !== null &&
+      prev.dataset.author === node.dataset.author &&
+      time - prevTime >= 0 &&
+      time - prevTime < GROUP_WINDOW_MS;
+    node.classList.toggle("zchat-continued", continued);
+    prev = node;
+    prevTime = valid ? time : null;
+    broken = false;
+  }
+}
+
 function render({ model, el: host }) {
   const viewId = newId();
 
@@ -92,6 +191,7 @@ function render({ model, el: host }) {
       "data-id": m.id,
       "data-ts": String(m.ts),
       "data-author": m.author,
+      "data-time": m.time || "",
     });
     node.style.setProperty("--zchat-hue", String(m.hue));
     const avatar = el("span", "zchat-avatar", { "aria-hidden": "true", title: m.author });
@@ -110,6 +210,7 @@ function render({ model, el: host }) {
     meta.append(author, time);
     const text = el("div", "zchat-text");
     text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
+    decorateCode(text);
     body.append(meta, text);
     node.append(avatar, body);
     return node;
@@ -160,6 +261,7 @@ function render({ model, el: host }) {
       removeMarker(); // the reader has seen what was below it
     }
     list.append(frag);
+    regroup(list);
     if (stick || own || initial) scrollToBottom();
     updateJump();
   }
@@ -174,6 +276,7 @@ function render({ model, el: host }) {
       frag.append(messageNode(m));
     }
     list.prepend(frag);
+    regroup(list);
     log.scrollTop = topBefore + (log.scrollHeight - heightBefore); // keep what the reader looked at
     older.hidden = !more;
     older.disabled = false;
