@@ -154,3 +154,43 @@ def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb
     client.close()
     assert threading.active_count() == before
     ip.run_line_magic("load_ext", "zchat_nb")  # the fixture unloads it again
+
+
+def test_paste_fills_the_next_cell_with_a_code_block_and_never_runs_it(
+    ip: InteractiveShell, server: zchat_nb.Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room paste")
+    ip.rl_next_input = None
+    with pytest.raises(UsageError, match="none of the last 0 messages of 'paste' has a code block"):
+        zchat(ip, "paste")
+    zchat(ip, "send", "pasted_first = 1\n")  # sent as a ```python block
+    zchat(ip, "send --raw", "two blocks:\n```\npasted_a = 1\n```\nand\n```\npasted_b = 2\n```\n")
+    zchat(ip, 'send "just words, no code"')
+
+    zchat(ip, "paste")  # the latest code block: the last block of the latest message that has one
+    assert ip.rl_next_input == "pasted_b = 2"
+    assert "is in the next cell" in capsys.readouterr().out
+
+    zchat(ip, "history -n 10")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  1  [") and lines[0].endswith("ada: ```python")
+    numbered = [line for line in lines if line[:3].strip().isdigit()]
+    assert [line[:3].strip() for line in numbered] == ["1", "2", "3"]
+    zchat(ip, "paste 1")
+    assert ip.rl_next_input == "pasted_first = 1"
+    zchat(ip, "paste 2")  # every block of message 2
+    assert ip.rl_next_input == "pasted_a = 1\npasted_b = 2"
+    with pytest.raises(UsageError, match="message 3 \\(ada\\) has no code block"):
+        zchat(ip, "paste 3")
+    with pytest.raises(UsageError, match="there is no message 4; the last `%zchat history` printed 1 to 3"):
+        zchat(ip, "paste 4")
+    # Filled, never run: none of the pasted assignments happened.
+    assert not {"pasted_first", "pasted_a", "pasted_b"} & set(ip.user_ns)
+
+
+def test_paste_n_needs_a_history_first(ip: InteractiveShell, server: zchat_nb.Server) -> None:
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room paste-n")
+    with pytest.raises(UsageError, match="run it first"):
+        zchat(ip, "paste 1")

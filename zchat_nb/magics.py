@@ -18,9 +18,9 @@ from traitlets.config import Configurable
 
 from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
-from .model import ChatSession
+from .model import ChatSession, Message
 from .net import format_address, parse_address
-from .render import format_line
+from .render import code_blocks, format_line
 from .server import Server, serve
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension"]
@@ -32,7 +32,10 @@ USAGE = """\
                                                    --tls: your certificate folder for a classroom server)
 %zchat send TEXT                                   send TEXT to the room you joined
 %%zchat send [--raw]                               the cell body as one message (a code block unless --raw)
-%zchat history [-n N]                              print the last N messages (default 20)
+%zchat history [-n N]                              print the last N messages (default 20), numbered
+%zchat paste [N]                                   put the latest code block (or message N's, as numbered
+                                                   by `%zchat history`) into the next cell; it is not run
+%zchat share VAR [CAPTION]                         share an image, file path, figure or DataFrame (VAR)
 %zchat rooms                                       list the rooms
 %zchat status                                      connection, user, room and server
 %zchat inspect                                     show the live ZEO inspector beside the chat
@@ -42,6 +45,10 @@ USAGE = """\
 
 Settings: %config ZChat.user = "ada", %config ZChat.poll_interval = 0.5, %config ZChat.room = "general"
 """
+
+
+#: How many recent messages `%zchat paste` (no N) searches for a code block.
+PASTE_SEARCH = 200
 
 
 class ZChat(Configurable):
@@ -106,6 +113,13 @@ def _parsers() -> dict[str, _Parser]:
     p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
     p["history"] = make("history", "Print the last messages of the room you joined.")
     p["history"].add_argument("-n", type=int, default=20)
+    p["paste"] = make("paste", "Put a code block from the chat into the next cell (without running it).")
+    p["paste"].add_argument("number", nargs="?", type=int, default=None, help="message number from history")
+    p["share"] = make("share", "Share a picture, file or table with the room you joined.")
+    p["share"].add_argument(
+        "variable", help="name of a variable: bytes, a path, a Figure, an Image, a DataFrame"
+    )
+    p["share"].add_argument("caption", nargs="*", help="text shown with it")
     for name, text in [
         ("rooms", "List the rooms."),
         ("status", "Show the connection, user, room and server."),
@@ -130,6 +144,8 @@ class ZChatMagics(Magics):
         self.room: str | None = None
         self.session: ChatSession | None = None
         self.widgets: list[Any] = []
+        #: What the last `%zchat history` printed, oldest first: `%zchat paste N` refers to it.
+        self._listed: list[Message] = []
         self._parsers = _parsers()
 
     @line_cell_magic
@@ -230,8 +246,41 @@ class ZChatMagics(Magics):
         session = self._joined()
         if args.n < 0:
             raise UsageError(f"%zchat history: -n must be 0 or more, not {args.n}")
-        for message in session.history(args.n):
-            print(format_line(message))
+        self._listed = session.history(args.n)
+        for number, message in enumerate(self._listed, 1):
+            print(f"{number:>3}  {format_line(message)}")
+
+    def _paste(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        if args.number is None:
+            recent = session.history(PASTE_SEARCH)
+            found = [(m, code_blocks(m.text)) for m in reversed(recent)]
+            message, blocks = next(((m, b) for m, b in found if b), (None, []))
+            if message is None:
+                raise UsageError(
+                    f"%zchat paste: none of the last {len(recent)} messages of {self.room!r} has a code "
+                    "block; send one with `%%zchat send`, or give a number from `%zchat history`"
+                )
+            code = blocks[-1]
+        else:
+            if not self._listed:
+                raise UsageError("%zchat paste N: N is a number printed by `%zchat history`; run it first")
+            if not 1 <= args.number <= len(self._listed):
+                raise UsageError(
+                    f"%zchat paste: there is no message {args.number}; the last `%zchat history` "
+                    f"printed 1 to {len(self._listed)}"
+                )
+            message = self._listed[args.number - 1]
+            blocks = code_blocks(message.text)
+            if not blocks:
+                raise UsageError(f"%zchat paste: message {args.number} ({message.author}) has no code block")
+            code = "\n".join(block.rstrip("\n") for block in blocks)
+        # The next cell gets the code; nothing runs it (IPython's set_next_input only fills the cell).
+        self.shell.set_next_input(code.rstrip("\n"), replace=False)
+        print(
+            f"The code from {message.author}'s message ({format_line(message)[:7]}) is in the next cell; "
+            "read it before you run it."
+        )
 
     def _rooms(self, args: argparse.Namespace, cell: str | None) -> None:
         client = self.client if self.client is not None and not self.client.closed else self._any_client()
@@ -308,6 +357,7 @@ class ZChatMagics(Magics):
         self.client = None
         self.room = None
         self.session = None
+        self._listed = []
 
     def close(self) -> None:
         """Close widgets (their pollers), the client and any server this kernel started."""
