@@ -12,7 +12,9 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import shutil
 import ssl as ssl_module
+import tempfile
 import threading
 import time
 import uuid
@@ -25,14 +27,17 @@ import ZODB
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
-from .exceptions import ZChatConnectionError, server_boundary
+from .exceptions import AttachmentError, ZChatConnectionError, server_boundary
 from .local import resolve_address
+from .media import DEFAULT_MAX_ATTACHMENT_BYTES
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
     ChatSession,
+    Message,
     SendPolicy,
     check_author,
+    read_attachment,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .security import class_factory
@@ -87,6 +92,7 @@ class _WakingClientStorage(ClientStorage):
     _zchat_notify: Callable[[ClientEvent], None] | None = None
     _zchat_report: Callable[..., None] | None = None
     _zchat_wake: Callable[[], None] | None = None
+    _zchat_blob_cache: str | None = None
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
@@ -134,6 +140,7 @@ class ChatClient:
         user: str | None = None,
         address: Address | None = None,
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -142,6 +149,7 @@ class ChatClient:
         self.address = address
         self.writer = uuid.uuid4().hex[:16]
         self.max_text_bytes = max_text_bytes
+        self.max_attachment_bytes = max_attachment_bytes
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
@@ -276,6 +284,27 @@ class ChatClient:
             rooms = conn.root().get(ROOMS_KEY)
             return list(rooms.keys()) if rooms is not None else []
 
+    # -- attachments -----------------------------------------------------------------------
+
+    def attachment_bytes(self, message: Message, index: int = 0) -> bytes:
+        """The bytes of ``message.attachments[index]``, checked (size limit, real size, magic numbers).
+
+        Over ZEO the server streams the blob into this client's private blob cache first.
+        Raises :class:`AttachmentError` if it is missing, too big or not what its message says.
+        """
+        if not 0 <= index < len(message.attachments):
+            raise AttachmentError(
+                f"message {message.id} has {len(message.attachments)} attachment(s); "
+                f"there is no index {index}"
+            )
+        tm, conn = self.connection()
+        with server_boundary(self.address_text):
+            tm.begin()
+            try:
+                return read_attachment(conn, message.attachments[index], self.max_attachment_bytes)
+            finally:
+                tm.abort()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     @property
@@ -298,6 +327,9 @@ class ChatClient:
             except Exception:  # a connection still in use by another thread
                 log.debug("closing a zchat_nb connection failed", exc_info=True)
         self.db.close()
+        blob_cache = getattr(self.db.storage, "_zchat_blob_cache", None)
+        if blob_cache:  # this client's private blob cache: nobody else reads it
+            shutil.rmtree(blob_cache, ignore_errors=True)
 
     def __enter__(self) -> ChatClient:
         return self
@@ -317,7 +349,9 @@ def connect(
     timeout: float = 10.0,
     connect_timeout: float = CONNECT_TIMEOUT,
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
     cache_size: int = 20 * 1024 * 1024,
+    blob_cache_size: int = 100 * 1024 * 1024,
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
@@ -338,8 +372,12 @@ def connect(
         Seconds to wait for the server to answer now.
     max_text_bytes
         Longest message text accepted when sending and when reading, in UTF-8 bytes.
+    max_attachment_bytes
+        Largest picture or table shared or read (5 MB by default), in bytes.
     cache_size
         Size of ZEO's client cache in bytes.
+    blob_cache_size
+        Size ZEO keeps its private blob cache (a temporary directory, removed on close) near, in bytes.
     ssl
         An ``ssl.SSLContext`` for a server started with TLS.
     tls
@@ -366,9 +404,23 @@ def connect(
             f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
         )
+    # Blobs: a private cache (shared=False: the server streams each blob to us), never a
+    # directory another user could read or plant files in; mkdtemp makes it 0700.
+    blob_cache = tempfile.mkdtemp(prefix="zchat-blobs-")
     try:
-        storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+        storage = _WakingClientStorage(
+            addr,
+            wait=False,
+            wait_timeout=timeout,
+            cache_size=cache_size,
+            ssl=ssl,
+            blob_dir=blob_cache,
+            shared_blob_dir=False,
+            blob_cache_size=blob_cache_size,
+        )
+        storage._zchat_blob_cache = blob_cache
     except Exception as exc:
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
     try:
         try:
@@ -386,6 +438,7 @@ def connect(
         db = ZODB.DB(storage, class_factory=class_factory(allow))
     except BaseException:
         storage.close()
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise
     try:
         return ChatClient(
@@ -393,9 +446,11 @@ def connect(
             user=user,
             address=addr,
             max_text_bytes=max_text_bytes,
+            max_attachment_bytes=max_attachment_bytes,
             policy=SendPolicy(timeout=timeout),
             clock=clock,
         )
     except BaseException:
         db.close()
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise

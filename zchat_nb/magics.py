@@ -276,6 +276,7 @@ class ZChatMagics(Magics):
                 raise UsageError(f"%zchat paste: message {args.number} ({message.author}) has no code block")
             code = "\n".join(block.rstrip("\n") for block in blocks)
         # The next cell gets the code; nothing runs it (IPython's set_next_input only fills the cell).
+        assert self.shell is not None
         self.shell.set_next_input(code.rstrip("\n"), replace=False)
         print(
             f"The code from {message.author}'s message ({format_line(message)[:7]}) is in the next cell; "

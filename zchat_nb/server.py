@@ -11,7 +11,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import shutil
 import ssl as ssl_module
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,28 @@ class MemoryStorage(ConflictResolvingStorage, MappingStorage):
     def tpc_vote(self, transaction: Any) -> list[bytes]:
         super().tpc_vote(transaction)
         return self._resolved
+
+
+def blob_dir_of(path: Path) -> Path:
+    """Where a FileStorage's blobs live: beside the file, ``chat.fs`` -> ``chat.fs.blobs``."""
+    return path.with_name(path.name + ".blobs")
+
+
+def _open_storage(path: Path | None) -> tuple[Any, str | None]:
+    """The storage to serve, with blob support, and a scratch directory to remove at stop (or None).
+
+    A FileStorage keeps its blobs in :func:`blob_dir_of` its file (ZODB makes it 0700). The
+    in-memory storage has no blobs of its own: ``BlobStorage`` wraps it around a private temporary
+    directory, which lives as long as the server (measured: ZEO serves and streams blobs from both,
+    and conflict resolution still goes through MemoryStorage).
+    """
+    from ZODB.blob import BlobStorage
+    from ZODB.FileStorage import FileStorage
+
+    if path is not None:
+        return FileStorage(str(path), pack_keep_old=False, blob_dir=str(blob_dir_of(path))), None
+    scratch = tempfile.mkdtemp(prefix="zchat-server-blobs-")
+    return BlobStorage(scratch, MemoryStorage()), scratch
 
 
 def _ensure_root(storage: Any) -> None:
@@ -106,12 +130,11 @@ class Server:
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         from ZEO.StorageServer import StorageServer
-        from ZODB.FileStorage import FileStorage
 
         harden_server_process()
         _demote_client_disconnects()
         self.path = None if path is None else Path(path)
-        storage = MemoryStorage() if self.path is None else FileStorage(str(self.path), pack_keep_old=False)
+        storage, self._scratch = _open_storage(self.path)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
@@ -120,12 +143,14 @@ class Server:
                 self._server = pool.submit(StorageServer, (host, port), {"1": storage}, ssl=ssl).result()
         except OSError as exc:
             storage.close()
+            self._remove_scratch()
             raise ZChatServerError(
                 f"cannot listen on {format_address((host, port))}: {exc.strerror}; "
                 "choose another port (--port 0 picks a free one)"
             ) from exc
         except BaseException:
             storage.close()
+            self._remove_scratch()
             raise
         self.address: Address = (host, self._server.addr[1])
         self.tls = ssl is not None
@@ -144,6 +169,12 @@ class Server:
         self._stopped.set()
         self._close_client_connections()
         self._server.close(join_timeout=5)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def _close_client_connections(self, timeout: float = 5.0) -> None:
         """Close every client connection on the server's event loop, and wait until they are closed.
