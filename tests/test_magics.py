@@ -194,3 +194,30 @@ def test_paste_n_needs_a_history_first(ip: InteractiveShell, server: zchat_nb.Se
     zchat(ip, f"join {host}:{port} --name ada --room paste-n")
     with pytest.raises(UsageError, match="run it first"):
         zchat(ip, "paste 1")
+
+
+def test_share_sends_a_variable_as_an_attachment(
+    ip: InteractiveShell, server: zchat_nb.Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room share")
+    figure = Figure(figsize=(2, 1))
+    figure.add_subplot().plot([1, 3, 2])
+    ip.user_ns["fig"] = figure
+    zchat(ip, "share fig my first plot")
+    assert "Shared figure.png (image/png, " in capsys.readouterr().out
+    reader = zchat_nb.connect(server.address, user="reader")
+    try:
+        (message,) = reader.session("share").history(5)
+        assert message.text == "my first plot" and message.attachments[0].mime == "image/png"
+        assert reader.attachment_bytes(message).startswith(b"\x89PNG")
+    finally:
+        reader.close()
+    with pytest.raises(UsageError, match="there is no variable 'nothing' in this kernel"):
+        zchat(ip, "share nothing")
+    ip.user_ns["words"] = b"just some bytes"
+    with pytest.raises(UsageError, match="%zchat share: the bytes is not a PNG, JPEG, GIF or WebP image"):
+        zchat(ip, "share words")

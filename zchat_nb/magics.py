@@ -283,6 +283,19 @@ class ZChatMagics(Magics):
             "read it before you run it."
         )
 
+    def _share(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        assert self.shell is not None
+        if args.variable not in self.shell.user_ns:
+            raise UsageError(
+                f"%zchat share: there is no variable {args.variable!r} in this kernel; give the name "
+                'of one: `%zchat share fig "my plot"` (bytes, a path, a Figure, an Image, a DataFrame)'
+            )
+        message = session.share(self.shell.user_ns[args.variable], " ".join(args.caption))
+        for attachment in message.attachments:
+            what = f"{attachment.name} ({attachment.mime}, {attachment.size} bytes)"
+            print(f"Shared {what} in room {self.room!r}.")
+
     def _rooms(self, args: argparse.Namespace, cell: str | None) -> None:
         client = self.client if self.client is not None and not self.client.closed else self._any_client()
         for name in client.rooms():
