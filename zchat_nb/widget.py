@@ -296,8 +296,9 @@ class ChatWidget(anywidget.AnyWidget):
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
-        # On ZEO's networking thread: no storage calls, no comm messages; just wake the poller.
-        if event.kind != "invalidation":
+        # On ZEO's networking thread or a committing one (this widget's own commits included):
+        # no storage calls, no comm messages; just wake the poller.
+        if event.kind in ("connected", "disconnected"):
             self._events.append(event)
         self._wake.set()
 
@@ -344,11 +345,9 @@ class ChatWidget(anywidget.AnyWidget):
         if self._stopping.is_set() or not self.client.is_connected():
             return  # the status line already says the server is away
         try:
-            session(room).heartbeat()
+            session(room).heartbeat()  # its commit wakes the poller, which reads presence
         except Exception as exc:
             log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
-        else:
-            self._wake.set()  # the poller reads presence; our own commit sends us no invalidation
 
     # -- poller thread ---------------------------------------------------------------------
 
