@@ -39,6 +39,15 @@ def test_usage_lists_every_command(
     assert "%%zchat send" in out
 
 
+def test_readme_shows_each_command_as_its_parser_does() -> None:
+    """The commands are declared once, in the parsers; the README's table must follow them."""
+    from zchat_nb.magics import _parsers, synopsis
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for parser in _parsers().values():
+        assert f"`{synopsis(parser)}`" in readme
+
+
 @pytest.mark.parametrize(
     ("line", "match"),
     [
@@ -126,18 +135,20 @@ def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
         zchat(ip, "send --raw", "x" * 70_000)
 
 
-def test_join_with_a_certificate_folder(
+def test_serve_and_join_with_certificates(
     ip: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from zchat_nb import certs
 
     classroom = certs.make_classroom(tmp_path, students=["ada"])
-    with zchat_nb.serve(tls=classroom.directory) as server:
-        zchat(ip, "join {}:{} --tls {}".format(*server.address, classroom.bundles["ada"]))
-        zchat(ip, "send over TLS")
-        zchat(ip, "status")
-        assert "as 'ada'" in capsys.readouterr().out
-        zchat(ip, "leave")
+    zchat(ip, f"serve --tls {classroom.directory}")
+    assert "--tls FOLDER" in capsys.readouterr().out
+    zchat(ip, f"join --tls {classroom.bundles['ada']}")  # no address: the server this kernel serves
+    zchat(ip, "send over TLS")
+    zchat(ip, "status")
+    assert "as 'ada'" in capsys.readouterr().out
+    zchat(ip, "leave")
+    zchat(ip, "stop")
 
 
 def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb.Server) -> None:
