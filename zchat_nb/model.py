@@ -605,7 +605,7 @@ class ChatSession:
             self._commit(append, what=f"sending to room {self.room!r}")
         return stored[0]
 
-    def share(self, obj: Any, caption: str = "") -> Message:
+    def share(self, obj: Any, caption: str = "", *, name: str | None = None) -> Message:
         """Share a picture or table with the room: image bytes (PNG, JPEG, GIF, WebP), a path to
         an image file, a matplotlib Figure, a PIL Image, or a pandas DataFrame (its first rows
         shown as a table, its CSV attached). ``caption`` is shown with it.
@@ -615,7 +615,7 @@ class ChatSession:
         """
         from .media import prepare
 
-        prepared = prepare(obj, self._host.max_attachment_bytes)
+        prepared = prepare(obj, self._host.max_attachment_bytes, name=name)
         text = "\n\n".join(part for part in (caption.strip(), prepared.text) if part)
         return self.share_files([(prepared.name, prepared.mime, prepared.data)], text)
 

@@ -35,11 +35,13 @@ from pygments.lexers import get_lexer_by_name
 from pygments.token import STANDARD_TYPES
 from pygments.util import ClassNotFound
 
+from .media import IMAGE_TYPES
 from .model import Message
 
 __all__ = [
     "ALLOWED_TAGS",
     "HIGHLIGHT_CLASSES",
+    "attachment_payload",
     "code_blocks",
     "format_line",
     "initials",
@@ -189,6 +191,17 @@ def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
         "html": render_markdown(message.text),
         "own": own,
     }
+
+
+def attachment_payload(message: Message) -> list[dict[str, Any]]:
+    """What a view is told about a message's attachments: names and sizes, never bytes or URLs.
+
+    The view asks the kernel for an image's bytes (checked there) when it shows the message.
+    """
+    return [
+        {"index": i, "name": a.name, "mime": a.mime, "size": a.size, "image": a.mime in IMAGE_TYPES}
+        for i, a in enumerate(message.attachments)
+    ]
 
 
 def format_line(message: Message) -> str:

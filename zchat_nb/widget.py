@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -50,6 +50,8 @@ import traitlets
 from .exceptions import InvalidMessageError, ZChatConnectionError
 from .frames import (
     Append,
+    AttachmentData,
+    AttachmentWanted,
     Before,
     FrameError,
     Hello,
@@ -59,10 +61,12 @@ from .frames import (
     Send,
     SendFailed,
     Sent,
+    Share,
     parse_view_frame,
 )
+from .media import IMAGE_TYPES
 from .model import Message, check_room_name
-from .render import message_payload
+from .render import attachment_payload, message_payload
 
 if TYPE_CHECKING:
     from .client import ChatClient, ClientEvent
@@ -76,6 +80,8 @@ _STATIC = pathlib.Path(__file__).parent / "static"
 
 #: Messages a view gets when it is drawn or switches room, and per "load older".
 BACKLOG = 200
+#: Messages with attachments a widget remembers, so that views can ask for their bytes.
+_MAX_ATTACHED = 2 * BACKLOG
 #: Seconds :meth:`ChatWidget.close` waits for each thread.
 JOIN_TIMEOUT = 5.0
 
@@ -163,6 +169,8 @@ class ChatWidget(anywidget.AnyWidget):
         self._known_rooms: set[str] | None = None
         self._poll_error = ""
         self._lost_at: float | None = None
+        #: Messages with attachments that views were shown, so that a view can ask for the bytes.
+        self._attached: OrderedDict[str, Message] = OrderedDict()
         #: The last message this widget committed.
         self.last_sent: Message | None = None
         try:
@@ -222,6 +230,11 @@ class ChatWidget(anywidget.AnyWidget):
         """
         return self._submit(text, uuid.uuid4().hex, self._shown or self.room)
 
+    def share(self, obj: Any, caption: str = "") -> Future[Message]:
+        """Share a picture or table (as :meth:`ChatSession.share <zchat_nb.ChatSession.share>`)
+        in the room shown, without blocking; a view does this when an image is pasted or dropped."""
+        return self._submit(caption, uuid.uuid4().hex, self._shown or self.room, attachment=obj)
+
     def switch_room(self, name: str) -> None:
         """Show room ``name`` (created on first use) in every view of this widget."""
         self.room = check_room_name(name)
@@ -265,9 +278,9 @@ class ChatWidget(anywidget.AnyWidget):
 
     # -- from the views (kernel thread) ----------------------------------------------------
 
-    def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+    def _on_view_message(self, _widget: Any, content: Any, buffers: Any) -> None:
         try:
-            frame = parse_view_frame(content)
+            frame = parse_view_frame(content, buffers or ())
         except FrameError as exc:  # not from our view: nothing to answer
             log.debug("zchat_nb: dropped a frame from a view: %s", exc)
             return
@@ -277,19 +290,25 @@ class ChatWidget(anywidget.AnyWidget):
             self._submit(frame.text, frame.client_id, frame.room)
         elif isinstance(frame, Older):
             self._request(_OlderRequest(frame.view, frame.room, frame.before))
+        elif isinstance(frame, Share):
+            self._submit(frame.caption, frame.client_id, frame.room, attachment=frame.data, name=frame.name)
+        elif isinstance(frame, AttachmentWanted):
+            self._request(frame)
 
     def _request(self, request: _Request) -> None:
         self._requests.put(request)
         self._wake.set()
 
-    def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
+    def _submit(
+        self, text: Any, client_id: str, room: str, *, attachment: Any = None, name: str | None = None
+    ) -> Future[Message]:
         future: Future[Message] = Future()
         if self._stopping.is_set():
             exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
             self._request(_FailedRequest(client_id, f"not sent: {exc}"))
         else:
-            self._outbox.put(_Outgoing(room, text, client_id, future))
+            self._outbox.put(_Outgoing(room, text, client_id, future, attachment, name))
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
@@ -327,7 +346,11 @@ class ChatWidget(anywidget.AnyWidget):
                     item.future.set_exception(exc)
                     continue
                 try:
-                    message = session(item.room).add_message(item.text)
+                    if item.attachment is not None:
+                        caption = item.text if isinstance(item.text, str) else ""
+                        message = session(item.room).share(item.attachment, caption, name=item.name)
+                    else:
+                        message = session(item.room).add_message(item.text)
                 except Exception as exc:
                     item.future.set_exception(exc)
                     self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
@@ -470,6 +493,33 @@ class ChatWidget(anywidget.AnyWidget):
             elif isinstance(request, _FailedRequest):
                 self.error = request.error
                 self.send(SendFailed(request.client_id, request.error).to_wire())
+            elif isinstance(request, AttachmentWanted):
+                self._send_attachment(request)
+
+    # -- attachments (poller thread) ---------------------------------------------------------
+
+    def _send_attachment(self, request: AttachmentWanted) -> None:
+        """Send a view the checked bytes of an attachment it shows, as a comm buffer.
+
+        Only bytes read from the blob and sniffed here reach the view, which makes a ``blob:`` URL
+        of them: nothing a message says can make a browser fetch anything.
+        """
+        message = self._attached.get(request.message)
+        if message is None or request.index >= len(message.attachments):
+            return  # not a message this widget showed
+        attachment = message.attachments[request.index]
+        try:
+            data = self.client.attachment_bytes(message, request.index)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            frame = AttachmentData(request.view, message.id, request.index, attachment.mime, error)
+            self.send(frame.to_wire())
+            return
+        if attachment.mime not in IMAGE_TYPES:  # tables: the view offers the bytes as a download
+            frame = AttachmentData(request.view, message.id, request.index, "text/csv")
+        else:
+            frame = AttachmentData(request.view, message.id, request.index, attachment.mime)
+        self.send(frame.to_wire(), buffers=[data])
 
     def _send_older(self, request: _OlderRequest) -> None:
         view, room = request.view, request.room
@@ -494,7 +544,14 @@ class ChatWidget(anywidget.AnyWidget):
         self.send(OlderBatch(view, self._shown, payloads, len(older) >= BACKLOG).to_wire())
 
     def _payload(self, message: Message) -> dict[str, Any]:
-        return message_payload(message, own=message.author == self.client.user)
+        payload = message_payload(message, own=message.author == self.client.user)
+        if message.attachments:
+            payload["attachments"] = attachment_payload(message)
+            self._attached[message.id] = message
+            self._attached.move_to_end(message.id)
+            while len(self._attached) > _MAX_ATTACHED:
+                self._attached.popitem(last=False)
+        return payload
 
     # -- status ----------------------------------------------------------------------------
 
@@ -535,6 +592,9 @@ class _Outgoing:
     text: Any = None
     client_id: str = ""
     future: Future[Message] | None = None
+    #: Something to share (then ``text`` is its caption), and the name a view gave it.
+    attachment: Any = None
+    name: str | None = None
 
 
 # -- what reaches the poller: the sender's outcomes and the views' requests -------------------
@@ -572,7 +632,7 @@ class _FailedRequest:
     error: str
 
 
-_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest
+_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | AttachmentWanted
 
 
 def close_all() -> None:
