@@ -66,14 +66,19 @@ async function copyText(text) {
 function decorateCode(container) {
   for (const pre of container.querySelectorAll("pre")) {
     const wrap = el("div", "zchat-code");
-    const copy = el("button", "zchat-copy", { type: "button", title: "Copy this code" });
-    copy.textContent = "Copy";
+    // The label is drawn by CSS from data-label, so the message's innerText stays the message's.
+    const copy = el("button", "zchat-copy", {
+      type: "button",
+      title: "Copy this code",
+      "aria-label": "Copy this code",
+      "data-label": "Copy",
+    });
     copy.addEventListener("click", async () => {
       const text = pre.textContent.replace(/\n$/, ""); // markdown-it ends every block with a newline
       const ok = await copyText(text);
-      copy.textContent = ok ? "Copied" : "Copy failed";
+      copy.dataset.label = ok ? "Copied" : "Copy failed";
       setTimeout(() => {
-        copy.textContent = "Copy";
+        copy.dataset.label = "Copy";
       }, 1500);
     });
     pre.replaceWith(wrap);
@@ -212,8 +217,142 @@ function render({ model, el: host }) {
     text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
     decorateCode(text);
     body.append(meta, text);
+    for (const a of Array.isArray(m.attachments) ? m.attachments : []) body.append(attachmentNode(m, a));
     node.append(avatar, body);
     return node;
+  }
+
+  // -- attachments: bytes come from the kernel, which read and checked them; never from a URL ---
+  const IMAGE_TYPES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+  const objectUrls = new Set(); // blob: URLs made here, revoked when the messages go
+  const waiting = new Map(); // "message id/index" -> the figure waiting for its bytes
+  const lazy =
+    typeof IntersectionObserver === "function"
+      ? new IntersectionObserver(
+          (entries) => {
+            for (const entry of entries) {
+              if (entry.isIntersecting) {
+                lazy.unobserve(entry.target);
+                requestBytes(entry.target);
+              }
+            }
+          },
+          { root: log, rootMargin: "300px" },
+        )
+      : null;
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function requestBytes(figure) {
+    waiting.set(`${figure.dataset.message}/${figure.dataset.index}`, figure);
+    model.send({
+      type: "attachment",
+      view: viewId,
+      message: figure.dataset.message,
+      index: Number(figure.dataset.index),
+    });
+  }
+
+  function attachmentNode(m, a) {
+    const image = a.image === true;
+    const figure = el("figure", image ? "zchat-attachment zchat-picture" : "zchat-attachment zchat-file", {
+      "data-message": m.id,
+      "data-index": String(a.index),
+      "data-name": String(a.name),
+    });
+    const caption = el("figcaption", "zchat-attachment-name");
+    caption.textContent = `${a.name} · ${formatSize(Number(a.size) || 0)}`;
+    if (image) {
+      figure.append(el("div", "zchat-image-placeholder", { "aria-hidden": "true" }), caption);
+      if (lazy) lazy.observe(figure);
+      else requestBytes(figure);
+    } else {
+      const download = el("button", "zchat-download", { type: "button" });
+      download.textContent = "Download";
+      download.addEventListener("click", () => {
+        figure.dataset.download = "pending";
+        requestBytes(figure);
+      });
+      figure.append(download, caption);
+    }
+    return figure;
+  }
+
+  function enlarge(url, name) {
+    const overlay = el("div", "zchat-lightbox", { role: "dialog", "aria-label": name, tabindex: "-1" });
+    const big = el("img", "zchat-lightbox-image", { alt: name });
+    big.src = url;
+    overlay.append(big);
+    const close = () => overlay.remove();
+    overlay.addEventListener("click", close);
+    overlay.addEventListener("keydown", (event) => {
+      event.stopPropagation();
+      if (event.key === "Escape") close();
+    });
+    root.append(overlay);
+    overlay.focus();
+  }
+
+  function onAttachment(msg, buffers) {
+    const key = `${msg.message}/${msg.index}`;
+    const figure = waiting.get(key);
+    if (!figure) return;
+    waiting.delete(key);
+    const name = figure.dataset.name;
+    if (msg.error || !buffers || buffers.length !== 1) {
+      figure.classList.add("zchat-attachment-skipped");
+      figure.querySelector(".zchat-image-placeholder")?.remove();
+      const note = el("div", "zchat-attachment-error");
+      note.textContent = `skipped: ${msg.error || "no bytes came"}`;
+      figure.append(note);
+      return;
+    }
+    if (figure.classList.contains("zchat-picture")) {
+      if (!IMAGE_TYPES.has(msg.mime)) return;
+      const url = URL.createObjectURL(new Blob(buffers, { type: msg.mime }));
+      objectUrls.add(url);
+      const stick = atBottom();
+      const img = el("img", "zchat-image", { alt: name, title: "Click to enlarge" });
+      img.addEventListener("load", () => {
+        if (stick) scrollToBottom();
+      });
+      img.addEventListener("click", () => enlarge(url, name));
+      img.src = url;
+      figure.querySelector(".zchat-image-placeholder")?.replaceWith(img);
+    } else if (figure.dataset.download === "pending") {
+      delete figure.dataset.download;
+      const url = URL.createObjectURL(new Blob(buffers, { type: "text/csv" }));
+      const link = el("a", "zchat-download-link", { download: name, href: url });
+      root.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    }
+  }
+
+  function forgetAttachments() {
+    if (lazy) lazy.disconnect();
+    waiting.clear();
+    for (const url of objectUrls) URL.revokeObjectURL(url);
+    objectUrls.clear();
+  }
+
+  // Pasting or dropping a picture into the box shares it; the kernel checks the bytes.
+  function shareFile(file) {
+    if (!IMAGE_TYPES.has(file.type)) {
+      error.textContent = `Only PNG, JPEG, GIF and WebP pictures can be shared here, not ${file.type || "this file"}.`;
+      error.hidden = false;
+      return;
+    }
+    file.arrayBuffer().then((bytes) => {
+      const room = shownRoom ?? model.get("room");
+      const name = file.name || `pasted.${file.type.split("/")[1]}`;
+      model.send({ type: "share", client_id: newId(), room, name, caption: "" }, undefined, [bytes]);
+    });
   }
 
   function removeMarker() {
@@ -283,6 +422,7 @@ function render({ model, el: host }) {
   }
 
   function reset(msg) {
+    forgetAttachments();
     shownRoom = msg.room;
     ids.clear();
     list.replaceChildren();
@@ -383,7 +523,7 @@ function render({ model, el: host }) {
   }
 
   // -- events --------------------------------------------------------------------------
-  function onCustom(msg) {
+  function onCustom(msg, buffers) {
     if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
     if (msg.view && msg.view !== viewId) return; // an answer to another view
     switch (msg.type) {
@@ -406,6 +546,9 @@ function render({ model, el: host }) {
       case "send_failed":
         if (msg.client_id === pending) endPending(); // the text stays; the error shows
         break;
+      case "attachment":
+        onAttachment(msg, buffers);
+        break;
     }
   }
 
@@ -419,6 +562,27 @@ function render({ model, el: host }) {
     }
   });
   sendButton.addEventListener("click", sendNow);
+  input.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (!files.length) return; // text: the box takes it as usual
+    event.preventDefault();
+    files.forEach(shareFile);
+  });
+  input.addEventListener("dragover", (event) => {
+    if ([...(event.dataTransfer?.types || [])].includes("Files")) {
+      event.preventDefault();
+      compose.classList.add("zchat-drop");
+    }
+  });
+  input.addEventListener("dragleave", () => compose.classList.remove("zchat-drop"));
+  input.addEventListener("drop", (event) => {
+    compose.classList.remove("zchat-drop");
+    const files = [...(event.dataTransfer?.files || [])];
+    if (!files.length) return;
+    event.preventDefault();
+    event.stopPropagation(); // not into the notebook, which would open the file
+    files.forEach(shareFile);
+  });
   roomInput.addEventListener("keydown", (event) => {
     event.stopPropagation();
     if (event.key === "Enter" && !event.isComposing) {
@@ -473,6 +637,7 @@ function render({ model, el: host }) {
   return () => {
     for (const [name, callback] of listeners) model.off(name, callback);
     clearTimeout(pendingTimer);
+    forgetAttachments();
   };
 }
 
