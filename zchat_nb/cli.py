@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,60 +145,13 @@ def format_line(message: object) -> str:
 
 def _chat(args: argparse.Namespace) -> int:
     from .client import connect
+    from .terminal import run_chat
 
     client = connect(args.address, user=args.name, tls=args.tls)
-    session = client.session(args.room, backlog=args.backlog)
-    prompt = f"{client.user}@{args.room}> "
-    stop = threading.Event()
-    interactive = sys.stdin.isatty()
-
-    def show(text: str) -> None:
-        if interactive:
-            try:
-                import readline
-
-                typed = readline.get_line_buffer()
-            except ImportError:
-                typed = ""
-            # Erase the prompt line, print the message, then give the prompt and typed text back.
-            sys.stdout.write(f"\r\033[K{text}\n{prompt}{typed}")
-        else:
-            sys.stdout.write(f"{text}\n")
-        sys.stdout.flush()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                for message in session.new_messages(timeout=5.0):
-                    show(format_line(message))
-            except ZChatError as exc:
-                if stop.is_set() or client.closed:
-                    return
-                show(f"* {exc}")
-                client.wait_connected(5.0)
-
-    print(f"zchat-nb: {client.user} in room {args.room!r} at {client.address_text}; /quit or Ctrl-D leaves")
-    thread = threading.Thread(target=reader, name="zchat-nb chat reader", daemon=True)
-    thread.start()
     try:
-        while True:
-            try:
-                line = input(prompt if interactive else "")
-            except EOFError:
-                break
-            if line.strip() in ("/quit", "/exit"):
-                break
-            if not line.strip():
-                continue
-            try:
-                session.add_message(line)
-            except ZChatError as exc:
-                show(f"* not sent: {exc}")
+        return run_chat(client, client.session(args.room, backlog=args.backlog))
     finally:
-        stop.set()
         client.close()
-        thread.join(timeout=5)
-    return 0
 
 
 def demo_notebook() -> Path:
