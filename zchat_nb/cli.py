@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Other options are passed to `jupyter lab`, e.g. zchat-nb demo --no-browser --port 8888",
     )
     demo.add_argument(
-        "--dir", default=None, help="where to put the demo notebook (default: the data directory)"
+        "--dir",
+        default=None,
+        help="where to put the demo notebook and the lessons (default: the data directory)",
     )
 
     chat = sub.add_parser("chat", help="chat in the terminal; incoming messages print while you type")
@@ -154,41 +156,10 @@ def _chat(args: argparse.Namespace) -> int:
         client.close()
 
 
-def demo_notebook() -> Path:
-    """The demo notebook shipped with the package (wheel) or beside it (checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "notebooks", here.parent / "notebooks"):
-        if (candidate / "chat_demo.ipynb").exists():
-            return candidate / "chat_demo.ipynb"
-    raise ZChatError(f"the demo notebook is missing from {here}; reinstall zchat_nb")
-
-
 def _demo(args: argparse.Namespace) -> int:
-    import os
-    import shutil
+    from .demo import run_demo
 
-    from .server import ENV_ADDRESS, data_dir, format_address, resolve_address
-
-    address = format_address(resolve_address(None))
-    workdir = Path(args.dir) if args.dir else data_dir() / "notebooks"
-    workdir.mkdir(parents=True, exist_ok=True)
-    notebook = workdir / "chat_demo.ipynb"
-    if not notebook.exists():  # a copy, so that JupyterLab's autosave never edits the installed one
-        shutil.copy(demo_notebook(), notebook)
-    print(f"zchat-nb: chat server at {address}; opening {notebook} in JupyterLab (Ctrl-C stops JupyterLab;")
-    print("          the server keeps running until `zchat-nb stop`)", flush=True)
-    env = {**os.environ, ENV_ADDRESS: address}
-    cmd = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        f"--ServerApp.root_dir={workdir}",
-        *args.lab_args,
-        notebook.name,
-    ]
-    os.chdir(workdir)
-    # Become JupyterLab, so that a signal to this process reaches it (no orphaned server).
-    os.execve(sys.executable, cmd, env)
+    return run_demo(Path(args.dir) if args.dir else None, args.lab_args)
 
 
 # -- classroom: certs, export, clear, pack ----------------------------------------------------
