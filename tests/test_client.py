@@ -15,7 +15,7 @@ from ZEO.Exceptions import ClientDisconnected
 import zchat_nb
 from zchat_nb import Message
 
-from .conftest import ServerProcess
+from .helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 from zchat_nb.demo import DEMO_NOTEBOOK, LESSONS_DIR, ROOT_NOTICE, lab_command, prepare_demo_dir
-from zchat_nb.server import local_status, stop_local_server
+from zchat_nb.local import local_status, stop_local_server
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ROOT = NOTEBOOKS.parent

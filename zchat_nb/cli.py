@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run_foreground
+    from .local import run_foreground
 
     ssl = None
     if args.tls:
@@ -115,7 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import os
 
-    from .server import ENV_ADDRESS, local_status, parse_address, probe
+    from .local import ENV_ADDRESS, local_status
+    from .net import parse_address, probe
 
     env = os.environ.get(ENV_ADDRESS)
     if env:
@@ -128,21 +128,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from .server import stop_local_server
+    from .local import stop_local_server
 
     if stop_local_server():
         print("zchat-nb: the local server stopped")
     else:
         print("zchat-nb: no local server was running")
     return 0
-
-
-def format_line(message: object) -> str:
-    from .model import Message
-
-    assert isinstance(message, Message)
-    stamp = time.strftime("%H:%M", time.localtime(message.time))
-    return f"[{stamp}] {message.author}: {message.text}"
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -228,7 +220,7 @@ def _connect_options(parser: argparse.ArgumentParser) -> None:
 
 def _teacher_client(args: argparse.Namespace) -> ChatClient:
     from .client import connect
-    from .server import resolve_address
+    from .local import resolve_address
 
     address = args.address if args.address else resolve_address(None, start=False)
     return connect(address, user=args.name, tls=args.tls)

@@ -25,7 +25,8 @@ import ZODB
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
-from .exceptions import ZChatConnectionError
+from .exceptions import ZChatConnectionError, server_boundary
+from .local import resolve_address
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -33,8 +34,8 @@ from .model import (
     SendPolicy,
     check_author,
 )
+from .net import Address, check_tls, format_address, probe, speaks_tls
 from .security import class_factory
-from .server import Address, format_address, probe, resolve_address
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
@@ -270,15 +271,10 @@ class ChatClient:
     def rooms(self) -> list[str]:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
-        tm.begin()
-        rooms = conn.root().get(ROOMS_KEY)
-        return list(rooms.keys()) if rooms is not None else []
-
-    def widget(self, room: str = "general", **kwargs: Any) -> Any:
-        """A :class:`zchat_nb.ChatWidget` on ``room`` (needs ipywidgets)."""
-        from .widget import ChatWidget
-
-        return ChatWidget(client=self, room=room, **kwargs)
+        with server_boundary(self.address_text):
+            tm.begin()
+            rooms = conn.root().get(ROOMS_KEY)
+            return list(rooms.keys()) if rooms is not None else []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -364,8 +360,6 @@ def connect(
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
-        from .certs import check_tls
-
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
         raise ZChatConnectionError(
@@ -380,8 +374,6 @@ def connect(
         try:
             storage._wait(connect_timeout)
         except ClientDisconnected as exc:
-            from .certs import speaks_tls
-
             if ssl is None and speaks_tls(addr):
                 raise ZChatConnectionError(
                     f"the ZEO server at {where} requires TLS with a client certificate; connect with "

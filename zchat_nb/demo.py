@@ -73,14 +73,8 @@ def lab_command(
 
 def run_demo(workdir: Path | None, lab_args: Sequence[str]) -> int:
     """Start or find the local server, prepare ``workdir``, run JupyterLab until it ends."""
-    from .server import (
-        ENV_ADDRESS,
-        data_dir,
-        format_address,
-        local_status,
-        resolve_address,
-        stop_local_server,
-    )
+    from .local import ENV_ADDRESS, data_dir, local_status, resolve_address, stop_local_server
+    from .net import format_address
 
     # Only a server this demo started is stopped when JupyterLab fails; one that was running stays.
     starts_server = not os.environ.get(ENV_ADDRESS) and not local_status()["running"]

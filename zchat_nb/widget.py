@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any
 
 import anywidget
 import traitlets
-from transaction.interfaces import TransientError
 
 from .exceptions import InvalidMessageError, ZChatConnectionError
 from .model import Message, check_room_name
@@ -289,7 +288,7 @@ class ChatWidget(anywidget.AnyWidget):
     def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
         future: Future[Message] = Future()
         if self._stopping.is_set():
-            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with client.widget()")
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
             self._request("failed", client_id, f"not sent: {exc}")
         else:
@@ -377,8 +376,6 @@ class ChatWidget(anywidget.AnyWidget):
             if self.client.closed:
                 return False
             self._poll_error = str(exc)
-        except TransientError as exc:  # ZEO's ClientDisconnected from a read outside new_messages
-            self._poll_error = f"the server went away ({type(exc).__name__}: {exc})"
         except Exception as exc:
             if self.client.closed:
                 return False
