@@ -33,11 +33,15 @@ from .model import (
     SendPolicy,
     check_author,
 )
+from .pgwake import DEFAULT_FALLBACK
 from .security import class_factory
-from .server import Address, format_address, probe, resolve_address
+from .server import ENV_ADDRESS, Address, format_address, probe, resolve_address
+from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
+
+    from .pgwake import PostgresLink
 
 __all__ = ["ChatClient", "ClientEvent", "connect", "default_user"]
 
@@ -135,6 +139,7 @@ class ChatClient:
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        link: PostgresLink | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -155,6 +160,11 @@ class ChatClient:
             storage._zchat_notify = self._notify
             storage._zchat_report = self.report
             storage._zchat_wake = self._wake_readers
+        # PostgreSQL (RelStorage) instead of ZEO: the link's LISTEN thread wakes readers and
+        # says whether the database answers.
+        self._link = link
+        if link is not None:
+            link.start(self._notify, self._wake_readers)
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -193,6 +203,8 @@ class ChatClient:
             return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
 
     def is_connected(self) -> bool:
+        if self._link is not None:
+            return self._link.is_connected()
         storage = self.db.storage
         return bool(storage.is_connected()) if hasattr(storage, "is_connected") else True
 
@@ -200,6 +212,8 @@ class ChatClient:
         storage = self.db.storage
         if self._closed:
             return False
+        if self._link is not None:
+            return self._link.wait_connected(timeout)
         if self.is_connected():
             return True
         try:
@@ -210,7 +224,22 @@ class ChatClient:
 
     @property
     def address_text(self) -> str:
+        if self._link is not None:
+            return self._link.target.display  # never shows the password
         return format_address(self.address) if self.address else "(in-process storage)"
+
+    @property
+    def storage_text(self) -> str:
+        """Which storage this client uses, in words (no password)."""
+        if self._link is not None:
+            return self._link.target.description
+        return f"ZEO server at {format_address(self.address)}" if self.address else "in-process storage"
+
+    def server_status(self) -> dict[str, Any]:
+        """The server's statistics (ZEO), or the PostgreSQL link's (storage, notifications, polls)."""
+        if self._link is not None:
+            return self._link.status()
+        return dict(self.db.storage.server_status())
 
     # -- events --------------------------------------------------------------------------
 
@@ -301,6 +330,8 @@ class ChatClient:
                 conn.close()
             except Exception:  # a connection still in use by another thread
                 log.debug("closing a zchat_nb connection failed", exc_info=True)
+        if self._link is not None:
+            self._link.close()
         self.db.close()
 
     def __enter__(self) -> ChatClient:
@@ -326,14 +357,17 @@ def connect(
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
     clock: Callable[[], float] = time.time,
+    fallback: float = DEFAULT_FALLBACK,
 ) -> ChatClient:
     """Connect to a chat server.
 
     Parameters
     ----------
     address
-        ``(host, port)``, ``"host:port"`` or None: ``$ZCHAT_ADDRESS``, else the embedded default
-        (the local server recorded in the user data directory, started if none answers).
+        ``(host, port)``, ``"host:port"``, a PostgreSQL URI
+        (``"postgresql://user:password@host:port/dbname"``, see :mod:`zchat_nb.storage`) or None:
+        ``$ZCHAT_ADDRESS``, else the embedded default (the local server recorded in the user data
+        directory, started if none answers).
     user
         The name shown with this client's messages; default: JupyterHub user or login name.
     timeout
@@ -353,7 +387,26 @@ def connect(
         Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
     clock
         Where message times come from (tests pass a slow clock).
+    fallback
+        PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    target = address if address is not None else os.environ.get(ENV_ADDRESS)
+    if is_storage_uri(target):
+        if ssl is not None or tls is not None:
+            raise ZChatConnectionError(
+                "ssl=/tls= are for ZEO servers; for PostgreSQL put sslmode=verify-full (and "
+                "sslrootcert=...) in the URI's query"
+            )
+        return _connect_postgres(
+            parse_storage_uri(str(target)),
+            user,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_text_bytes=max_text_bytes,
+            allow=allow,
+            clock=clock,
+            fallback=fallback,
+        )
     if tls is not None:
         from .certs import load_bundle
 
@@ -407,3 +460,60 @@ def connect(
     except BaseException:
         db.close()
         raise
+
+
+def _connect_postgres(
+    target: PostgresTarget,
+    user: str | None,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_text_bytes: int,
+    allow: Iterable[tuple[str, str]],
+    clock: Callable[[], float],
+    fallback: float,
+) -> ChatClient:
+    """A ChatClient on RelStorage: same model and allow-lists, wake-ups by LISTEN/NOTIFY."""
+    from .pgwake import PostgresLink
+    from .security import harden_conflict_resolution
+    from .storage import install_notify_trigger, open_relstorage
+
+    # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
+    harden_conflict_resolution()
+    storage = open_relstorage(target, connect_timeout=connect_timeout)
+    link = None
+    try:
+        from .server import _ensure_root
+
+        _ensure_root(storage)  # two first clients at once must not both create the root
+        link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))
+        storage._zchat_on_lost = link.lost
+        storage._zchat_after_commit = link.committed  # set before ZODB.DB makes instances
+        db = ZODB.DB(storage, class_factory=class_factory(allow))
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        client = ChatClient(
+            db,
+            user=user,
+            max_text_bytes=max_text_bytes,
+            policy=SendPolicy(timeout=timeout),
+            clock=clock,
+            link=link,
+        )
+    except BaseException:
+        link.close()
+        db.close()
+        raise
+    if link.trigger_problem is not None:
+        log.warning(
+            "zchat_nb: commits to %s send no notification (%s); readers learn of them every %g s",
+            target.display,
+            link.trigger_problem,
+            fallback,
+        )
+    if not link.wait_connected(connect_timeout):
+        client.close()
+        raise ZChatConnectionError(f"{target.description} does not answer: {link.last_error}")
+    return client
