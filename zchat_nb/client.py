@@ -229,6 +229,11 @@ class ChatClient:
         return format_address(self.address) if self.address else "(in-process storage)"
 
     @property
+    def target(self) -> Address | PostgresTarget | None:
+        """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
+        return self._link.target if self._link is not None else self.address
+
+    @property
     def storage_text(self) -> str:
         """Which storage this client uses, in words (no password)."""
         if self._link is not None:

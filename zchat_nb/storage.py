@@ -37,6 +37,7 @@ __all__ = [
     "is_storage_uri",
     "open_relstorage",
     "parse_storage_uri",
+    "postgres_status",
     "redact",
 ]
 
@@ -303,3 +304,28 @@ def install_notify_trigger(target: PostgresTarget) -> str | None:
         return redact(str(exc).strip(), (target.password,))
     finally:
         conn.close()
+
+
+def postgres_status(target: PostgresTarget, timeout: float = 5.0) -> dict[str, Any]:
+    """What ``zchat-nb status`` says about a PostgreSQL target: whether it answers, and its chat."""
+    import psycopg2
+
+    status: dict[str, Any] = {"address": target.display, "storage": target.description, "running": False}
+    try:
+        conn = psycopg2.connect(target.dsn, connect_timeout=max(1, round(timeout)))
+    except psycopg2.Error as exc:
+        status["error"] = redact(str(exc).strip(), (target.password,))
+        return status
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('object_state') IS NOT NULL")
+            row = cur.fetchone()
+            status["running"] = True
+            status["tables"] = "RelStorage's" if row and row[0] else "none yet (made by the first client)"
+            cur.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'zchat_nb_notify_commit'")
+            status["commit_notifications"] = cur.fetchone() is not None
+    except psycopg2.Error as exc:
+        status["error"] = redact(str(exc).strip(), (target.password,))
+    finally:
+        conn.close()
+    return status
