@@ -79,9 +79,11 @@ class PostgresCluster:
         return done.stdout
 
     def start(self) -> None:
+        # fsync=off only risks data on an OS crash; synchronous_commit stays on, because a crash of
+        # PostgreSQL itself (the restart tests) must not lose commits it acknowledged.
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.socket_dir} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            "-c fsync=off -c full_page_writes=off -c max_connections=300"
         )
         self._run(
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"

@@ -181,6 +181,10 @@ _WRAPPED = (
 )  # fmt: skip
 
 
+#: Calls ZODB makes at transaction boundaries, where a lost connection means "forget the cache".
+_POLLS = ("poll_invalidations", "sync")
+
+
 def _relstorage_class() -> type:
     from relstorage.storage import RelStorage
 
@@ -194,6 +198,8 @@ def _relstorage_class() -> type:
         _zchat_target: PostgresTarget | None = None
         _zchat_on_lost: Callable[[BaseException], None] | None = None
         _zchat_after_commit: Callable[[], None] | None = None
+        #: Set when a call lost the database: the next successful poll drops the object cache.
+        _zchat_forget = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -208,11 +214,24 @@ def _relstorage_class() -> type:
             def guarded(*args: Any, **kwargs: Any) -> Any:
                 try:
                     result = method(*args, **kwargs)
+                    if self._zchat_forget and method.__name__ == "poll_invalidations":
+                        # Lost mid-commit, a commit may have happened that this cache never saw
+                        # (tpc_finish's answer was lost): forget every object, as ZEO's client
+                        # does on reconnect, so the retry reads what is really stored.
+                        self._zchat_forget = False
+                        return None
                 except lost as exc:
+                    self._zchat_forget = True
                     where = self._zchat_target.display if self._zchat_target else "PostgreSQL"
                     secrets = (self._zchat_target.password,) if self._zchat_target else ()
                     if self._zchat_on_lost is not None:
                         self._zchat_on_lost(exc)
+                    if method.__name__ in _POLLS:
+                        # ZODB polls after every abort and commit too (afterCompletion): failing
+                        # there would make tm.abort() itself raise. Drop the whole object cache
+                        # instead (None means just that); the next load reconnects to a fresh
+                        # snapshot or raises, so nothing stale is read.
+                        return None
                     raise ZChatDisconnected(
                         f"lost the connection to {where}: {redact(str(exc).strip(), secrets)}; "
                         "the client reconnects by itself when the database is back"
