@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import zchat_nb
-from zchat_nb.server import parse_address
+from zchat_nb.net import parse_address
 
 pytestmark = pytest.mark.integration
 

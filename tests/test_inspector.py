@@ -20,8 +20,9 @@ from BTrees.OOBTree import OOBTree
 
 import zchat_nb
 from zchat_nb import ChatClient, Message
-from zchat_nb.inspector import Inspector, classify, room_oids, tree_summary, tree_svg
+from zchat_nb.inspector import Inspector
 from zchat_nb.model import ROOMS_KEY, Room
+from zchat_nb.treeview import classify, room_oids, tree_summary, tree_svg
 
 TIMEOUT = 10.0
 SVG = "{http://www.w3.org/2000/svg}"

@@ -145,7 +145,9 @@ def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb
 
     before = threading.active_count()
     client = zchat_nb.connect(server.address, user="coder")
-    widget = client.widget("general")  # made in code, not by %zchat join
+    from zchat_nb.widget import ChatWidget
+
+    widget = ChatWidget(client, "general")  # made in code, not by %zchat join
     assert threading.active_count() > before
     ip.run_line_magic("unload_ext", "zchat_nb")
     assert widget.closed

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from zchat_nb.server import stop_local_server
+from zchat_nb.local import stop_local_server
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ import zchat_nb
 from zchat_nb.exceptions import UnsafeRecordError, ZChatConnectionError, ZChatSendError
 from zchat_nb.storage import parse_storage_uri, redact
 
-from .conftest import free_port
+from .helpers import free_port
 from .pg import PASSWORD, PostgresCluster, find_pg_bin
 
 # -- URIs and redaction (no database) ------------------------------------------------------------
@@ -304,7 +304,7 @@ class TestOnPostgres:
         reader.close()
 
     def test_serve_storage_keeps_a_zeo_servers_data_in_postgres(self, pg_uri: str) -> None:
-        from zchat_nb.server import spawn_server
+        from zchat_nb.local import spawn_server
 
         port = free_port()
         proc, line = spawn_server(["--storage", pg_uri, "--port", str(port)], timeout=60)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 import zchat_nb
-from zchat_nb.server import local_status, parse_address, read_state, stop_local_server
-
-from .conftest import free_port
+from zchat_nb.local import local_status, read_state, stop_local_server
+from zchat_nb.net import parse_address
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +45,8 @@ def test_bad_address_given_to_connect_is_a_zchat_error() -> None:
         zchat_nb.connect("nowhere:xx")
 
 
-def test_no_server_listening_is_reported_quickly_with_the_way_out() -> None:
-    port = free_port()
+def test_no_server_listening_is_reported_quickly_with_the_way_out(free_port: int) -> None:
+    port = free_port
     started = time.monotonic()
     with pytest.raises(zchat_nb.ZChatConnectionError) as info:
         zchat_nb.connect(("127.0.0.1", port))
@@ -141,7 +140,7 @@ def test_every_command_has_help(command: str) -> None:
 
 def test_a_stale_state_file_does_not_send_clients_to_a_stranger(zchat_home: Path) -> None:
     """A recorded server whose process is gone is replaced, even if its port now answers."""
-    from zchat_nb.server import LocalState, write_state
+    from zchat_nb.local import LocalState, write_state
 
     with zchat_nb.serve() as stranger:  # some other program listening on the recorded port
         dead = subprocess.Popen([sys.executable, "-c", "pass"])

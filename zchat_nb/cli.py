@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run_foreground
+    from .local import run_foreground
 
     ssl = None
     if args.tls:
@@ -135,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import os
 
-    from .server import ENV_ADDRESS, local_status, parse_address, probe
+    from .local import ENV_ADDRESS, local_status
+    from .net import parse_address, probe
     from .storage import is_storage_uri, parse_storage_uri, postgres_status
 
     env = os.environ.get(ENV_ADDRESS)
@@ -152,7 +152,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from .server import stop_local_server
+    from .local import stop_local_server
 
     if stop_local_server():
         print("zchat-nb: the local server stopped")
@@ -161,16 +161,9 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_line(message: object) -> str:
-    from .model import Message
-
-    assert isinstance(message, Message)
-    stamp = time.strftime("%H:%M", time.localtime(message.time))
-    return f"[{stamp}] {message.author}: {message.text}"
-
-
 def _chat(args: argparse.Namespace) -> int:
     from .client import connect
+    from .render import format_line
 
     client = connect(args.address, user=args.name, tls=args.tls)
     session = client.session(args.room, backlog=args.backlog)
@@ -240,7 +233,8 @@ def _demo(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from .server import ENV_ADDRESS, data_dir, format_address, resolve_address
+    from .local import ENV_ADDRESS, data_dir, resolve_address
+    from .net import format_address
 
     address = format_address(resolve_address(None))
     workdir = Path(args.dir) if args.dir else data_dir() / "notebooks"
@@ -334,7 +328,7 @@ def _teacher_client(args: argparse.Namespace) -> ChatClient:
     import os
 
     from .client import connect
-    from .server import ENV_ADDRESS, resolve_address
+    from .local import ENV_ADDRESS, resolve_address
 
     # $ZCHAT_ADDRESS may be a PostgreSQL URI, which connect() takes as it is.
     address = args.address or os.environ.get(ENV_ADDRESS) or resolve_address(None, start=False)

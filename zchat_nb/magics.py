@@ -19,7 +19,9 @@ from traitlets.config import Configurable
 from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
 from .model import ChatSession
-from .server import Server, format_address, parse_address, serve
+from .net import format_address, parse_address
+from .render import format_line
+from .server import Server, serve
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -178,6 +180,8 @@ class ZChatMagics(Magics):
     def _join(self, args: argparse.Namespace, cell: str | None) -> Any:
         from IPython.display import display
 
+        from .widget import ChatWidget
+
         # With --tls and no --name, the name is the one on the certificate.
         user = args.name or (None if args.tls else self.settings.user)
         address = args.address
@@ -197,7 +201,7 @@ class ZChatMagics(Magics):
             client = self.client = connect(address, user=user, timeout=self.settings.timeout, tls=args.tls)
         self.room = args.room or self.settings.room
         self.session = client.session(self.room, backlog=0)
-        widget = client.widget(self.room, poll_interval=self.settings.poll_interval)
+        widget = ChatWidget(client, self.room, poll_interval=self.settings.poll_interval)
         self.widgets.append(widget)
         display(widget)
         return None
@@ -223,8 +227,6 @@ class ZChatMagics(Magics):
         session.add_message(text)
 
     def _history(self, args: argparse.Namespace, cell: str | None) -> None:
-        from .cli import format_line
-
         session = self._joined()
         if args.n < 0:
             raise UsageError(f"%zchat history: -n must be 0 or more, not {args.n}")

@@ -24,13 +24,12 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .storage import CHANNEL, PostgresTarget, redact
 
 if TYPE_CHECKING:
-    from .client import ClientEvent
+    from .client import ClientEvents
 
 __all__ = ["DEFAULT_FALLBACK", "PostgresLink"]
 
@@ -44,7 +43,7 @@ _RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 class PostgresLink:
     """A LISTEN connection on a daemon thread: wake-ups, and whether PostgreSQL answers.
 
-    ``start(notify, wake)`` begins; ``close()`` stops and joins (safe twice).
+    ``start(events)`` begins; ``close()`` stops and joins (safe twice).
     """
 
     def __init__(
@@ -62,13 +61,12 @@ class PostgresLink:
         self._stop = threading.Event()
         self._recheck_r, self._recheck_w = os.pipe()
         self._thread: threading.Thread | None = None
-        self._notify: Callable[[ClientEvent], None] | None = None
-        self._wake: Callable[[], None] | None = None
+        self._events: ClientEvents | None = None
 
     # -- what the ChatClient asks ----------------------------------------------------------
 
-    def start(self, notify: Callable[[ClientEvent], None], wake: Callable[[], None]) -> None:
-        self._notify, self._wake = notify, wake
+    def start(self, events: ClientEvents) -> None:
+        self._events = events
         self._thread = threading.Thread(target=self._run, name="zchat-pg-listener", daemon=True)
         self._thread.start()
 
@@ -90,8 +88,13 @@ class PostgresLink:
 
     def committed(self) -> None:
         """This client committed: wake its own readers now rather than when the NOTIFY arrives."""
-        if self._wake is not None:
-            self._wake()
+        self._tell("committed")
+
+    def _tell(self, kind: str, **details: Any) -> None:
+        from .client import ClientEvent
+
+        if self._events is not None:
+            self._events.tell(ClientEvent(kind, time.time(), details=details))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -121,18 +124,14 @@ class PostgresLink:
     # -- the listener thread ---------------------------------------------------------------
 
     def _set_connected(self, up: bool, why: str = "") -> None:
-        from .client import ClientEvent
-
         with self._state:
             changed = up != self._connected
             self._connected = up
             if why:
                 self.last_error = why
             self._state.notify_all()
-        if changed and self._notify is not None:
-            self._notify(
-                ClientEvent("connected" if up else "disconnected", time.time(), details={"why": why})
-            )
+        if changed:
+            self._tell("connected" if up else "disconnected", why=why)
 
     def _run(self) -> None:
         attempt = 0
@@ -147,6 +146,8 @@ class PostgresLink:
                 continue
             attempt = 0
             try:
+                # "connected" wakes readers: commits made while nobody listened sent notifications
+                # nobody heard, and a reader's poll at tm.begin() finds them.
                 self._set_connected(True)
                 self._serve(conn)
             except Exception as exc:
@@ -176,11 +177,6 @@ class PostgresLink:
         return conn
 
     def _serve(self, conn: Any) -> None:
-        from .client import ClientEvent
-
-        assert self._notify is not None and self._wake is not None
-        # Commits made while we were not listening sent notifications nobody heard: wake anyway.
-        self._wake()
         while not self._stop.is_set():
             ready = select.select([conn, self._recheck_r], [], [], self.fallback)[0]
             if self._recheck_r in ready:
@@ -190,16 +186,13 @@ class PostgresLink:
                 with conn.cursor() as cur:  # a storage call failed: does the database answer us?
                     cur.execute("SELECT 1")
                 self._set_connected(True)
-                self._wake()
             if conn in ready:
                 conn.poll()
                 if conn.notifies:
                     count = len(conn.notifies)
                     conn.notifies.clear()
                     self.notifications += count
-                    self._notify(
-                        ClientEvent("invalidation", time.time(), details={"source": "notify", "count": count})
-                    )
-            if not ready:
+                    self._tell("invalidation", source="notify", count=count)
+            if not ready:  # no notification for a while: readers poll anyway (the fallback)
                 self.fallback_wakes += 1
-                self._wake()
+                self._tell("invalidation", source="fallback")

@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any
 
 import anywidget
 import traitlets
-from transaction.interfaces import TransientError
 
 from .exceptions import InvalidMessageError, ZChatConnectionError
 from .model import Message, check_room_name
@@ -289,7 +288,7 @@ class ChatWidget(anywidget.AnyWidget):
     def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
         future: Future[Message] = Future()
         if self._stopping.is_set():
-            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with client.widget()")
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
             self._request("failed", client_id, f"not sent: {exc}")
         else:
@@ -297,8 +296,9 @@ class ChatWidget(anywidget.AnyWidget):
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
-        # On ZEO's networking thread: no storage calls, no comm messages; just wake the poller.
-        if event.kind != "invalidation":
+        # On ZEO's networking thread or a committing one (this widget's own commits included):
+        # no storage calls, no comm messages; just wake the poller.
+        if event.kind in ("connected", "disconnected"):
             self._events.append(event)
         self._wake.set()
 
@@ -345,11 +345,9 @@ class ChatWidget(anywidget.AnyWidget):
         if self._stopping.is_set() or not self.client.is_connected():
             return  # the status line already says the server is away
         try:
-            session(room).heartbeat()
+            session(room).heartbeat()  # its commit wakes the poller, which reads presence
         except Exception as exc:
             log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
-        else:
-            self._wake.set()  # the poller reads presence; our own commit sends us no invalidation
 
     # -- poller thread ---------------------------------------------------------------------
 
@@ -377,8 +375,6 @@ class ChatWidget(anywidget.AnyWidget):
             if self.client.closed:
                 return False
             self._poll_error = str(exc)
-        except TransientError as exc:  # ZEO's ClientDisconnected from a read outside new_messages
-            self._poll_error = f"the server went away ({type(exc).__name__}: {exc})"
         except Exception as exc:
             if self.client.closed:
                 return False
