@@ -358,3 +358,12 @@ def test_blobs_live_in_one_tree_per_writer(server: zchat_nb.Server) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_database_without_blobs_says_so(make_client: Any) -> None:
+    import ZODB
+
+    client = make_client(ZODB.DB(None), "ada")  # MappingStorage: no blobs
+    with pytest.raises(AttachmentError, match="keeps no blobs, so nothing can be shared there"):
+        client.session("r").share(PNG)
+    assert client.session("r").history(5) == []

@@ -36,7 +36,7 @@ import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from ZODB.POSException import ConflictError, POSKeyError
+from ZODB.POSException import ConflictError, POSKeyError, Unsupported
 
 from .exceptions import (
     AttachmentError,
@@ -648,7 +648,14 @@ class ChatSession:
             stored[:] = [self._room_in(conn).append(writer, message)]
 
         with self._host.send_lock:
-            self._commit(append, what=f"sharing {len(files)} attachment(s) in room {self.room!r}")
+            try:
+                self._commit(append, what=f"sharing {len(files)} attachment(s) in room {self.room!r}")
+            except Unsupported as exc:  # ZODB's word for a storage without blobs
+                raise AttachmentError(
+                    f"the database at {self._host.address_text} keeps no blobs, so nothing can be "
+                    "shared there; use a server started by zchat_nb (`zchat-nb serve`), which has a "
+                    "blob directory"
+                ) from exc
         return stored[0]
 
     def _commit(self, change: Callable[[Connection], object], what: str) -> None:

@@ -128,13 +128,25 @@ class Server:
         port: int = 0,
         *,
         ssl: ssl_module.SSLContext | None = None,
+        storage_uri: str | None = None,
     ) -> None:
         from ZEO.StorageServer import StorageServer
 
         harden_server_process()
         _demote_client_disconnects()
         self.path = None if path is None else Path(path)
-        storage, self._scratch = _open_storage(self.path)
+        self.storage_text = "in memory" if self.path is None else str(self.path)
+        self._scratch: str | None = None
+        if storage_uri is not None:  # PostgreSQL through RelStorage (zchat_nb.storage)
+            if path is not None:
+                raise ZChatServerError("give the server a FileStorage path or a --storage URI, not both")
+            from .storage import open_relstorage, parse_storage_uri
+
+            target = parse_storage_uri(storage_uri)
+            self.storage_text = target.description
+            storage = open_relstorage(target)
+        else:  # FileStorage or memory, each with a blob directory (see _open_storage)
+            storage, self._scratch = _open_storage(self.path)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
@@ -218,8 +230,7 @@ class Server:
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped.is_set() else "running"
-        where = self.path or "memory"
-        return f"<zchat_nb.Server {format_address(self.address)} {where} {state}>"
+        return f"<zchat_nb.Server {format_address(self.address)} {self.storage_text} {state}>"
 
 
 def serve(
@@ -229,8 +240,12 @@ def serve(
     *,
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
+    storage: str | None = None,
 ) -> Server:
-    """Start a ZEO server in this process: in memory, or in the FileStorage at ``path``.
+    """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
+
+    ``storage``: a ``postgresql://`` URI (:mod:`zchat_nb.storage`); the data then lives in that
+    database, through RelStorage.
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
@@ -242,4 +257,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage)
