@@ -20,7 +20,7 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 LAYERS: list[set[str]] = [
     {"exceptions", "seed"},
     {"model", "security", "net", "events", "storage", "media"},
-    {"server", "render", "certs", "treeview", "frames", "pgwake"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake", "blobguard"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},

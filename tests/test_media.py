@@ -367,3 +367,27 @@ def test_a_database_without_blobs_says_so(make_client: Any) -> None:
     with pytest.raises(AttachmentError, match="keeps no blobs, so nothing can be shared there"):
         client.session("r").share(PNG)
     assert client.session("r").history(5) == []
+
+
+@pytest.mark.integration
+def test_the_server_refuses_a_blob_over_its_limit_and_serves_the_others_on(tmp_path: Path) -> None:
+    from zchat_nb.exceptions import ZChatSendError
+    from zchat_nb.server import blob_dir_of
+
+    path = tmp_path / "chat.fs"
+    with zchat_nb.serve(path, max_blob_bytes=100_000) as srv:
+        # A client that ignores the limit (its own is raised): the server is what stops it.
+        greedy = zchat_nb.connect(srv.address, user="greedy", max_attachment_bytes=10**7, timeout=3)
+        honest = zchat_nb.connect(srv.address, user="honest")
+        try:
+            with pytest.raises(ZChatSendError, match="was not sent"):
+                greedy.session("cap").share(PNG + b"\x00" * 300_000)
+            fits = honest.session("cap").share(PNG + b"\x00" * 90_000)
+            (seen,) = [m for m in _read(greedy.session("cap"), 1)]
+            assert seen.id == fits.id
+            assert greedy.attachment_bytes(seen) == PNG + b"\x00" * 90_000
+        finally:
+            greedy.close()
+            honest.close()
+        leftovers = [p for p in (blob_dir_of(path) / "tmp").iterdir()]
+        assert leftovers == [], leftovers  # no half-uploaded blob left on the server's disk

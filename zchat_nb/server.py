@@ -129,8 +129,9 @@ class Server:
         *,
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
+        max_blob_bytes: int | None = None,
     ) -> None:
-        from ZEO.StorageServer import StorageServer
+        from .blobguard import MAX_BLOB_BYTES, BlobLimitedStorageServer
 
         harden_server_process()
         _demote_client_disconnects()
@@ -152,7 +153,10 @@ class Server:
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(StorageServer, (host, port), {"1": storage}, ssl=ssl).result()
+                self._server = pool.submit(
+                    BlobLimitedStorageServer, (host, port), {"1": storage}, ssl=ssl
+                ).result()
+            self._server.max_blob_bytes = MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
         except OSError as exc:
             storage.close()
             self._remove_scratch()
@@ -241,6 +245,7 @@ def serve(
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
+    max_blob_bytes: int | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
 
@@ -249,7 +254,9 @@ def serve(
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
-    need a certificate from it (:mod:`zchat_nb.certs`).
+    need a certificate from it (:mod:`zchat_nb.certs`). ``max_blob_bytes``: the largest shared
+    picture or table a client may upload (default 64 MiB, :mod:`zchat_nb.blobguard`; clients have
+    their own limit, 5 MB by default).
     """
     if tls is not None:
         from .certs import server_context
@@ -257,4 +264,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage, max_blob_bytes=max_blob_bytes)
