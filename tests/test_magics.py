@@ -234,5 +234,5 @@ def test_share_sends_a_variable_as_an_attachment(
     with pytest.raises(UsageError, match="there is no variable 'nothing' in this kernel"):
         zchat(ip, "share nothing")
     ip.user_ns["words"] = b"just some bytes"
-    with pytest.raises(UsageError, match="%zchat share: the bytes is not a PNG, JPEG, GIF or WebP image"):
+    with pytest.raises(UsageError, match="%zchat share: the data is not a PNG, JPEG, GIF or WebP image"):
         zchat(ip, "share words")

@@ -157,7 +157,7 @@ def prepare(obj: Any, max_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES, name: str |
     """
     if isinstance(obj, (bytes, bytearray, memoryview)):
         data = bytes(obj)
-        mime = _checked_image(data, "the bytes", max_bytes)
+        mime = _checked_image(data, "the data", max_bytes)
         return Prepared(name or f"image.{mime.split('/')[1]}", mime, data)
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)

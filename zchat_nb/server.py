@@ -56,8 +56,9 @@ class MemoryStorage(ConflictResolvingStorage, MappingStorage):
         return self._resolved
 
 
-def blob_dir_of(path: Path) -> Path:
+def blob_dir_of(path: str | os.PathLike[str]) -> Path:
     """Where a FileStorage's blobs live: beside the file, ``chat.fs`` -> ``chat.fs.blobs``."""
+    path = Path(path)
     return path.with_name(path.name + ".blobs")
 
 
