@@ -194,3 +194,14 @@ def test_code_blocks_are_found_in_order() -> None:
     text = "look:\n```python\nx = 1\n```\nand\n\n    indented()\n\n```\ny = 2\n```\n`inline` is not one"
     assert code_blocks(text) == ["x = 1\n", "indented()\n", "y = 2\n"]
     assert code_blocks("no code here") == []
+
+
+def test_a_terminal_line_names_the_attachments() -> None:
+    from zchat_nb.model import Attachment
+    from zchat_nb.render import attachment_payload, format_line
+
+    message = Message("abc", "bob", "my plot", 1.0e9, (Attachment("plot.png", "image/png", 1234, "w/abc/0"),))
+    assert format_line(message).endswith("bob: my plot [plot.png: image/png, 1234 bytes]")
+    assert attachment_payload(message) == [
+        {"index": 0, "name": "plot.png", "mime": "image/png", "size": 1234, "image": True}
+    ]

@@ -205,6 +205,7 @@ def attachment_payload(message: Message) -> list[dict[str, Any]]:
 
 
 def format_line(message: Message) -> str:
-    """One message as a terminal line: ``[HH:MM] author: text`` in local time."""
+    """One message as a terminal line: ``[HH:MM] author: text`` in local time, attachments named."""
     stamp = time.strftime("%H:%M", time.localtime(message.time))
-    return f"[{stamp}] {message.author}: {message.text}"
+    shared = "".join(f" [{a.name}: {a.mime}, {a.size} bytes]" for a in message.attachments)
+    return f"[{stamp}] {message.author}: {message.text}{shared}"
