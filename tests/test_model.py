@@ -14,6 +14,8 @@ import zchat_nb
 from zchat_nb.exceptions import InvalidMessageError
 from zchat_nb.model import ROOMS_KEY, Message, Room
 
+from .helpers import MakeClient
+
 
 @pytest.fixture
 def db() -> Iterator[ZODB.DB]:
@@ -22,23 +24,18 @@ def db() -> Iterator[ZODB.DB]:
     database.close()
 
 
-def make_client(db: ZODB.DB, user: str, clock=None) -> zchat_nb.ChatClient:
-    kwargs = {"clock": clock} if clock else {}
-    return zchat_nb.ChatClient(db, user=user, **kwargs)
-
-
 def texts(messages: list[Message]) -> list[str]:
     return [m.text for m in messages]
 
 
-def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB) -> None:
+def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     sent = chat.add_message("hello")
     assert chat.new_messages() == [sent]
     assert chat.new_messages() == []
 
 
-def test_message_fields_and_immutability(db: ZODB.DB) -> None:
+def test_message_fields_and_immutability(db: ZODB.DB, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     msg = chat.add_message("hi *there*")
     assert (msg.author, msg.text) == ("alice", "hi *there*")
@@ -47,7 +44,7 @@ def test_message_fields_and_immutability(db: ZODB.DB) -> None:
         msg.text = "changed"  # type: ignore[misc]
 
 
-def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB) -> None:
+def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB, make_client: MakeClient) -> None:
     ticks = itertools.count(1000.0)
     alice = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
     bob = make_client(db, "bob", clock=lambda: next(ticks)).session("general")
@@ -58,7 +55,7 @@ def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB) -> None:
     assert texts(alice.new_messages()) == ["one", "two", "three"]
 
 
-def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB) -> None:
+def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB, make_client: MakeClient) -> None:
     reader = make_client(db, "reader").session("general")
     make_client(db, "fast").session("general").add_message("on time")
     assert texts(reader.new_messages()) == ["on time"]
@@ -68,7 +65,7 @@ def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB) -> None:
     assert reader.new_messages() == []
 
 
-def test_ghostified_room_does_not_redeliver(db: ZODB.DB) -> None:
+def test_ghostified_room_does_not_redeliver(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     for i in range(40):
@@ -81,7 +78,7 @@ def test_ghostified_room_does_not_redeliver(db: ZODB.DB) -> None:
     assert texts(chat.new_messages()) == ["after"]
 
 
-def test_history_returns_last_n_oldest_first(db: ZODB.DB) -> None:
+def test_history_returns_last_n_oldest_first(db: ZODB.DB, make_client: MakeClient) -> None:
     ticks = itertools.count(0.0, 0.5)
     chat = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
     for i in range(100):
@@ -93,7 +90,7 @@ def test_history_returns_last_n_oldest_first(db: ZODB.DB) -> None:
     assert chat.history(0) == []
 
 
-def test_history_spans_sparse_and_dense_times(db: ZODB.DB) -> None:
+def test_history_spans_sparse_and_dense_times(db: ZODB.DB, make_client: MakeClient) -> None:
     times = iter([0.0, 1.0, 2.0, 1e6, 1e6 + 0.001, 1e6 + 0.002])
     chat = make_client(db, "alice", clock=lambda: next(times)).session("general")
     for i in range(5):
@@ -102,13 +99,13 @@ def test_history_spans_sparse_and_dense_times(db: ZODB.DB) -> None:
 
 
 @pytest.mark.parametrize("n", [-1, 1.5, "3"])
-def test_history_rejects_bad_counts(db: ZODB.DB, n: object) -> None:
+def test_history_rejects_bad_counts(db: ZODB.DB, n: object, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     with pytest.raises(ValueError, match="history"):
         chat.history(n)  # type: ignore[arg-type]
 
 
-def test_backlog_starts_at_the_end(db: ZODB.DB) -> None:
+def test_backlog_starts_at_the_end(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     writer = client.session("general")
     for i in range(10):
@@ -119,7 +116,7 @@ def test_backlog_starts_at_the_end(db: ZODB.DB) -> None:
     assert texts(reader.new_messages()) == ["m10"]
 
 
-def test_post_is_idempotent(db: ZODB.DB) -> None:
+def test_post_is_idempotent(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     msg = Message("a" * 32, "alice", "once", 5.0)
@@ -131,7 +128,7 @@ def test_post_is_idempotent(db: ZODB.DB) -> None:
     assert conn.root()[ROOMS_KEY]["general"].count() == 1
 
 
-def test_a_retried_post_is_stored_once_even_after_later_sends(db: ZODB.DB) -> None:
+def test_a_retried_post_is_stored_once_even_after_later_sends(db: ZODB.DB, make_client: MakeClient) -> None:
     """A send whose answer was lost, retried after the writer sent more, is not stored twice."""
     chat = make_client(db, "alice").session("general")
     first = chat.draft("typed first", id="a" * 32)
@@ -142,7 +139,7 @@ def test_a_retried_post_is_stored_once_even_after_later_sends(db: ZODB.DB) -> No
     assert texts(chat.history(10)) == ["typed first", "typed second"]
 
 
-def test_a_retry_finds_a_message_whose_time_was_moved(db: ZODB.DB) -> None:
+def test_a_retry_finds_a_message_whose_time_was_moved(db: ZODB.DB, make_client: MakeClient) -> None:
     """The clock went back, so the stored time is later than the draft's: the retry still finds it."""
     now = [50.0]
     chat = make_client(db, "alice", clock=lambda: now[0]).session("general")
@@ -158,20 +155,22 @@ def test_a_retry_finds_a_message_whose_time_was_moved(db: ZODB.DB) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 33, "has space", "semi;colon", 7])
-def test_a_bad_message_id_is_refused(db: ZODB.DB, bad: object) -> None:
+def test_a_bad_message_id_is_refused(db: ZODB.DB, make_client: MakeClient, bad: object) -> None:
     chat = make_client(db, "alice").session("general")
     with pytest.raises(InvalidMessageError, match="message id must be"):
         chat.draft("hi", id=bad)
 
 
-def test_a_draft_carries_a_display_name_checked_like_a_user_name(db: ZODB.DB) -> None:
+def test_a_draft_carries_a_display_name_checked_like_a_user_name(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
     chat = make_client(db, "kernel-user").session("general")
     assert chat.post(chat.draft("hi", author="  Ada ")).author == "Ada"
     with pytest.raises(InvalidMessageError, match="user name"):
         chat.draft("hi", author="   ")
 
 
-def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
+def test_rooms_are_separate_and_listed(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     client.session("general").add_message("a")
     client.session("random").add_message("b")
@@ -179,7 +178,7 @@ def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
     assert texts(client.session("random").new_messages()) == ["b"]
 
 
-def test_clear_starts_every_reader_afresh(db: ZODB.DB) -> None:
+def test_clear_starts_every_reader_afresh(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     chat.add_message("before")
@@ -204,7 +203,9 @@ def test_clear_starts_every_reader_afresh(db: ZODB.DB) -> None:
         ("é" * (32 * 1024 + 1), "over the 65536-byte limit"),
     ],
 )
-def test_bad_text_is_refused_and_nothing_is_stored(db: ZODB.DB, text: object, match: str) -> None:
+def test_bad_text_is_refused_and_nothing_is_stored(
+    db: ZODB.DB, text: object, match: str, make_client: MakeClient
+) -> None:
     chat = make_client(db, "alice").session("general")
     with pytest.raises(zchat_nb.InvalidMessageError, match=match):
         chat.add_message(text)  # type: ignore[arg-type]
@@ -243,7 +244,9 @@ def test_malformed_records_are_rejected(record: object) -> None:
         Message.from_record(record)
 
 
-def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.DB) -> None:
+def test_malformed_record_from_another_client_is_skipped_and_reported(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     chat.add_message("good one")
@@ -263,7 +266,7 @@ def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.D
     assert len(chat.skipped) == 3  # the head once, the bad record once per read
 
 
-def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB) -> None:
+def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB, make_client: MakeClient) -> None:
     reader = make_client(db, "bob").session("general")
     assert reader.new_messages() == []  # makes the room
     times = iter([50.0, 50.0, 10.0])
@@ -275,7 +278,7 @@ def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB) -> None:
     assert texts(reader.history(2)) == ["second", "third"]
 
 
-def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB) -> None:
+def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB, make_client: MakeClient) -> None:
     now = [1000.0]
     alice = make_client(db, "alice", clock=lambda: now[0]).session("general")
     bob = make_client(db, "bob", clock=lambda: now[0]).session("general")
