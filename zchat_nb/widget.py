@@ -304,6 +304,7 @@ class ChatWidget(anywidget.AnyWidget):
             self.error = ""
         self._named = True
         self.set_trait("user", name)
+        self._outbox.put(_Outgoing(self._shown or self.room))  # a heartbeat: here now, under this name
 
     def _request(self, request: _Request) -> None:
         self._requests.put(request)
