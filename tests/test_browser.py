@@ -152,9 +152,11 @@ def test_shift_enter_starts_a_new_line_instead_of_sending(two: TwoNotebooks) -> 
     wait_for_message(two.page_b, f"{first}\n{second}")
 
 
-def test_a_fast_typist_loses_no_keystroke(two: TwoNotebooks, client: zchat_nb.ChatClient) -> None:
+def test_a_fast_typist_loses_no_keystroke(
+    two: TwoNotebooks, chat_server: zchat_nb.Server, make_client: MakeClient
+) -> None:
     """30 messages typed back to back at about 80 keys a second all arrive intact, in order, once."""
-    observer = client.session(ROOM, backlog=0)
+    observer = make_client(chat_server.address, "observer").session(ROOM, backlog=0)
     observer.new_messages()  # the cursor starts here
     run = secrets.token_hex(3)
     texts = [f"quick brown fox {run} {i:02d}" for i in range(FAST_MESSAGES)]
