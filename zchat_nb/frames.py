@@ -7,7 +7,9 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
 
     view -> kernel
       Hello   {"type": "hello", "view": V}                    a view was drawn: send it the room
-      Send    {"type": "send", "text": T, "client_id": C, "room": R}
+      Send    {"type": "send", "text": T, "client_id": C, "room": R}   C is kept as the message id
+                                                  when it can be one: a retry (same C) is stored once
+      Name    {"type": "name", "name": N}             the visitor's display name (``ask_name`` only)
       Older   {"type": "older", "view": V, "room": R|null, "before": {"id": I, "ts": F}|null}
     kernel -> views
       Reset       {"type": "reset", "view": V|null, "room": R, "messages": [...], "more": bool}
@@ -31,6 +33,7 @@ __all__ = [
     "Before",
     "FrameError",
     "Hello",
+    "Name",
     "Older",
     "OlderBatch",
     "Reset",
@@ -91,7 +94,14 @@ class Older(_Frame):
     type: Literal["older"] = "older"
 
 
-ViewFrame = Hello | Send | Older
+@dataclass(frozen=True)
+class Name(_Frame):
+    #: Anything the view sent: checked like any user name where it is used, so the view hears why.
+    name: object
+    type: Literal["name"] = "name"
+
+
+ViewFrame = Hello | Send | Older | Name
 
 
 def _id(content: dict[str, Any], key: str) -> str:
@@ -129,7 +139,9 @@ def parse_view_frame(content: object) -> ViewFrame:
         if room is not None and not isinstance(room, str):
             raise FrameError(f"'room' must be a str or null, not {room!r:.80}")
         return Older(_id(content, "view"), room, _before(content.get("before")))
-    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send' or 'older'")
+    if kind == "name":
+        return Name(content.get("name"))
+    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older' or 'name'")
 
 
 # -- kernel -> views -------------------------------------------------------------------------
