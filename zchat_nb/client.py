@@ -26,7 +26,7 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
 from .exceptions import ZChatConnectionError, server_boundary
-from .local import resolve_address
+from .local import resolve_address, restart_hint
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -271,6 +271,11 @@ class ChatClient:
     def address_text(self) -> str:
         return format_address(self.address) if self.address else "(in-process storage)"
 
+    @property
+    def restart_hint(self) -> str:
+        """How to bring this client's server back with its data, for messages saying it is away."""
+        return restart_hint(self.address) if self.address else ""
+
     # -- events --------------------------------------------------------------------------
 
     def report(self, kind: str, **details: Any) -> None:
@@ -392,10 +397,7 @@ def connect(
     if ssl is not None:
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
-        raise ZChatConnectionError(
-            f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
-            "or `%zchat serve`, or connect() with no address to use the local default"
-        )
+        raise ZChatConnectionError(f"no ZEO server answers at {where}; {restart_hint(addr)}")
     events = ClientEvents()
     try:
         storage = _WakingClientStorage(
