@@ -11,7 +11,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import zchat_nb
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 @pytest.fixture
@@ -74,6 +74,7 @@ def test_command_help_does_not_run_the_command(
         zchat(ip, "stop")
 
 
+@integration
 def test_serve_join_send_history_rooms_status_leave_stop(
     ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -127,6 +128,7 @@ def test_default_user_comes_from_jupyterhub(monkeypatch: pytest.MonkeyPatch) -> 
     assert zchat_nb.default_user() == "student7"
 
 
+@integration
 def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
     zchat(ip, "serve")
     zchat(ip, "join --name ada")
@@ -135,6 +137,7 @@ def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
         zchat(ip, "send --raw", "x" * 70_000)
 
 
+@integration
 def test_serve_and_join_with_certificates(
     ip: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -151,6 +154,7 @@ def test_serve_and_join_with_certificates(
     zchat(ip, "stop")
 
 
+@integration
 def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb.Server) -> None:
     import threading
 

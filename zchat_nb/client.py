@@ -26,7 +26,7 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
 from .exceptions import ZChatConnectionError, server_boundary
-from .local import resolve_address, restart_hint
+from .local import ENV_ADDRESS, resolve_address, restart_hint
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -35,10 +35,14 @@ from .model import (
     check_author,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
+from .pgwake import DEFAULT_FALLBACK
 from .security import class_factory
+from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
+
+    from .pgwake import PostgresLink
 
 __all__ = ["ChatClient", "ClientEvent", "ClientEvents", "connect", "default_user"]
 
@@ -176,6 +180,10 @@ class _WakingClientStorage(ClientStorage):
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
+        # Object ids pre-fetched from the server before a restart may be handed out again by the
+        # restarted storage (it starts after the largest oid it stored): creating an object with
+        # one would collide ("A different object already has the same oid"). Ask afresh.
+        del self._oids[:]
         super().notify_connected(conn, info)
         self.zchat_events.tell(ClientEvent("connected", time.time()))
 
@@ -200,6 +208,7 @@ class ChatClient:
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
         events: ClientEvents | None = None,
+        link: PostgresLink | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -215,6 +224,11 @@ class ChatClient:
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
         self._closed = False
+        # PostgreSQL (RelStorage) instead of ZEO: the link's LISTEN thread tells ``events`` of
+        # commits and says whether the database answers.
+        self._link = link
+        if link is not None:
+            link.start(self.events)
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -252,6 +266,8 @@ class ChatClient:
         return self.events.wait_for_change(generation, timeout)
 
     def is_connected(self) -> bool:
+        if self._link is not None:
+            return self._link.is_connected()
         storage = self.db.storage
         return bool(storage.is_connected()) if hasattr(storage, "is_connected") else True
 
@@ -259,6 +275,8 @@ class ChatClient:
         storage = self.db.storage
         if self._closed:
             return False
+        if self._link is not None:
+            return self._link.wait_connected(timeout)
         if self.is_connected():
             return True
         try:
@@ -269,12 +287,32 @@ class ChatClient:
 
     @property
     def address_text(self) -> str:
+        if self._link is not None:
+            return self._link.target.display  # never shows the password
         return format_address(self.address) if self.address else "(in-process storage)"
 
     @property
     def restart_hint(self) -> str:
-        """How to bring this client's server back with its data, for messages saying it is away."""
-        return restart_hint(self.address) if self.address else ""
+        """How to bring this client's ZEO server back with its data, for messages saying it is away."""
+        return restart_hint(self.address) if self.address and self._link is None else ""
+
+    @property
+    def target(self) -> Address | PostgresTarget | None:
+        """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
+        return self._link.target if self._link is not None else self.address
+
+    @property
+    def storage_text(self) -> str:
+        """Which storage this client uses, in words (no password)."""
+        if self._link is not None:
+            return self._link.target.description
+        return f"ZEO server at {format_address(self.address)}" if self.address else "in-process storage"
+
+    def server_status(self) -> dict[str, Any]:
+        """The server's statistics (ZEO), or the PostgreSQL link's (storage, notifications, polls)."""
+        if self._link is not None:
+            return self._link.status()
+        return dict(self.db.storage.server_status())
 
     # -- events --------------------------------------------------------------------------
 
@@ -332,6 +370,8 @@ class ChatClient:
                 conn.close()
             except Exception:  # a connection still in use by another thread
                 log.debug("closing a zchat_nb connection failed", exc_info=True)
+        if self._link is not None:
+            self._link.close()
         self.db.close()
 
     def __enter__(self) -> ChatClient:
@@ -357,14 +397,17 @@ def connect(
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
     clock: Callable[[], float] = time.time,
+    fallback: float = DEFAULT_FALLBACK,
 ) -> ChatClient:
     """Connect to a chat server.
 
     Parameters
     ----------
     address
-        ``(host, port)``, ``"host:port"`` or None: ``$ZCHAT_ADDRESS``, else the embedded default
-        (the local server recorded in the user data directory, started if none answers).
+        ``(host, port)``, ``"host:port"``, a PostgreSQL URI
+        (``"postgresql://user:password@host:port/dbname"``, see :mod:`zchat_nb.storage`) or None:
+        ``$ZCHAT_ADDRESS``, else the embedded default (the local server recorded in the user data
+        directory, started if none answers).
     user
         The name shown with this client's messages; default: JupyterHub user or login name.
     timeout
@@ -384,7 +427,26 @@ def connect(
         Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
     clock
         Where message times come from (tests pass a slow clock).
+    fallback
+        PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    target = address if address is not None else os.environ.get(ENV_ADDRESS)
+    if is_storage_uri(target):
+        if ssl is not None or tls is not None:
+            raise ZChatConnectionError(
+                "ssl=/tls= are for ZEO servers; for PostgreSQL put sslmode=verify-full (and "
+                "sslrootcert=...) in the URI's query"
+            )
+        return _connect_postgres(
+            parse_storage_uri(str(target)),
+            user,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_text_bytes=max_text_bytes,
+            allow=allow,
+            clock=clock,
+            fallback=fallback,
+        )
     if tls is not None:
         from .certs import load_bundle
 
@@ -435,3 +497,59 @@ def connect(
     except BaseException:
         db.close()
         raise
+
+
+def _connect_postgres(
+    target: PostgresTarget,
+    user: str | None,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_text_bytes: int,
+    allow: Iterable[tuple[str, str]],
+    clock: Callable[[], float],
+    fallback: float,
+) -> ChatClient:
+    """A ChatClient on RelStorage: same model and allow-lists, wake-ups by LISTEN/NOTIFY."""
+    from .pgwake import PostgresLink
+    from .security import harden_conflict_resolution
+    from .server import _ensure_root
+    from .storage import install_notify_trigger, open_relstorage
+
+    # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
+    harden_conflict_resolution()
+    storage = open_relstorage(target, connect_timeout=connect_timeout)
+    try:
+        _ensure_root(storage)  # two first clients at once must not both create the root
+        link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))
+        # Set before ZODB.DB makes the per-connection instances, which copy them.
+        storage._zchat_on_lost = link.lost
+        storage._zchat_after_commit = link.committed
+        db = ZODB.DB(storage, class_factory=class_factory(allow))
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        client = ChatClient(
+            db,
+            user=user,
+            max_text_bytes=max_text_bytes,
+            policy=SendPolicy(timeout=timeout),
+            clock=clock,
+            link=link,
+        )
+    except BaseException:
+        link.close()
+        db.close()
+        raise
+    if link.trigger_problem is not None:
+        log.warning(
+            "zchat_nb: commits to %s send no notification (%s); readers learn of them every %g s",
+            target.display,
+            link.trigger_problem,
+            fallback,
+        )
+    if not link.wait_connected(connect_timeout):
+        client.close()
+        raise ZChatConnectionError(f"{target.description} does not answer: {link.last_error}")
+    return client

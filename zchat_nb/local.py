@@ -494,7 +494,7 @@ def run_local(*, ready_fd: int | None = None, locked: bool = False, announce: bo
             raise ZChatServerError(f"{path} is a symbolic link; zchat_nb follows no links there. Remove it")
         server = serve(path, unix=local_address())
         write_state(LocalState(server.address, os.getpid(), str(path)))
-    _serve_until_stopped(server, str(path), ready_fd=ready_fd, announce=announce, local=True)
+    _serve_until_stopped(server, ready_fd=ready_fd, announce=announce, local=True)
 
 
 def run_foreground(
@@ -505,20 +505,21 @@ def run_foreground(
     ready_fd: int | None = None,
     ssl: ssl_module.SSLContext | None = None,
     announce: bool = True,
+    storage: str | None = None,
 ) -> None:
     """Serve ``host:port`` until SIGTERM or SIGINT (``zchat-nb serve``)."""
-    server = serve(path, host, port, ssl=ssl)
-    _serve_until_stopped(server, path or "in memory", ready_fd=ready_fd, announce=announce)
+    server = serve(path, host, port, ssl=ssl, storage=storage)
+    _serve_until_stopped(server, ready_fd=ready_fd, announce=announce)
 
 
 def _serve_until_stopped(
-    server: Server, what: str, *, ready_fd: int | None, announce: bool, local: bool = False
+    server: Server, *, ready_fd: int | None, announce: bool, local: bool = False
 ) -> None:
     text = format_address(server.address)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     if announce:
-        print(f"zchat_nb: ZEO server listening on {text} ({what})", flush=True)
+        print(f"zchat_nb: ZEO server listening on {text} ({server.storage_text})", flush=True)
         if not isinstance(server.address, str):
             host = server.address[0]
             if host != "localhost" and not host.startswith("127.") and host != "::1":
