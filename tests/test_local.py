@@ -311,3 +311,19 @@ def test_a_port_taken_by_another_program_is_named(server: zchat_nb.Server) -> No
     port = server.address[1]
     with pytest.raises(zchat_nb.ZChatServerError, match=f"port {port} is taken by another program"):
         zchat_nb.serve(port=port)
+
+
+def test_zchat_join_to_a_server_away_names_its_port_and_data(free_port: int) -> None:
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "zchat_nb")
+    try:
+        with pytest.raises(UsageError) as info:
+            shell.run_line_magic("zchat", f"join 127.0.0.1:{free_port}")
+    finally:
+        shell.run_line_magic("unload_ext", "zchat_nb")
+    message = str(info.value)
+    assert f"no ZEO server answers at 127.0.0.1:{free_port}" in message
+    assert f"`zchat-nb serve --port {free_port} --path FILE`" in message  # the same port, its data
