@@ -146,9 +146,3 @@ def test_export_overwrites_only_with_force(server: zchat_nb.Server, tmp_path: Pa
     assert out.read_text() == "old\n"
     assert main(["export", "general", "-o", str(out), "--force", *address]) == 0
     assert "exported" in out.read_text()
-
-
-def test_teacher_tools_do_not_start_a_stopped_local_default(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["pack"]) == 1
-    err = capsys.readouterr().err
-    assert "not running; `zchat-nb serve --local` brings it back with its data" in err
