@@ -24,12 +24,10 @@ import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .events import ClientEvent, ClientEvents
 from .storage import CHANNEL, PostgresTarget, redact
-
-if TYPE_CHECKING:
-    from .client import ClientEvents
 
 __all__ = ["DEFAULT_FALLBACK", "PostgresLink"]
 
@@ -91,8 +89,6 @@ class PostgresLink:
         self._tell("committed")
 
     def _tell(self, kind: str, **details: Any) -> None:
-        from .client import ClientEvent
-
         if self._events is not None:
             self._events.tell(ClientEvent(kind, time.time(), details=details))
 
