@@ -34,7 +34,7 @@ def test_demo_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "Sent through the Python API" in text
     assert "message(s) this session had not seen" in text
-    assert "connected to 127.0.0.1:" in text
+    assert "connected to unix:" in text and "/server.sock" in text  # the local default's private socket
 
 
 @integration

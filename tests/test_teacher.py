@@ -209,4 +209,6 @@ def test_export_clear_and_pack_commands(
 
 def test_teacher_commands_do_not_start_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "general"]) == 1
-    assert "no local zchat server is recorded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the local default server is not running" in err
+    assert "`zchat-nb serve --local` brings it back with its data" in err

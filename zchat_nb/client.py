@@ -26,7 +26,7 @@ from ZEO.Exceptions import ClientDisconnected
 
 from .events import ClientEvent, ClientEvents
 from .exceptions import ZChatConnectionError, server_boundary
-from .local import ENV_ADDRESS, resolve_address
+from .local import ENV_ADDRESS, resolve_address, restart_hint
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -207,6 +207,11 @@ class ChatClient:
         return format_address(self.address) if self.address else "(in-process storage)"
 
     @property
+    def restart_hint(self) -> str:
+        """How to bring this client's ZEO server back with its data, for messages saying it is away."""
+        return restart_hint(self.address) if self.address and self._link is None else ""
+
+    @property
     def target(self) -> Address | PostgresTarget | None:
         """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
         return self._link.target if self._link is not None else self.address
@@ -369,10 +374,7 @@ def connect(
     if ssl is not None:
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
-        raise ZChatConnectionError(
-            f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
-            "or `%zchat serve`, or connect() with no address to use the local default"
-        )
+        raise ZChatConnectionError(f"no ZEO server answers at {where}; {restart_hint(addr)}")
     events = ClientEvents()
     try:
         storage = _WakingClientStorage(

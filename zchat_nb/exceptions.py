@@ -70,8 +70,8 @@ class ZChatServerError(ZChatError):
 def disconnected(where: str) -> ZChatDisconnected:
     """The error of a call made while the server at ``where`` is away, with the way out."""
     return ZChatDisconnected(
-        f"not connected to the ZEO server at {where}; the client reconnects by itself when the "
-        "server is back (check it with `zchat-nb status`, start it with `zchat-nb serve`)"
+        f"not connected to the ZEO server at {where}; the client reconnects by itself when that "
+        "server is back (`zchat-nb status` tells whether the local default runs)"
     )
 
 

@@ -281,6 +281,8 @@ class ZChatMagics(Magics):
         state = "connected" if self.client.is_connected() else "disconnected (reconnecting)"
         print(f"chat:      {state} to {self.client.address_text} as {self.client.user!r}, room {self.room!r}")
         print(f"storage:   {self.client.storage_text}")
+        if not self.client.is_connected() and self.client.restart_hint:
+            print(f"server:    away; {self.client.restart_hint}")
         print(f"widgets:   {sum(1 for w in self.widgets if not getattr(w, 'closed', False))} open")
 
     def _inspect(self, args: argparse.Namespace, cell: str | None) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import ssl as ssl_module
@@ -105,6 +106,7 @@ class Server:
         *,
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
+        unix: str | os.PathLike[str] | None = None,
     ) -> None:
         from ZEO.StorageServer import StorageServer
         from ZODB.FileStorage import FileStorage
@@ -125,22 +127,21 @@ class Server:
             storage = MemoryStorage()
         else:
             storage = FileStorage(str(self.path), pack_keep_old=False)
+        # ZEO listens on a Unix socket when given a path instead of (host, port).
+        bind: Address = (host, port) if unix is None else os.path.abspath(unix)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(StorageServer, (host, port), {"1": storage}, ssl=ssl).result()
+                self._server = pool.submit(StorageServer, bind, {"1": storage}, ssl=ssl).result()
         except OSError as exc:
             storage.close()
-            raise ZChatServerError(
-                f"cannot listen on {format_address((host, port))}: {exc.strerror}; "
-                "choose another port (--port 0 picks a free one)"
-            ) from exc
+            raise ZChatServerError(_cannot_listen(bind, exc)) from exc
         except BaseException:
             storage.close()
             raise
-        self.address: Address = (host, self._server.addr[1])
+        self.address: Address = bind if isinstance(bind, str) else (host, self._server.addr[1])
         self.tls = ssl is not None
         self._stopped = threading.Event()
         self._server.start_thread(daemon=True)
@@ -203,6 +204,19 @@ class Server:
         return f"<zchat_nb.Server {format_address(self.address)} {self.storage_text} {state}>"
 
 
+def _cannot_listen(bind: Address, exc: OSError) -> str:
+    where = format_address(bind)
+    if isinstance(bind, str):
+        return f"cannot listen on {where}: {exc.strerror}; check that its directory exists and is yours"
+    if exc.errno == errno.EADDRINUSE and bind[1]:
+        return (
+            f"cannot listen on {where}: port {bind[1]} is taken by another program "
+            f"(`ss -ltnp 'sport = :{bind[1]}'` names it); stop that program to get this port back, "
+            "or choose another port (--port 0 picks a free one)"
+        )
+    return f"cannot listen on {where}: {exc.strerror}; choose another port (--port 0 picks a free one)"
+
+
 def serve(
     path: str | os.PathLike[str] | None = None,
     host: str = "127.0.0.1",
@@ -211,6 +225,7 @@ def serve(
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
+    unix: str | os.PathLike[str] | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
 
@@ -219,7 +234,9 @@ def serve(
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
-    need a certificate from it (:mod:`zchat_nb.certs`).
+    need a certificate from it (:mod:`zchat_nb.certs`). ``unix``: listen on this Unix socket path
+    instead of ``host:port`` (a stale socket file there is replaced; keep it in a directory only
+    you can write, as the local default does).
     """
     if tls is not None:
         from .certs import server_context
@@ -227,4 +244,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage, unix=unix)

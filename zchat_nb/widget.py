@@ -556,6 +556,9 @@ class ChatWidget(anywidget.AnyWidget):
                 self._lost_at = event.time
             elif event.kind == "connected":
                 self._lost_at = None
+                # What failed while the server was away is history now: "not sent" messages keep
+                # their own mark (and Retry) in the log; the banner would only mislead.
+                self.error = ""
         where = self.client.address_text
         if self.client.is_connected():
             self._lost_at = None
@@ -570,6 +573,9 @@ class ChatWidget(anywidget.AnyWidget):
             self._lost_at = time.time()
         since = time.strftime("%H:%M:%S", time.localtime(self._lost_at))
         reason = self._poll_error or "the server does not answer"
+        hint = self.client.restart_hint
+        if hint and hint not in reason:
+            reason = f"{reason}; {hint}"
         self._set_status("reconnecting", f"reconnecting to {where} (lost at {since}): {reason}")
 
     def _set_status(self, status: str, text: str) -> None:
