@@ -32,6 +32,8 @@ from .model import (
     ROOMS_KEY,
     ChatSession,
     SendPolicy,
+    Signer,
+    Verifier,
     check_author,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
@@ -145,6 +147,10 @@ class ChatClient:
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
+        #: With a classroom certificate (``connect(tls=...)``): signs what this client writes, and
+        #: verifies what others wrote against the class CA (see :mod:`zchat_nb.signing`).
+        self.signer: Signer | None = None
+        self.verifier: Verifier | None = None
         self._changed = threading.Condition()
         self._generation = 0
         self._local = threading.local()
