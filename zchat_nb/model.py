@@ -814,16 +814,22 @@ class ChatSession:
         new = self._resolve(room, messages, only=targets)
         new_ids = {m.id for m in new}
         fresh = {m.id: i for i, m in enumerate(self._fresh)}
+        by_target: dict[str, list[Event]] = {}
         for event in sorted(events, key=lambda e: e.key):
-            if event.target_id in new_ids:
+            by_target.setdefault(event.target_id, []).append(event)
+        for target_id, amendments in by_target.items():
+            event = amendments[-1]
+            if target_id in new_ids:
                 continue
-            if event.target_id in fresh or self._was_returned(event, cursor):
+            if target_id in fresh or self._was_returned(event, cursor):
                 base = self._load_message(room, event.target_writer, event.target_key)
                 if base is None:
                     continue
                 [state] = self._resolve(room, [base])
-                if event.target_id in fresh:
-                    self._fresh[fresh[event.target_id]] = state
+                if all(e.id in self._refused for e in amendments):
+                    continue  # only refused (forged) amendments: nothing changed
+                if target_id in fresh:
+                    self._fresh[fresh[target_id]] = state
                 else:
                     self._changed.pop(state.id, None)  # keep the order of the latest change
                     self._changed[state.id] = state
