@@ -84,7 +84,7 @@ def test_updated_messages_keeps_new_messages_for_the_next_new_messages_call(db: 
 def test_editing_or_deleting_another_clients_message_names_who_may(db: ZODB.DB) -> None:
     alice, bob = client(db, "alice").session("general"), client(db, "bob").session("general")
     m = alice.add_message("mine")
-    with pytest.raises(zchat_nb.ZChatPermissionError, match="alice's.*may edit"):
+    with pytest.raises(zchat_nb.ZChatPermissionError, match=r"alice's.*may edit"):
         bob.edit(m, "yours now")
     with pytest.raises(zchat_nb.ZChatPermissionError, match="teacher may delete"):
         bob.delete(m)
@@ -100,7 +100,9 @@ def test_one_short_emoji_is_a_reaction(emoji: str) -> None:
     assert check_emoji(emoji) == emoji
 
 
-@pytest.mark.parametrize("bad", ["", "a", "+1", "👍 ", " 👍", "👍\u202e", "👍👍👍👍👍👍👍👍👍", 1, None, "<b>"])
+@pytest.mark.parametrize(
+    "bad", ["", "a", "+1", "👍 ", " 👍", "👍\u202e", "👍👍👍👍👍👍👍👍👍", 1, None, "<b>"]
+)
 def test_anything_else_is_refused_as_a_reaction(db: ZODB.DB, bad: object) -> None:
     chat = client(db, "alice").session("general")
     m = chat.add_message("hi")
