@@ -356,6 +356,7 @@ def connect(
     clock
         Where message times come from (tests pass a slow clock).
     """
+    signer = verifier = None
     if tls is not None:
         from .certs import load_bundle
 
@@ -363,6 +364,7 @@ def connect(
             raise ZChatConnectionError("give connect() tls= (a certificate folder) or ssl=, not both")
         bundle = load_bundle(tls, user)
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
+        signer, verifier = _signing(bundle)
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
@@ -394,7 +396,7 @@ def connect(
         storage.close()
         raise
     try:
-        return ChatClient(
+        client = ChatClient(
             db,
             user=user,
             address=addr,
@@ -405,3 +407,16 @@ def connect(
     except BaseException:
         db.close()
         raise
+    client.signer, client.verifier = signer, verifier
+    return client
+
+
+def _signing(bundle: Any) -> tuple[Signer, Verifier]:
+    """The signer and verifier of a certificate folder (see :mod:`zchat_nb.signing`)."""
+    from .signing import Signer as CertSigner
+    from .signing import Verifier as CaVerifier
+
+    try:
+        return CertSigner(bundle), CaVerifier(bundle.ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ZChatConnectionError(f"cannot use the certificate folder {bundle.cert.parent}: {exc}") from exc

@@ -20,6 +20,7 @@ its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatCl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import logging
 import math
@@ -325,9 +326,12 @@ class Room(Persistent):
                         yield writer, key, value
 
     def add_cert(self, fingerprint: str, pem: str) -> None:
+        """Store the certificate that signs a writer's records, keyed by the SHA-256 of its PEM text."""
         if self.certs is None:
             self.certs = OOBTree()
-        if fingerprint not in self.certs:
+        stored = self.certs.get(fingerprint)
+        # Replace anything else a client put under this key first: it would hide a real certificate.
+        if not (isinstance(stored, str) and hashlib.sha256(stored.encode()).hexdigest() == fingerprint):
             self.certs[fingerprint] = pem
 
     def cert(self, fingerprint: str) -> object:

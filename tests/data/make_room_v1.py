@@ -1,4 +1,16 @@
-import itertools, sys, ZODB, ZODB.FileStorage, zchat_nb
+"""Writes room_v1.fs with the model of commit 31b4ee6 (before amendments): the compatibility fixture.
+
+Run from a checkout of that commit: ``PYTHONPATH=OLD_CHECKOUT python make_room_v1.py room_v1.fs``.
+"""
+
+import itertools
+import sys
+
+import ZODB
+import ZODB.FileStorage
+
+import zchat_nb
+
 path = sys.argv[1]
 db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
 ticks = itertools.count(1_700_000_000.0)
@@ -10,5 +22,6 @@ sb.add_message("hi @alice")
 sa.add_message("third")
 sa.heartbeat()
 a.session("other").add_message("elsewhere")
-a.close(); b.close()
+a.close()
+b.close()
 db.close()
