@@ -1,4 +1,4 @@
-"""Writes room_v1.fs with the model of commit 31b4ee6 (before amendments): the compatibility fixture.
+"""Writes room_v1.fs with the model of commit dab8eab (before amendments): the compatibility fixture.
 
 Run from a checkout of that commit: ``PYTHONPATH=OLD_CHECKOUT python make_room_v1.py room_v1.fs``.
 """
