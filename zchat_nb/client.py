@@ -42,7 +42,7 @@ from .security import class_factory
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
 
-__all__ = ["ChatClient", "ClientEvent", "connect", "default_user"]
+__all__ = ["ChatClient", "ClientEvent", "ClientEvents", "connect", "default_user"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ def default_user() -> str:
 class ClientEvent:
     """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
 
-    #: "invalidation", "connected", "disconnected" (from ZEO's thread, these wake readers), or
-    #: "commit", "poll", "resolved" (from the thread that did it: for inspectors, they wake nobody).
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (from the thread
+    #: whose commit finished): these wake readers; or "commit", "poll", "resolved" (from the thread
+    #: that did it: for inspectors, they wake nobody).
     kind: str
     time: float
     tid: bytes | None = None
@@ -74,53 +75,115 @@ class ClientEvent:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: Events from ZEO's networking thread; each also wakes readers waiting in ``new_messages``.
-WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected"})
+#: Events that wake readers waiting in ``new_messages``: the server's invalidations and
+#: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
+WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
 #: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 
 
-class _WakingClientStorage(ClientStorage):
-    """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
+class ClientEvents:
+    """The wake-ups and the subscribers of one client.
 
-    These run on ZEO's networking thread: they must never make storage calls.
+    Made before the client's storage, which gets it when it is built (so nothing it says while it
+    connects is lost); the :class:`ChatClient` shares it. Readers wait in :meth:`wait_for_change`,
+    subscribers hear the events. :meth:`tell` runs on ZEO's networking thread or a committing one:
+    it makes no storage calls, and neither may the subscribers.
     """
 
-    _zchat_notify: Callable[[ClientEvent], None] | None = None
-    _zchat_report: Callable[..., None] | None = None
-    _zchat_wake: Callable[[], None] | None = None
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+
+    def generation(self) -> int:
+        """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
+        return self._generation
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+
+    def tell(self, event: ClientEvent) -> None:
+        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
+        with self._changed:
+            if event.kind in WAKE_KINDS:
+                self._generation += 1
+                self._changed.notify_all()
+            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("zchat_nb subscriber %r failed", callback)
+
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
+        self.tell(ClientEvent(kind, time.time(), details=details))
+
+    def subscribe(
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+    ) -> Callable[[], None]:
+        """See :meth:`ChatClient.subscribe`."""
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
+        with self._changed:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._changed:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        """Wake every waiting reader, for good."""
+        with self._changed:
+            self._closed = True
+            self._generation += 1
+            self._changed.notify_all()
+
+
+class _WakingClientStorage(ClientStorage):
+    """ClientStorage that tells a :class:`ClientEvents` of invalidations, (dis)connections and commits.
+
+    The events are given at construction: ZEO starts connecting, and calls ``notify_connected`` on
+    its networking thread, before ``__init__`` returns. They run on that thread (or, for commits,
+    on the committing one): they must never make storage calls.
+    """
+
+    def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
+        self.zchat_events = events
+        super().__init__(addr, **kwargs)
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+        self.zchat_events.tell(ClientEvent("invalidation", time.time(), tid, oids))
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
-        # The server sends no invalidation to the client that committed: wake this client's own
-        # readers (other threads waiting in new_messages) as an invalidation would.
-        if self._zchat_wake is not None:
-            self._zchat_wake()
+        # The server sends no invalidation to the client that committed: tell this client's own
+        # readers and subscribers (other threads, a widget's poller) as an invalidation would.
+        self.zchat_events.tell(ClientEvent("committed", time.time(), tid))
         return tid
 
     def tpc_vote(self, txn: Any) -> Any:
         result = super().tpc_vote(txn)
         buffer = txn.data(self)
         resolved = len(buffer.server_resolved) + len(buffer.client_resolved)
-        if resolved and self._zchat_report is not None:
-            self._zchat_report("resolved", count=resolved)
+        if resolved:
+            self.zchat_events.report("resolved", count=resolved)
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
         super().notify_connected(conn, info)
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("connected", time.time()))
+        self.zchat_events.tell(ClientEvent("connected", time.time()))
 
     def notify_disconnected(self) -> None:
         super().notify_disconnected()
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("disconnected", time.time()))
+        self.zchat_events.tell(ClientEvent("disconnected", time.time()))
 
 
 class ChatClient:
@@ -138,6 +201,7 @@ class ChatClient:
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        events: ClientEvents | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -151,17 +215,12 @@ class ChatClient:
         #: verifies what others wrote against the class CA (see :mod:`zchat_nb.signing`).
         self.signer: Signer | None = None
         self.verifier: Verifier | None = None
-        self._changed = threading.Condition()
-        self._generation = 0
+        #: What wakes readers and what subscribers hear; :func:`connect` gives its storage the same.
+        self.events = events if events is not None else ClientEvents()
+        self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
-        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
         self._closed = False
-        storage = db.storage
-        if isinstance(storage, _WakingClientStorage):
-            storage._zchat_notify = self._notify
-            storage._zchat_report = self.report
-            storage._zchat_wake = self._wake_readers
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -174,7 +233,7 @@ class ChatClient:
             tm = transaction.TransactionManager()
             pair = (tm, self.db.open(transaction_manager=tm))
             self._local.pair = pair
-            with self._changed:
+            with self._lock:
                 self._connections.append(pair)
         return pair
 
@@ -184,7 +243,7 @@ class ChatClient:
         if pair is None:
             return
         del self._local.pair
-        with self._changed:
+        with self._lock:
             if pair not in self._connections:  # close() got there first
                 return
             self._connections.remove(pair)
@@ -193,11 +252,10 @@ class ChatClient:
         conn.close()
 
     def generation(self) -> int:
-        return self._generation
+        return self.events.generation()
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+        return self.events.wait_for_change(generation, timeout)
 
     def is_connected(self) -> bool:
         storage = self.db.storage
@@ -221,48 +279,21 @@ class ChatClient:
 
     # -- events --------------------------------------------------------------------------
 
-    def _notify(self, event: ClientEvent) -> None:
-        self._wake_readers()
-        self._dispatch(event)
-
-    def _wake_readers(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
-
     def report(self, kind: str, **details: Any) -> None:
         """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
-        self._dispatch(ClientEvent(kind, time.time(), details=details))
-
-    def _dispatch(self, event: ClientEvent) -> None:
-        with self._changed:
-            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
-        for callback in subscribers:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("zchat_nb subscriber %r failed", callback)
+        self.events.report(kind, **details)
 
     def subscribe(
         self, callback: Callable[[ClientEvent], None], *, activity: bool = False
     ) -> Callable[[], None]:
-        """Call ``callback(event)`` on each invalidation and (dis)connection; returns an unsubscribe.
+        """Call ``callback(event)`` on each event of :data:`WAKE_KINDS`; returns an unsubscribe.
 
         With ``activity=True`` the callback also hears this client's own "commit", "poll" and
         "resolved" events (an inspector wants them; a poller must not wake on its own polls).
         The callback runs on ZEO's networking thread or the acting thread: it must be quick and
         make no storage calls.
         """
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
-        with self._changed:
-            self._subscribers.append(entry)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if entry in self._subscribers:
-                    self._subscribers.remove(entry)
-
-        return unsubscribe
+        return self.events.subscribe(callback, activity=activity)
 
     # -- rooms ---------------------------------------------------------------------------
 
@@ -290,13 +321,12 @@ class ChatClient:
 
     def close(self) -> None:
         """Close every connection and the database; wakes and ends any waiting reader."""
-        with self._changed:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._generation += 1
-            self._changed.notify_all()
             pairs, self._connections = self._connections, []
+        self.events.close()
         for tm, conn in pairs:
             try:
                 tm.abort()
@@ -374,8 +404,11 @@ def connect(
             f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
         )
+    events = ClientEvents()
     try:
-        storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+        storage = _WakingClientStorage(
+            addr, events=events, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl
+        )
     except Exception as exc:
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
     try:
@@ -403,6 +436,7 @@ def connect(
             max_text_bytes=max_text_bytes,
             policy=SendPolicy(timeout=timeout),
             clock=clock,
+            events=events,
         )
     except BaseException:
         db.close()
