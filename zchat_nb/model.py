@@ -801,6 +801,20 @@ class ChatSession:
             changed, self._changed = list(self._changed.values()), {}
         return changed
 
+    def everything(self) -> list[Message]:
+        """Every message of the room in time order, in its current state (reads it all: for exports)."""
+        with self._lock, server_boundary(self._host.address_text):
+            room = self._room()
+            assert room.streams is not None
+            found: list[Message] = []
+            for writer, stream in room.streams.items():
+                for key, record in stream.items():
+                    item = self._check(record, f"{writer}@{key!r:.60}", writer)
+                    if isinstance(item, Message):
+                        found.append(item)
+            found.sort(key=lambda m: m.key)
+            return self._resolve(room, found)
+
     def _reset_amendments(self) -> None:
         """A new epoch (the room was cleared): what was returned before is gone."""
         self._fresh, self._changed = [], {}
