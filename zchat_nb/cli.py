@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Other options are passed to `jupyter lab`, e.g. zchat-nb demo --no-browser --port 8888",
     )
     demo.add_argument(
-        "--dir", default=None, help="where to put the demo notebook (default: the data directory)"
+        "--dir",
+        default=None,
+        help="where to put the demo notebook and the lessons (default: the data directory)",
     )
 
     chat = sub.add_parser("chat", help="chat in the terminal; incoming messages print while you type")
@@ -138,99 +139,19 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .client import connect
-    from .render import format_line
+    from .terminal import run_chat
 
     client = connect(args.address, user=args.name, tls=args.tls)
-    session = client.session(args.room, backlog=args.backlog)
-    prompt = f"{client.user}@{args.room}> "
-    stop = threading.Event()
-    interactive = sys.stdin.isatty()
-
-    def show(text: str) -> None:
-        if interactive:
-            try:
-                import readline
-
-                typed = readline.get_line_buffer()
-            except ImportError:
-                typed = ""
-            # Erase the prompt line, print the message, then give the prompt and typed text back.
-            sys.stdout.write(f"\r\033[K{text}\n{prompt}{typed}")
-        else:
-            sys.stdout.write(f"{text}\n")
-        sys.stdout.flush()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                for message in session.new_messages(timeout=5.0):
-                    show(format_line(message))
-            except ZChatError as exc:
-                if stop.is_set() or client.closed:
-                    return
-                show(f"* {exc}")
-                client.wait_connected(5.0)
-
-    print(f"zchat-nb: {client.user} in room {args.room!r} at {client.address_text}; /quit or Ctrl-D leaves")
-    thread = threading.Thread(target=reader, name="zchat-nb chat reader", daemon=True)
-    thread.start()
     try:
-        while True:
-            try:
-                line = input(prompt if interactive else "")
-            except EOFError:
-                break
-            if line.strip() in ("/quit", "/exit"):
-                break
-            if not line.strip():
-                continue
-            try:
-                session.add_message(line)
-            except ZChatError as exc:
-                show(f"* not sent: {exc}")
+        return run_chat(client, client.session(args.room, backlog=args.backlog))
     finally:
-        stop.set()
         client.close()
-        thread.join(timeout=5)
-    return 0
-
-
-def demo_notebook() -> Path:
-    """The demo notebook shipped with the package (wheel) or beside it (checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "notebooks", here.parent / "notebooks"):
-        if (candidate / "chat_demo.ipynb").exists():
-            return candidate / "chat_demo.ipynb"
-    raise ZChatError(f"the demo notebook is missing from {here}; reinstall zchat_nb")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import os
-    import shutil
+    from .demo import run_demo
 
-    from .local import ENV_ADDRESS, data_dir, resolve_address
-    from .net import format_address
-
-    address = format_address(resolve_address(None))
-    workdir = Path(args.dir) if args.dir else data_dir() / "notebooks"
-    workdir.mkdir(parents=True, exist_ok=True)
-    notebook = workdir / "chat_demo.ipynb"
-    if not notebook.exists():  # a copy, so that JupyterLab's autosave never edits the installed one
-        shutil.copy(demo_notebook(), notebook)
-    print(f"zchat-nb: chat server at {address}; opening {notebook} in JupyterLab (Ctrl-C stops JupyterLab;")
-    print("          the server keeps running until `zchat-nb stop`)", flush=True)
-    env = {**os.environ, ENV_ADDRESS: address}
-    cmd = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        f"--ServerApp.root_dir={workdir}",
-        *args.lab_args,
-        notebook.name,
-    ]
-    os.chdir(workdir)
-    # Become JupyterLab, so that a signal to this process reaches it (no orphaned server).
-    os.execve(sys.executable, cmd, env)
+    return run_demo(Path(args.dir) if args.dir else None, args.lab_args)
 
 
 # -- classroom: certs, export, clear, pack ----------------------------------------------------

@@ -178,6 +178,10 @@ class _WakingClientStorage(ClientStorage):
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
+        # Object ids pre-fetched from the server before a restart may be handed out again by the
+        # restarted storage (it starts after the largest oid it stored): creating an object with
+        # one would collide ("A different object already has the same oid"). Ask afresh.
+        del self._oids[:]
         super().notify_connected(conn, info)
         self.zchat_events.tell(ClientEvent("connected", time.time()))
 
