@@ -79,6 +79,11 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
     "teacher.clear_room": lambda c: teacher.clear_room(c, "lab"),
 }
 
+#: Calls that do not ask the server: they work while it is away.
+LOCAL: dict[str, Callable[[ChatClient], Any]] = {
+    "ChatSession.draft": lambda c: c.session("lab").draft("built offline"),
+}
+
 
 @pytest.fixture
 def away() -> Iterator[ChatClient]:
@@ -122,9 +127,15 @@ def test_a_write_with_the_server_away_raises_zchat_send_error(away: ChatClient, 
     assert away.address_text in message and f"within {AWAY_TIMEOUT:g} s" in message
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("call", list(LOCAL), ids=list(LOCAL))
+def test_a_local_call_works_with_the_server_away(away: ChatClient, call: str) -> None:
+    assert LOCAL[call](away) is not None
+
+
 def test_every_public_call_of_sessions_and_teacher_tools_is_in_a_table() -> None:
     """A new public method of ChatSession, or function of teacher, must be added to a table above."""
-    covered = {name.split("(")[0] for name in [*READS, *WRITES]}
+    covered = {name.split("(")[0] for name in [*READS, *WRITES, *LOCAL]}
     public = {f"ChatSession.{name}" for name in vars(zchat_nb.ChatSession) if not name.startswith("_")}
     public |= {f"teacher.{name}" for name in teacher.__all__ if name != "COLUMNS"}
     assert public <= covered, sorted(public - covered)

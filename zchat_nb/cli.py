@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-EPILOG = "Every command takes --help. ZCHAT_ADDRESS=host:port names the server for all of them."
+EPILOG = (
+    "Every command takes --help. ZCHAT_ADDRESS=host:port (a ZEO server) or "
+    "ZCHAT_ADDRESS=postgresql://USER:PASSWORD@HOST:PORT/DBNAME names the chat for all of them."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     serve.add_argument("--path", default=None, help="FileStorage file (default: keep data in memory)")
+    serve.add_argument(
+        "--storage",
+        metavar="URI",
+        default=None,
+        help="keep the data in PostgreSQL instead: postgresql://USER:PASSWORD@HOST:PORT/DBNAME "
+        "(needs `pip install zchat_nb[postgres]`)",
+    )
     serve.add_argument(
         "--tls",
         metavar="DIR",
@@ -64,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal; incoming messages print while you type")
     chat.add_argument(
-        "address", nargs="?", default=None, help="host:port (default: $ZCHAT_ADDRESS or the local server)"
+        "address",
+        nargs="?",
+        default=None,
+        help="host:port or postgresql://... URI (default: $ZCHAT_ADDRESS or the local server)",
     )
     chat.add_argument("--room", default="general", help="room to join (default: general)")
     chat.add_argument(
@@ -107,7 +120,15 @@ def _serve(args: argparse.Namespace) -> int:
 
         ssl = server_context(args.tls)
     host = "0.0.0.0" if args.public else args.host
-    run_foreground(args.path, host, args.port, state_file=args.state_file, ready_fd=args.ready_fd, ssl=ssl)
+    run_foreground(
+        args.path,
+        host,
+        args.port,
+        state_file=args.state_file,
+        ready_fd=args.ready_fd,
+        ssl=ssl,
+        storage=args.storage,
+    )
     return 0
 
 
@@ -116,13 +137,17 @@ def _status(args: argparse.Namespace) -> int:
 
     from .local import ENV_ADDRESS, local_status
     from .net import parse_address, probe
+    from .storage import is_storage_uri, parse_storage_uri, postgres_status
 
     env = os.environ.get(ENV_ADDRESS)
-    if env:
+    if env and is_storage_uri(env):
+        status = postgres_status(parse_storage_uri(env))
+        status["from"] = ENV_ADDRESS
+    elif env:
         address = parse_address(env)
-        status = {"address": env, "running": probe(address), "from": ENV_ADDRESS}
+        status = {"address": env, "storage": "ZEO server", "running": probe(address), "from": ENV_ADDRESS}
     else:
-        status = local_status()
+        status = {**local_status(), "storage": "ZEO server (local default)"}
     print(json.dumps(status, indent=2))
     return 0 if status.get("running") else 3
 
@@ -207,7 +232,9 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _connect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--address", default=None, help="host:port (default: $ZCHAT_ADDRESS or the local server)"
+        "--address",
+        default=None,
+        help="host:port or postgresql://... URI (default: $ZCHAT_ADDRESS or the local server)",
     )
     parser.add_argument(
         "--tls",
@@ -219,10 +246,13 @@ def _connect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _teacher_client(args: argparse.Namespace) -> ChatClient:
-    from .client import connect
-    from .local import resolve_address
+    import os
 
-    address = args.address if args.address else resolve_address(None, start=False)
+    from .client import connect
+    from .local import ENV_ADDRESS, resolve_address
+
+    # $ZCHAT_ADDRESS may be a PostgreSQL URI, which connect() takes as it is.
+    address = args.address or os.environ.get(ENV_ADDRESS) or resolve_address(None, start=False)
     return connect(address, user=args.name, tls=args.tls)
 
 

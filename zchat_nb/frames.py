@@ -7,7 +7,9 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
 
     view -> kernel
       Hello   {"type": "hello", "view": V}                    a view was drawn: send it the room
-      Send    {"type": "send", "text": T, "client_id": C, "room": R}
+      Send    {"type": "send", "text": T, "client_id": C, "room": R}   C is kept as the message id
+                                                  when it can be one: a retry (same C) is stored once
+      Name    {"type": "name", "name": N}             the visitor's display name (``ask_name`` only)
       Older   {"type": "older", "view": V, "room": R|null, "before": {"id": I, "ts": F}|null}
       Amend   {"type": "amend", "action": "edit"|"delete"|"react"|"unreact"|"reply", "id": I,
                "arg": T, "client_id": C, "room": R}          T: new text, emoji, reply text, ""
@@ -35,6 +37,7 @@ __all__ = [
     "Before",
     "FrameError",
     "Hello",
+    "Name",
     "Older",
     "OlderBatch",
     "Reset",
@@ -97,6 +100,13 @@ class Older(_Frame):
 
 
 @dataclass(frozen=True)
+class Name(_Frame):
+    #: Anything the view sent: checked like any user name where it is used, so the view hears why.
+    name: object
+    type: Literal["name"] = "name"
+
+
+@dataclass(frozen=True)
 class Amend(_Frame):
     """Edit, delete, react to, unreact to or reply to the message ``id`` of ``room``."""
 
@@ -111,7 +121,7 @@ class Amend(_Frame):
 
 AMEND_ACTIONS = ("edit", "delete", "react", "unreact", "reply")
 
-ViewFrame = Hello | Send | Older | Amend
+ViewFrame = Hello | Send | Older | Name | Amend
 
 
 def _id(content: dict[str, Any], key: str) -> str:
@@ -149,6 +159,8 @@ def parse_view_frame(content: object) -> ViewFrame:
         if room is not None and not isinstance(room, str):
             raise FrameError(f"'room' must be a str or null, not {room!r:.80}")
         return Older(_id(content, "view"), room, _before(content.get("before")))
+    if kind == "name":
+        return Name(content.get("name"))
     if kind == "amend":
         action, room = content.get("action"), content.get("room")
         if action not in AMEND_ACTIONS:
@@ -156,7 +168,7 @@ def parse_view_frame(content: object) -> ViewFrame:
         if not isinstance(room, str):
             raise FrameError(f"'room' must be a str, not {room!r:.80}")
         return Amend(action, _id(content, "id"), content.get("arg"), _id(content, "client_id"), room)
-    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older' or 'amend'")
+    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'name' or 'amend'")
 
 
 # -- kernel -> views -------------------------------------------------------------------------

@@ -89,6 +89,7 @@ DEFAULT_MAX_TEXT_BYTES = 64 * 1024
 MAX_AUTHOR_CHARS = 64
 MAX_ROOM_CHARS = 64
 _ID_CHARS = 32
+_ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 ROOMS_KEY = "zchat_nb.rooms"
 
 Record = tuple[str, str, str, float]
@@ -216,6 +217,18 @@ def check_author(author: object) -> str:
     return author.strip()
 
 
+def check_message_id(id_: object) -> str:
+    """Return ``id_`` if it can be a message id, a new random id if it is None, else raise."""
+    if id_ is None:
+        return uuid.uuid4().hex
+    if not (isinstance(id_, str) and 0 < len(id_) <= _ID_CHARS and all(c in _ID_ALPHABET for c in id_)):
+        raise InvalidMessageError(
+            f"message id must be 1 to {_ID_CHARS} letters, digits, '-' or '_', not {id_!r:.60}; "
+            "leave it out to get a new one"
+        )
+    return id_
+
+
 def check_room_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_ROOM_CHARS:
         raise InvalidMessageError(
@@ -266,8 +279,9 @@ class Room(Persistent):
         """Add ``message`` to the end of ``writer``'s stream and return it as stored.
 
         Its time is moved just past the writer's previous message if the writer's clock went back,
-        so that each stream's key order is its commit order. A message that is already the
-        stream's last (a retried send whose first commit did happen) is left alone.
+        so that each stream's key order is its commit order. A message whose id is already in the
+        stream (a retried send whose first commit did happen, even with later sends since) is left
+        alone.
         """
         assert self.streams is not None and self.heads is not None and self.count is not None
         stream = self.streams.get(writer)
@@ -276,6 +290,9 @@ class Room(Persistent):
         count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
         if last_id == message.id:
             return parse_record(stream[(last, last_id)], 2**30)  # type: ignore[return-value]
+        stored = _find_retried(stream, message)
+        if stored is not None:
+            return stored
         if message.time <= last:
             message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
         if seal is not None:  # signs the record with its final time
@@ -359,6 +376,27 @@ class Room(Persistent):
 
     def __repr__(self) -> str:
         return f"<Room {self.name!r}>"
+
+
+#: Entries of a stream looked at for a retried message's id (see :func:`_find_retried`).
+RETRY_WINDOW = 256
+
+
+def _find_retried(stream: OOBTree, message: _Item) -> _Item | None:
+    """The stored copy of ``message`` if an earlier attempt committed it, else None.
+
+    A retry carries the first attempt's time and id; the stored key is that key, or a later time
+    when the writer's clock had gone back. So only keys from ``message.key`` on can match, and a
+    new message (later than everything stored) costs one tree descent. At most
+    :data:`RETRY_WINDOW` keys are looked at, so a bogus early time cannot make a send scan the
+    whole stream.
+    """
+    for count, key in enumerate(stream.keys(min=message.key)):
+        if count >= RETRY_WINDOW:
+            break
+        if key[1] == message.id:
+            return parse_record(stream[key], 2**30)  # type: ignore[return-value]  # a message or an event
+    return None
 
 
 @dataclass(frozen=True)
@@ -724,6 +762,18 @@ class ChatSession:
         message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()), reply_to=parent)
         return self.post(message)
 
+    def draft(self, text: object, *, author: object = None, id: object = None) -> Message:
+        """Build, without committing, a checked message of ``text`` stamped with the host's clock.
+
+        :meth:`post` commits it; posting the same draft again never stores it twice, which is how
+        a send whose answer was lost is retried. ``author`` is a display name checked like any
+        user name (default: this client's user); ``id`` is a caller-made id of 1 to 32 letters,
+        digits, ``-`` or ``_`` (default: a new one). Raises :class:`InvalidMessageError`.
+        """
+        text = check_text(text, self._host.max_text_bytes)
+        author = self._host.user if author is None else check_author(author)
+        return Message(check_message_id(id), author, text, float(self._host.clock()))
+
     def post(self, message: Message) -> Message:
         """Commit an already built message and return it as stored (idempotent, like a retry)."""
         writer = self._host.writer
@@ -747,9 +797,9 @@ class ChatSession:
 
     # -- presence ------------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """Record that this client's user is in the room now (the widget calls it periodically)."""
-        user, now = self._host.user, float(self._host.clock())
+    def heartbeat(self, user: str | None = None) -> None:
+        """Record that ``user`` (default: this client's user) is in the room now (the widget calls it)."""
+        user, now = self._host.user if user is None else check_author(user), float(self._host.clock())
 
         def beat(conn: Connection) -> None:
             self._room_in(conn).beat(user, now)

@@ -54,6 +54,7 @@ from .frames import (
     Before,
     FrameError,
     Hello,
+    Name,
     Older,
     OlderBatch,
     Reset,
@@ -63,7 +64,7 @@ from .frames import (
     Update,
     parse_view_frame,
 )
-from .model import Message, check_room_name
+from .model import Message, check_author, check_message_id, check_room_name
 from .render import message_payload
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ BACKLOG = 200
 KNOWN = 2000
 #: Seconds :meth:`ChatWidget.close` waits for each thread.
 JOIN_TIMEOUT = 5.0
+#: Sent messages the sender remembers by client id, for retries.
+_MAX_DRAFTS = 256
 
 _live: weakref.WeakSet[ChatWidget] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
@@ -123,6 +126,11 @@ class ChatWidget(anywidget.AnyWidget):
     moderator = traitlets.Bool(
         read_only=True, help="True for a verified teacher (classroom certificate): may delete any message."
     ).tag(sync=True)
+    ask_name = traitlets.Bool(
+        False,
+        help="Show a name field (remembered by the browser) and send nothing until a name is given; "
+        "the name becomes this widget's user, a display name checked like any user name.",
+    ).tag(sync=True)
     status = traitlets.Enum(
         ("connecting", "connected", "reconnecting", "disconnected"),
         "connecting",
@@ -160,6 +168,9 @@ class ChatWidget(anywidget.AnyWidget):
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
         self._events: deque[ClientEvent] = deque(maxlen=16)
+        self._named = False  # ask_name: True once the view gave a name
+        # Sender-only: the messages built for recent client ids, so that a retry is the same message.
+        self._drafts: OrderedDict[tuple[str, str], Message] = OrderedDict()
         # Poller-only state: only the poller thread reads or writes these.
         self._session: ChatSession | None = None
         self._shown: str | None = None
@@ -293,6 +304,23 @@ class ChatWidget(anywidget.AnyWidget):
             self._request(_OlderRequest(frame.view, frame.room, frame.before))
         elif isinstance(frame, Amend):
             self._request(_AmendRequest(frame))
+        elif isinstance(frame, Name):
+            self.choose_name(frame.name)
+
+    def choose_name(self, name: Any) -> None:
+        """Send as ``name`` from now on (the view's name field calls this when :attr:`ask_name` is on)."""
+        if not self.ask_name:
+            return  # the notebook chose the name (``%zchat join --name``): a view may not change it
+        try:
+            name = check_author(name)
+        except InvalidMessageError as exc:
+            self.error = f"name not accepted: {exc}"
+            return
+        if self.error.startswith("name not accepted") or self.error.startswith("not sent: type your name"):
+            self.error = ""
+        self._named = True
+        self.set_trait("user", name)
+        self._outbox.put(_Outgoing(self._shown or self.room))  # a heartbeat: here now, under this name
 
     def _request(self, request: _Request) -> None:
         self._requests.put(request)
@@ -343,7 +371,10 @@ class ChatWidget(anywidget.AnyWidget):
                     item.future.set_exception(exc)
                     continue
                 try:
-                    message = _act(session(item.room), item)
+                    if item.action == "send":
+                        message = session(item.room).post(self._draft(session(item.room), item))
+                    else:
+                        message = _act(session(item.room), item)
                 except Exception as exc:
                     item.future.set_exception(exc)
                     self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
@@ -355,11 +386,34 @@ class ChatWidget(anywidget.AnyWidget):
         finally:
             self.client.close_connection()
 
+    def _draft(self, session: ChatSession, item: _Outgoing) -> Message:
+        """The message to commit for ``item``: the same one again when its client id was seen before.
+
+        The view's client id becomes the message id, so a Retry of a send whose answer was lost
+        (committed, or not) posts the same message, which the model stores once.
+        """
+        if self.ask_name and not self._named:
+            raise InvalidMessageError("type your name in the name field first, then send again")
+        key = (item.room, item.client_id)
+        cached = self._drafts.get(key)
+        if cached is not None and cached.text == item.text:
+            self._drafts.move_to_end(key)
+            return cached
+        # Other text under a known client id is another message: it gets an id of its own.
+        id_ = item.client_id if cached is None and _is_message_id(item.client_id) else None
+        message = session.draft(item.text, author=self.user, id=id_)
+        self._drafts[key] = message
+        while len(self._drafts) > _MAX_DRAFTS:
+            self._drafts.popitem(last=False)
+        return message
+
     def _heartbeat(self, session: Callable[[str], ChatSession], room: str) -> None:
         if self._stopping.is_set() or not self.client.is_connected():
             return  # the status line already says the server is away
+        if self.ask_name and not self._named:
+            return  # nobody to announce yet
         try:
-            session(room).heartbeat()  # its commit wakes the poller, which reads presence
+            session(room).heartbeat(user=self.user)  # its commit wakes the poller, which reads presence
         except Exception as exc:
             log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
 
@@ -465,7 +519,7 @@ class ChatWidget(anywidget.AnyWidget):
     def _count_unread(self) -> None:
         counts = dict(self.unread)
         for name, session in list(self._watch.items()):
-            new = [m for m in session.new_messages() if m.author != self.client.user]
+            new = [m for m in session.new_messages() if m.author != self.user]
             if new:
                 counts[name] = counts.get(name, 0) + len(new)
         if counts != self.unread:
@@ -518,7 +572,7 @@ class ChatWidget(anywidget.AnyWidget):
         self._known.move_to_end(message.id)
         while len(self._known) > KNOWN:
             self._known.popitem(last=False)
-        return message_payload(message, own=message.author == self.client.user)
+        return message_payload(message, own=message.author == self.user)
 
     # -- conversations: replies, edits, deletes, reactions -----------------------------------
 
@@ -585,10 +639,12 @@ class ChatWidget(anywidget.AnyWidget):
         where = self.client.address_text
         if self.client.is_connected():
             self._lost_at = None
+            if self.status != "connected" and self.error:
+                self.error = ""  # a "not sent" from the outage is stale: sends work again
             if self._poll_error:
                 self._set_status("connected", f"connected to {where}, but {self._poll_error}")
             else:
-                self._set_status("connected", f"connected to {where} as {self.client.user}")
+                self._set_status("connected", f"connected to {where} as {self.user}")
             return
         if self._lost_at is None:
             self._lost_at = time.time()
@@ -615,6 +671,14 @@ class _Outgoing:
     #: "send", or a conversation action ("reply", "edit", "delete", "react", "unreact") on ``target``.
     action: str = "send"
     target: Message | None = None
+
+
+def _is_message_id(value: str) -> bool:
+    try:
+        check_message_id(value)
+    except InvalidMessageError:
+        return False
+    return True
 
 
 # -- what reaches the poller: the sender's outcomes and the views' requests -------------------
