@@ -48,12 +48,17 @@ def test_other_errors_pass_unchanged(error: Exception) -> None:
 #: Seconds a read waits for the server, and a write tries, before giving up.
 AWAY_TIMEOUT = 0.5
 
+#: A message as a session returns it (with its writer), for the amendments.
+_SHOWN = zchat_nb.Message("0123456789abcdef", "ada", "one", 1.0, writer="0123456789abcdef")
+
 READS: dict[str, Callable[[ChatClient], Any]] = {
     "ChatClient.rooms": lambda c: c.rooms(),
     "ChatSession.new_messages": lambda c: c.session("lab").new_messages(),
     "ChatSession.new_messages(timeout)": lambda c: c.session("lab").new_messages(timeout=AWAY_TIMEOUT),
     "ChatSession.history": lambda c: c.session("lab").history(10),
     "ChatSession.present": lambda c: c.session("lab").present(),
+    "ChatSession.updated_messages": lambda c: c.session("lab").updated_messages(),
+    "ChatSession.everything": lambda c: c.session("lab").everything(),
     "teacher.messages": lambda c: teacher.messages(c, "lab"),
     "teacher.to_csv": lambda c: teacher.to_csv(c, "lab"),
     "teacher.to_markdown": lambda c: teacher.to_markdown(c, "lab"),
@@ -67,6 +72,10 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
         zchat_nb.Message("0123456789abcdef", c.user, "into the void", 1.0)
     ),
     "ChatSession.heartbeat": lambda c: c.session("lab").heartbeat(),
+    "ChatSession.edit": lambda c: c.session("lab").edit(_SHOWN, "into the void"),
+    "ChatSession.delete": lambda c: c.session("lab").delete(_SHOWN),
+    "ChatSession.react": lambda c: c.session("lab").react(_SHOWN, "👍"),
+    "ChatSession.unreact": lambda c: c.session("lab").unreact(_SHOWN, "👍"),
     "teacher.clear_room": lambda c: teacher.clear_room(c, "lab"),
 }
 

@@ -17,9 +17,9 @@ import zchat_nb
 PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
-    {"exceptions", "seed"},
+    {"exceptions", "seed", "amend"},
     {"model", "security", "net", "events", "storage"},
-    {"server", "render", "certs", "treeview", "frames", "pgwake"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},

@@ -91,6 +91,17 @@ def test_serve_join_send_history_rooms_status_leave_stop(
     assert lines[0].endswith("ada: hello from the magic")
     assert "```python" in lines[1] and "print('code')" in lines[2]
     assert lines[-1].endswith("ada: *as typed*")
+    zchat(ip, "reply 1 @ada welcome")
+    zchat(ip, "edit 2 it is `print('code')`")
+    zchat(ip, "delete 3")
+    zchat(ip, "history -n 5")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  1  ") and lines[-1].endswith("ada ↪: @ada welcome")
+    assert lines[1].endswith("it is `print('code')` (edited)") and lines[2].endswith("ada: (message deleted)")
+    zchat(ip, "history --mentions")
+    assert capsys.readouterr().out.splitlines() == [lines[-1].replace("  4  ", "  1  ")]
+    with pytest.raises(UsageError, match="no message 7; N is a number shown by the last `%zchat history`"):
+        zchat(ip, "delete 7")
     zchat(ip, "inspect")
     from zchat_nb import magics
     from zchat_nb.inspector import Inspector

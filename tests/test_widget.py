@@ -639,3 +639,41 @@ def test_a_widget_without_a_client_connects_and_owns_its_client(
     finally:
         widget.close()
     assert widget.client.closed
+
+
+def test_widget_actions_reply_edit_react_delete_reach_another_session_and_update_views() -> None:
+    import ZODB
+
+    db = ZODB.DB(None)
+    client = zchat_nb.ChatClient(db, user="ada")
+    other = zchat_nb.ChatClient(db, user="bob").session("general")
+    widget = ChatWidget(client, "general", poll_interval=0.05)
+    sent: list[dict[str, Any]] = []
+    deleted_shown = threading.Event()
+
+    def capture(content: dict[str, Any], buffers: object = None) -> None:
+        sent.append(content)
+        # The delete reaches the views as an update, or with the message itself if the poller had
+        # not read it yet (a new message comes in its current state).
+        if any(p["deleted"] for p in content.get("messages", ())):
+            deleted_shown.set()
+
+    widget.send = capture  # type: ignore[method-assign]
+    try:
+        first = widget.send_message("hello @bob").result(10)
+        reply = widget.reply(first, "and a reply").result(10)
+        widget.edit(first, "hello @bob, edited").result(10)
+        widget.react(reply, "🎉").result(10)
+        assert widget.delete(reply).result(10).deleted
+        with pytest.raises(zchat_nb.ZChatPermissionError):
+            widget.edit(other.add_message("bob's"), "mine").result(10)
+        state = {m.id: m for m in other.new_messages()}
+        assert state[first.id].text == "hello @bob, edited" and state[reply.id].deleted
+        assert state[reply.id].reply_to == first.id
+        assert deleted_shown.wait(10), "the views were not told of the delete"
+        updates = [p for f in list(sent) for p in f.get("messages", ())]
+        assert any(p["id"] == first.id and p["edited"] and p["mentions"] == ["bob"] for p in updates)
+        assert any(p["id"] == reply.id and p["deleted"] and p["html"] == "" for p in updates)
+    finally:
+        widget.close()
+        client.close()

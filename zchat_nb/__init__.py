@@ -21,6 +21,7 @@ from .exceptions import (
     ZChatConnectionError,
     ZChatDisconnected,
     ZChatError,
+    ZChatPermissionError,
     ZChatSendError,
     ZChatServerError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "ZChatConnectionError",
     "ZChatDisconnected",
     "ZChatError",
+    "ZChatPermissionError",
     "ZChatSendError",
     "ZChatServerError",
     "__version__",

@@ -32,6 +32,8 @@ from .model import (
     ROOMS_KEY,
     ChatSession,
     SendPolicy,
+    Signer,
+    Verifier,
     check_author,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
@@ -133,6 +135,10 @@ class ChatClient:
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
+        #: With a classroom certificate (``connect(tls=...)``): signs what this client writes, and
+        #: verifies what others wrote against the class CA (see :mod:`zchat_nb.signing`).
+        self.signer: Signer | None = None
+        self.verifier: Verifier | None = None
         #: What wakes readers and what subscribers hear; :func:`connect` gives its storage the same.
         self.events = events if events is not None else ClientEvents()
         self._lock = threading.Lock()
@@ -345,6 +351,7 @@ def connect(
     fallback
         PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    signer = verifier = None
     target = address if address is not None else os.environ.get(ENV_ADDRESS)
     if is_storage_uri(target):
         if ssl is not None or tls is not None:
@@ -369,6 +376,7 @@ def connect(
             raise ZChatConnectionError("give connect() tls= (a certificate folder) or ssl=, not both")
         bundle = load_bundle(tls, user)
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
+        signer, verifier = _signing(bundle)
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
@@ -400,7 +408,7 @@ def connect(
         storage.close()
         raise
     try:
-        return ChatClient(
+        client = ChatClient(
             db,
             user=user,
             address=addr,
@@ -412,6 +420,19 @@ def connect(
     except BaseException:
         db.close()
         raise
+    client.signer, client.verifier = signer, verifier
+    return client
+
+
+def _signing(bundle: Any) -> tuple[Signer, Verifier]:
+    """The signer and verifier of a certificate folder (see :mod:`zchat_nb.signing`)."""
+    from .signing import Signer as CertSigner
+    from .signing import Verifier as CaVerifier
+
+    try:
+        return CertSigner(bundle), CaVerifier(bundle.ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ZChatConnectionError(f"cannot use the certificate folder {bundle.cert.parent}: {exc}") from exc
 
 
 def _connect_postgres(

@@ -7,6 +7,7 @@ Everything derives from :class:`ZChatError`, so ``except ZChatError`` catches al
     │   └── ZChatDisconnected       the server went away; also a transaction TransientError
     ├── ZChatSendError              a message (or a teacher's clear) could not be committed in time
     ├── InvalidMessageError         bad input: empty, not str, too long (also a ValueError)
+    ├── ZChatPermissionError        editing or deleting someone else's message, or a bad reaction
     ├── UnsafeRecordError           a stored record names a global outside the allow-list
     └── ZChatServerError            a server could not be started, found or stopped
 
@@ -32,6 +33,7 @@ __all__ = [
     "ZChatConnectionError",
     "ZChatDisconnected",
     "ZChatError",
+    "ZChatPermissionError",
     "ZChatSendError",
     "ZChatServerError",
     "disconnected",
@@ -57,6 +59,13 @@ class ZChatSendError(ZChatError):
 
 class InvalidMessageError(ZChatError, ValueError):
     """The text or author of a message is not acceptable."""
+
+
+class ZChatPermissionError(ZChatError):
+    """This user may not make that change (someone else's message, or a reaction that is no emoji).
+
+    The message names who may.
+    """
 
 
 class UnsafeRecordError(ZChatError):

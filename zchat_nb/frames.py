@@ -11,12 +11,15 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
                                                   when it can be one: a retry (same C) is stored once
       Name    {"type": "name", "name": N}             the visitor's display name (``ask_name`` only)
       Older   {"type": "older", "view": V, "room": R|null, "before": {"id": I, "ts": F}|null}
+      Amend   {"type": "amend", "action": "edit"|"delete"|"react"|"unreact"|"reply", "id": I,
+               "arg": T, "client_id": C, "room": R}          T: new text, emoji, reply text, ""
     kernel -> views
       Reset       {"type": "reset", "view": V|null, "room": R, "messages": [...], "more": bool}
       Append      {"type": "append", "view": null, "room": R, "messages": [...]}   only the new ones
       OlderBatch  {"type": "older", "view": V|null, "room": R, "messages": [...], "more": bool}
       Sent        {"type": "sent", "view": null, "client_id": C, "id": message id}
       SendFailed  {"type": "send_failed", "view": null, "client_id": C, "error": text}
+      Update      {"type": "update", "view": null, "room": R, "messages": [...]}  changed ones, in place
 
 Each of ``messages`` is :func:`zchat_nb.render.message_payload`.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "Amend",
     "Append",
     "Before",
     "FrameError",
@@ -40,6 +44,7 @@ __all__ = [
     "Send",
     "SendFailed",
     "Sent",
+    "Update",
     "ViewFrame",
     "parse_view_frame",
 ]
@@ -101,7 +106,22 @@ class Name(_Frame):
     type: Literal["name"] = "name"
 
 
-ViewFrame = Hello | Send | Older | Name
+@dataclass(frozen=True)
+class Amend(_Frame):
+    """Edit, delete, react to, unreact to or reply to the message ``id`` of ``room``."""
+
+    action: Literal["edit", "delete", "react", "unreact", "reply"]
+    id: str
+    #: The new text, the emoji or the reply; checked where it is applied, like a Send's text.
+    arg: object
+    client_id: str
+    room: str
+    type: Literal["amend"] = "amend"
+
+
+AMEND_ACTIONS = ("edit", "delete", "react", "unreact", "reply")
+
+ViewFrame = Hello | Send | Older | Name | Amend
 
 
 def _id(content: dict[str, Any], key: str) -> str:
@@ -141,7 +161,14 @@ def parse_view_frame(content: object) -> ViewFrame:
         return Older(_id(content, "view"), room, _before(content.get("before")))
     if kind == "name":
         return Name(content.get("name"))
-    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older' or 'name'")
+    if kind == "amend":
+        action, room = content.get("action"), content.get("room")
+        if action not in AMEND_ACTIONS:
+            raise FrameError(f"'action' must be one of {', '.join(AMEND_ACTIONS)}, not {action!r:.40}")
+        if not isinstance(room, str):
+            raise FrameError(f"'room' must be a str, not {room!r:.80}")
+        return Amend(action, _id(content, "id"), content.get("arg"), _id(content, "client_id"), room)
+    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'name' or 'amend'")
 
 
 # -- kernel -> views -------------------------------------------------------------------------
@@ -179,6 +206,16 @@ class Sent(_Frame):
     id: str
     view: None = None
     type: Literal["sent"] = "sent"
+
+
+@dataclass(frozen=True)
+class Update(_Frame):
+    """Messages shown earlier, in their new state (edited, deleted, reacted to)."""
+
+    room: str | None
+    messages: list[Payload]
+    view: None = None
+    type: Literal["update"] = "update"
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from traitlets.config import Configurable
 
 from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
-from .model import ChatSession
+from .model import ChatSession, Message
 from .net import format_address, parse_address
-from .render import format_line
 from .server import Server, serve
+from .terminal import format_message
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
 
@@ -103,8 +103,21 @@ def _parsers() -> dict[str, _Parser]:
     )
     p["send"].add_argument("text", nargs="*", metavar="TEXT")
     p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
-    p["history"] = make("history", "Print the last N messages of the room you joined.")
+    p["history"] = make(
+        "history", "Print the last N messages of the room you joined, numbered for reply, edit and delete."
+    )
     p["history"].add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    p["history"].add_argument("--mentions", action="store_true", help="only messages that mention you")
+    p["reply"] = make("reply", "Answer message N (as numbered by the last `%zchat history`) with TEXT.")
+    p["reply"].add_argument("number", type=int, metavar="N")
+    p["reply"].add_argument("text", nargs="+", metavar="TEXT")
+    p["edit"] = make("edit", "Replace the text of your message N (as numbered by `%zchat history`).")
+    p["edit"].add_argument("number", type=int, metavar="N")
+    p["edit"].add_argument("text", nargs="+", metavar="TEXT")
+    p["delete"] = make(
+        "delete", "Delete your message N (as numbered by `%zchat history`); a verified teacher: anyone's."
+    )
+    p["delete"].add_argument("number", type=int, metavar="N")
     for name, text in [
         ("rooms", "List the rooms."),
         ("status", "Show the connection, user, room and server."),
@@ -147,6 +160,8 @@ class ZChatMagics(Magics):
         self.client: ChatClient | None = None
         self.room: str | None = None
         self.session: ChatSession | None = None
+        #: What the last `%zchat history` printed: N of reply, edit and delete counts in it.
+        self._numbered: list[Message] = []
         self.widgets: list[Any] = []
         self._parsers = _parsers()
 
@@ -157,6 +172,10 @@ class ZChatMagics(Magics):
         if command == "send" and cell is None and rest.strip() and not rest.lstrip().startswith("-"):
             # The message is the rest of the line as typed: no shell-style parsing of the user's text.
             return self._call("send", argparse.Namespace(text=[_unquote(rest.strip())], raw=False), cell)
+        number, _, text = rest.strip().partition(" ")
+        if command in ("reply", "edit") and cell is None and number.isdigit() and text.strip():
+            args = argparse.Namespace(number=int(number), text=[_unquote(text.strip())])
+            return self._call(command, args, cell)
         try:
             words = shlex.split(line)
         except ValueError as exc:
@@ -251,8 +270,33 @@ class ZChatMagics(Magics):
         session = self._joined()
         if args.n < 0:
             raise UsageError(f"%zchat history: -n must be 0 or more, not {args.n}")
-        for message in session.history(args.n):
-            print(format_line(message))
+        messages = session.history(args.n)
+        if args.mentions:
+            assert self.client is not None
+            messages = [m for m in messages if self.client.user in m.mentions]
+        self._numbered = messages
+        for number, message in enumerate(messages, 1):
+            print(f"{number:>3}  {format_message(message)}")
+
+    def _numbered_message(self, command: str, number: int) -> Message:
+        if not 0 < number <= len(self._numbered):
+            raise UsageError(
+                f"%zchat {command}: no message {number}; N is a number shown by the last `%zchat history` "
+                f"(1 to {len(self._numbered)})" + ("" if self._numbered else ": run `%zchat history` first")
+            )
+        return self._numbered[number - 1]
+
+    def _reply(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.add_message(" ".join(args.text), reply_to=self._numbered_message("reply", args.number))
+
+    def _edit(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.edit(self._numbered_message("edit", args.number), " ".join(args.text))
+
+    def _delete(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.delete(self._numbered_message("delete", args.number))
 
     def _rooms(self, args: argparse.Namespace, cell: str | None) -> None:
         client = self.client if self.client is not None and not self.client.closed else self._any_client()

@@ -49,6 +49,7 @@ import traitlets
 
 from .exceptions import InvalidMessageError, ZChatConnectionError
 from .frames import (
+    Amend,
     Append,
     Before,
     FrameError,
@@ -60,6 +61,7 @@ from .frames import (
     Send,
     SendFailed,
     Sent,
+    Update,
     parse_view_frame,
 )
 from .model import Message, check_author, check_message_id, check_room_name
@@ -77,6 +79,8 @@ _STATIC = pathlib.Path(__file__).parent / "static"
 
 #: Messages a view gets when it is drawn or switches room, and per "load older".
 BACKLOG = 200
+#: Messages a view's actions can name (the shown ones, and some that scrolled away).
+KNOWN = 2000
 #: Seconds :meth:`ChatWidget.close` waits for each thread.
 JOIN_TIMEOUT = 5.0
 #: Sent messages the sender remembers by client id, for retries.
@@ -119,6 +123,9 @@ class ChatWidget(anywidget.AnyWidget):
     user = traitlets.Unicode(read_only=True, help="The name this widget's messages are sent as.").tag(
         sync=True
     )
+    moderator = traitlets.Bool(
+        read_only=True, help="True for a verified teacher (classroom certificate): may delete any message."
+    ).tag(sync=True)
     ask_name = traitlets.Bool(
         False,
         help="Show a name field (remembered by the browser) and send nothing until a name is given; "
@@ -169,6 +176,8 @@ class ChatWidget(anywidget.AnyWidget):
         self._shown: str | None = None
         self._cache: deque[dict[str, Any]] = deque(maxlen=BACKLOG)
         self._oldest: Message | None = None
+        #: The messages shown lately, by id: what a view's Reply, Edit, Delete or React names.
+        self._known: OrderedDict[str, Message] = OrderedDict()
         self._more = False
         self._watch: dict[str, ChatSession] = {}
         self._known_rooms: set[str] | None = None
@@ -198,6 +207,11 @@ class ChatWidget(anywidget.AnyWidget):
     @traitlets.default("user")
     def _default_user(self) -> str:
         return self.client.user
+
+    @traitlets.default("moderator")
+    def _default_moderator(self) -> bool:
+        signer = self.client.signer
+        return signer is not None and signer.teacher and signer.name == self.client.user
 
     @traitlets.default("status_text")
     def _default_status_text(self) -> str:
@@ -288,6 +302,8 @@ class ChatWidget(anywidget.AnyWidget):
             self._submit(frame.text, frame.client_id, frame.room)
         elif isinstance(frame, Older):
             self._request(_OlderRequest(frame.view, frame.room, frame.before))
+        elif isinstance(frame, Amend):
+            self._request(_AmendRequest(frame))
         elif isinstance(frame, Name):
             self.choose_name(frame.name)
 
@@ -355,12 +371,16 @@ class ChatWidget(anywidget.AnyWidget):
                     item.future.set_exception(exc)
                     continue
                 try:
-                    message = session(item.room).post(self._draft(session(item.room), item))
+                    if item.action == "send":
+                        message = session(item.room).post(self._draft(session(item.room), item))
+                    else:
+                        message = _act(session(item.room), item)
                 except Exception as exc:
                     item.future.set_exception(exc)
                     self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
                 else:
-                    self.last_sent = message
+                    if item.action in ("send", "reply"):
+                        self.last_sent = message
                     item.future.set_result(message)
                     self._request(_SentRequest(item.client_id, message))
         finally:
@@ -440,6 +460,7 @@ class ChatWidget(anywidget.AnyWidget):
             self._load_room(target)
         assert self._session is not None
         self._deliver(self._session.new_messages())
+        self._apply_updates(self._session.updated_messages())
         self._refresh_rooms()
         self._count_unread()
         present = self._session.present(within=3 * self.heartbeat_interval)
@@ -521,6 +542,8 @@ class ChatWidget(anywidget.AnyWidget):
             elif isinstance(request, _FailedRequest):
                 self.error = request.error
                 self.send(SendFailed(request.client_id, request.error).to_wire())
+            elif isinstance(request, _AmendRequest):
+                self._amend_from_view(request.frame)
 
     def _send_older(self, request: _OlderRequest) -> None:
         view, room = request.view, request.room
@@ -545,7 +568,64 @@ class ChatWidget(anywidget.AnyWidget):
         self.send(OlderBatch(view, self._shown, payloads, len(older) >= BACKLOG).to_wire())
 
     def _payload(self, message: Message) -> dict[str, Any]:
+        self._known[message.id] = message
+        self._known.move_to_end(message.id)
+        while len(self._known) > KNOWN:
+            self._known.popitem(last=False)
         return message_payload(message, own=message.author == self.user)
+
+    # -- conversations: replies, edits, deletes, reactions -----------------------------------
+
+    def reply(self, message: Message, text: str) -> Future[Message]:
+        """Send ``text`` as an answer to ``message``, without blocking (like :meth:`send_message`)."""
+        return self._act("reply", message, text)
+
+    def edit(self, message: Message, text: str) -> Future[Message]:
+        """Replace the text of your ``message``; the Future gives its new state."""
+        return self._act("edit", message, text)
+
+    def delete(self, message: Message) -> Future[Message]:
+        """Delete your ``message`` (a verified teacher: anyone's)."""
+        return self._act("delete", message, "")
+
+    def react(self, message: Message, emoji: str) -> Future[Message]:
+        """Add your reaction ``emoji`` to ``message``."""
+        return self._act("react", message, emoji)
+
+    def unreact(self, message: Message, emoji: str) -> Future[Message]:
+        """Take back your reaction ``emoji`` on ``message``."""
+        return self._act("unreact", message, emoji)
+
+    def _act(self, action: str, message: Message, arg: Any, client_id: str = "") -> Future[Message]:
+        future: Future[Message] = Future()
+        client_id = client_id or uuid.uuid4().hex
+        room = self._shown or self.room
+        if self._stopping.is_set():
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
+            future.set_exception(exc)
+            self._request(_FailedRequest(client_id, f"{action} failed: {exc}"))
+        else:
+            self._outbox.put(_Outgoing(room, arg, client_id, future, action=action, target=message))
+        return future
+
+    def _amend_from_view(self, frame: Amend) -> None:
+        message = self._known.get(frame.id)
+        if message is None or frame.room != self._shown:
+            self._request(
+                _FailedRequest(frame.client_id, f"{frame.action} failed: that message is no longer shown")
+            )
+            return
+        self._act(frame.action, message, frame.arg, frame.client_id)
+
+    def _apply_updates(self, messages: list[Message]) -> None:
+        """Show messages that changed (edited, deleted, reacted to) in place in every view."""
+        if not messages:
+            return
+        payloads = {m.id: self._payload(m) for m in messages}
+        for i, cached in enumerate(self._cache):
+            if cached["id"] in payloads:
+                self._cache[i] = payloads[cached["id"]]
+        self.send(Update(self._shown, list(payloads.values())).to_wire())
 
     # -- status ----------------------------------------------------------------------------
 
@@ -594,6 +674,9 @@ class _Outgoing:
     text: Any = None
     client_id: str = ""
     future: Future[Message] | None = None
+    #: "send", or a conversation action ("reply", "edit", "delete", "react", "unreact") on ``target``.
+    action: str = "send"
+    target: Message | None = None
 
 
 def _is_message_id(value: str) -> bool:
@@ -632,6 +715,25 @@ class _SentRequest:
 
 
 @dataclass(frozen=True)
+class _AmendRequest:
+    """A view asked to reply to, edit, delete or react to a message it shows."""
+
+    frame: Amend
+
+
+def _act(session: ChatSession, item: _Outgoing) -> Message:
+    """Commit what the sender thread was given: a message, a reply or an amendment."""
+    if item.action == "send" or item.target is None:
+        return session.add_message(item.text)
+    if item.action == "reply":
+        return session.add_message(item.text, reply_to=item.target)
+    if item.action == "delete":
+        return session.delete(item.target)
+    method = {"edit": session.edit, "react": session.react, "unreact": session.unreact}[item.action]
+    return method(item.target, item.text)
+
+
+@dataclass(frozen=True)
 class _FailedRequest:
     """The message the view sent as ``client_id`` was not sent, for the reason ``error``."""
 
@@ -639,7 +741,7 @@ class _FailedRequest:
     error: str
 
 
-_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest
+_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | _AmendRequest
 
 
 def close_all() -> None:
