@@ -418,29 +418,44 @@ def install_probes(sender: Any, receiver: Any) -> None:
     receiver.evaluate(_RECEIVER_PROBE_JS)
 
 
+#: A committed message in the widget (not one of its own sends still pending or not sent).
+COMMITTED = ".zchat-message:not(.zchat-pending):not(.zchat-sent):not(.zchat-failed)"
+#: The page's own sends not yet shown as committed.
+UNSENT = ".zchat-message.zchat-pending, .zchat-message.zchat-sent, .zchat-message.zchat-failed"
+
+
 def type_and_send(page: Any, text: str, timeout_ms: float = DELIVERY_TIMEOUT_MS) -> None:
-    """Type ``text`` into the widget's box, press Enter, wait until the box clears (the commit)."""
+    """Type ``text`` into the widget's box, press Enter, wait until it is shown as committed.
+
+    The box clears at once; the send shows as pending until the committed message replaces it.
+    """
     box = page.locator(".zchat-widget .zchat-input").first
     box.fill(text)
     box.press("Enter")
+    wait_until_all_sent(page, timeout_ms)
+
+
+def wait_until_all_sent(page: Any, timeout_ms: float = DELIVERY_TIMEOUT_MS) -> None:
+    """Wait until the box is empty and none of the page's sends is pending (or failed)."""
     page.wait_for_function(
-        """() => { const box = document.querySelector(".zchat-widget .zchat-input");
-                   return box.value === "" && !box.readOnly; }""",
+        """(unsent) => { const box = document.querySelector(".zchat-widget .zchat-input");
+                         return box.value === "" && !document.querySelector(unsent); }""",
+        arg=UNSENT,
         timeout=timeout_ms,
     )
 
 
 def message_texts(page: Any) -> list[str]:
-    """innerText of every ``.zchat-text`` shown in ``page``."""
-    return list(page.locator(".zchat-widget .zchat-message .zchat-text").all_inner_texts())
+    """innerText of every committed message's ``.zchat-text`` shown in ``page``."""
+    return list(page.locator(f".zchat-widget {COMMITTED} .zchat-text").all_inner_texts())
 
 
 def wait_for_message(page: Any, text: str, timeout_ms: float = DELIVERY_TIMEOUT_MS) -> None:
-    """Wait until a message whose ``.zchat-text`` innerText is ``text`` shows in ``page``."""
+    """Wait until a committed message whose ``.zchat-text`` innerText is ``text`` shows in ``page``."""
     page.wait_for_function(
-        """(text) => [...document.querySelectorAll(".zchat-widget .zchat-message .zchat-text")]
+        """([text, selector]) => [...document.querySelectorAll(selector)]
                        .some((node) => node.innerText.trim() === text)""",
-        arg=text,
+        arg=[text, f".zchat-widget {COMMITTED} .zchat-text"],
         timeout=timeout_ms,
     )
 

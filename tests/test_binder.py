@@ -68,7 +68,7 @@ def test_start_exports_the_address_of_a_server_two_clients_chat_through(fresh_en
     started = run_start(fresh_env, "python", "-c", "import os; print(os.environ['ZCHAT_ADDRESS'])")
     assert started.returncode == 0, started.stderr
     address = parse_address(started.stdout.strip())
-    assert address[0] == "127.0.0.1"
+    assert address == str(Path(fresh_env["ZCHAT_HOME"]) / "server.sock")  # the private socket
     assert (Path(fresh_env["ZCHAT_HOME"]) / "chat.fs").exists()  # the server keeps the chat on disk
 
     with (
@@ -88,3 +88,11 @@ def test_start_exports_the_address_of_a_server_two_clients_chat_through(fresh_en
 @integration
 def test_start_passes_the_exit_code_of_the_command(fresh_env: dict[str, str]) -> None:
     assert run_start(fresh_env, "sh", "-c", "exit 7").returncode == 7
+
+
+def test_the_chat_page_is_linked_from_the_readme_and_binder() -> None:
+    page = "notebooks/chat.ipynb"
+    assert (BINDER.parent / page).is_file()
+    readme = (BINDER.parent / "README.md").read_text()
+    assert f"voila {page}" in readme and f"voila/render/{page}" in readme
+    assert f"voila/render/{page}" in (BINDER / "start").read_text()

@@ -23,6 +23,7 @@ import zchat_nb
 
 from .browser import (
     ARTIFACTS,
+    UNSENT,
     TwoNotebooks,
     chromium_available,
     measure_delivery,
@@ -30,6 +31,7 @@ from .browser import (
     set_theme,
     type_and_send,
     wait_for_message,
+    wait_until_all_sent,
 )
 from .helpers import MakeClient
 
@@ -41,6 +43,9 @@ pytestmark = [
 
 ROOM = "browser"
 DELIVERY_MESSAGES = 30
+#: The fast typist: this many messages back to back, a key every KEY_DELAY_MS (about 80 keys a second).
+FAST_MESSAGES = 30
+KEY_DELAY_MS = 12
 
 # Each payload, sent as a chat message, must show as its own text and run nothing.
 PAYLOADS = [
@@ -145,6 +150,53 @@ def test_shift_enter_starts_a_new_line_instead_of_sending(two: TwoNotebooks) -> 
         "() => document.querySelector('.zchat-widget .zchat-input').value === ''", timeout=20_000
     )
     wait_for_message(two.page_b, f"{first}\n{second}")
+
+
+def test_a_fast_typist_loses_no_keystroke(
+    two: TwoNotebooks, chat_server: zchat_nb.Server, make_client: MakeClient
+) -> None:
+    """30 messages typed back to back at about 80 keys a second all arrive intact, in order, once."""
+    observer = make_client(chat_server.address, "observer").session(ROOM, backlog=0)
+    observer.new_messages()  # the cursor starts here
+    run = secrets.token_hex(3)
+    texts = [f"quick brown fox {run} {i:02d}" for i in range(FAST_MESSAGES)]
+    page = two.page_a
+    page.locator(".zchat-widget .zchat-input").first.click()
+
+    for text in texts:
+        page.keyboard.type(text, delay=KEY_DELAY_MS)  # no waiting for the commit between messages
+        page.keyboard.press("Enter")
+
+    received: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(received) < len(texts) and time.monotonic() < deadline:
+        batch = observer.new_messages(timeout=deadline - time.monotonic())
+        received += [m.text for m in batch if m.author == "alice" and run in m.text]
+    assert received == texts
+    wait_until_all_sent(page)  # every pending message became the committed one...
+    assert [t for t in message_texts(page) if run in t] == texts  # ...shown once, in order
+    wait_for_message(two.page_b, texts[-1])
+    assert [t for t in message_texts(two.page_b) if run in t] == texts
+
+
+def test_a_failed_send_shows_not_sent_with_retry_and_edit_and_loses_nothing(two: TwoNotebooks) -> None:
+    page = two.page_a
+    box = page.locator(".zchat-widget .zchat-input").first
+    too_long = "x" * 70_000  # over the 64 KiB limit: the kernel refuses it
+    box.fill(too_long)
+    box.press("Enter")
+    assert box.input_value() == ""  # cleared at once, editable
+    assert box.is_editable()
+    failed = page.locator(".zchat-widget .zchat-message.zchat-failed").first
+    failed.wait_for(timeout=20_000)
+    assert "not sent" in failed.inner_text() and "limit" in failed.inner_text()
+    assert failed.locator(".zchat-retry").is_visible()
+
+    box.type("half typed")
+    failed.locator(".zchat-edit").click()
+    assert box.input_value() == f"{too_long}\nhalf typed"  # the unsent text is back, the rest kept
+    assert page.locator(UNSENT).count() == 0
+    box.fill("")
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 import zchat_nb
+from zchat_nb.cli import main
 from zchat_nb.local import stop_local_server
-
-pytestmark = pytest.mark.integration
 
 
 def get_when_listening(url: str, timeout: float = 30.0) -> bytes:
@@ -32,6 +31,7 @@ def get_when_listening(url: str, timeout: float = 30.0) -> bytes:
             time.sleep(0.1)  # nothing to wait on but the socket itself
 
 
+@pytest.mark.integration
 def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Path, free_port: int) -> None:
     port, token = free_port, "zchat-test-token"
     lab_args = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0"]
@@ -54,7 +54,7 @@ def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Pat
                 break
         else:
             pytest.fail("JupyterLab never served:\n" + "".join(seen))
-        assert "chat server at 127.0.0.1:" in "".join(seen)
+        assert f"chat server at unix:{zchat_home / 'server.sock'}" in "".join(seen)
         url = f"http://127.0.0.1:{port}/api/contents/chat_demo.ipynb?token={token}&content=0"
         assert json.loads(get_when_listening(url))["type"] == "notebook"
         assert (zchat_home / "notebooks" / "chat_demo.ipynb").exists()
@@ -66,6 +66,7 @@ def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Pat
         stop_local_server()
 
 
+@pytest.mark.integration
 def test_terminal_chat_sends_lines_and_prints_incoming(server: zchat_nb.Server) -> None:
     address = "{}:{}".format(*server.address)
     with zchat_nb.connect(server.address, user="other") as other:
@@ -89,3 +90,59 @@ def test_terminal_chat_sends_lines_and_prints_incoming(server: zchat_nb.Server) 
         proc.stdin.write("/quit\n")
         proc.stdin.flush()
         assert proc.wait(30) == 0
+
+
+# -- mistakes on the command line: one line naming the fix, status 2 ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["export", "general", "-o", "{tmp}/missing/room.csv"],
+            "the folder {tmp}/missing does not exist; mkdir -p",
+        ),
+        (["export", "general", "-o", "{tmp}"], "{tmp} is a directory; give a file name"),
+        (["export", "general", "-o", "{tmp}/old.csv"], "{tmp}/old.csv exists; add --force to overwrite it"),
+        (["pack", "--days", "nan"], "argument --days: 'nan' is not a number of days >= 0"),
+        (["pack", "--days", "inf"], "argument --days: 'inf' is not a number of days >= 0"),
+        (["serve", "--port", "70000"], "argument --port: '70000' is not a TCP port; give 1-65535, or 0"),
+        (["serve", "--port", "-1"], "argument --port: '-1' is not a TCP port"),
+        (["serve", "--path", "/proc/chat.fs"], "cannot write /proc/chat.fs (No such file or directory)"),
+        (["serve", "--path", "{tmp}/missing/chat.fs"], "the folder {tmp}/missing does not exist"),
+        (["serve", "--local", "--path", "{tmp}/chat.fs"], "--local takes no --path"),
+        (
+            ["certs", "{tmp}/class", "--days", "-5"],
+            "argument --days: '-5' is not a whole number of days >= 1",
+        ),
+        (["certs", "{tmp}/class", "--students-file", "{tmp}/names.txt"], "{tmp}/names.txt does not exist"),
+        (["certs", "{tmp}/class", "--students-file", "{tmp}"], "{tmp} is a directory; give a file of names"),
+        (["chat", "--backlog", "-5"], "argument --backlog: '-5' is not a whole number of messages >= 0"),
+        (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line_naming_the_fix(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "old.csv").write_text("kept\n")
+    tmp = str(tmp_path)
+    assert main([arg.format(tmp=tmp) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert says.format(tmp=tmp) in err
+    assert err.startswith(f"zchat-nb {args[0]}: ") and f"`zchat-nb {args[0]} --help`" in err
+    assert (tmp_path / "old.csv").read_text() == "kept\n"  # nothing was overwritten
+    assert not (tmp_path / "class").exists()  # nothing was made
+
+
+@pytest.mark.integration
+def test_export_overwrites_only_with_force(server: zchat_nb.Server, tmp_path: Path) -> None:
+    with zchat_nb.connect(server.address, user="ann") as client:
+        client.session("general").add_message("exported")
+    out = tmp_path / "room.csv"
+    out.write_text("old\n")
+    address = ["--address", zchat_nb.net.format_address(server.address)]
+    assert main(["export", "general", "-o", str(out), *address]) == 2
+    assert out.read_text() == "old\n"
+    assert main(["export", "general", "-o", str(out), "--force", *address]) == 0
+    assert "exported" in out.read_text()

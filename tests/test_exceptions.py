@@ -48,18 +48,30 @@ def test_other_errors_pass_unchanged(error: Exception) -> None:
 #: Seconds a read waits for the server, and a write tries, before giving up.
 AWAY_TIMEOUT = 0.5
 
+#: A message as a session returns it (with its writer), for the amendments.
+_SHOWN = zchat_nb.Message("0123456789abcdef", "ada", "one", 1.0, writer="0123456789abcdef")
+
+#: A picture, and a message that names one (for reading attachments).
+_PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+_SHARED = zchat_nb.Message(
+    "0123456789abcdef", "ada", "", 1.0, attachments=(zchat_nb.Attachment("a.png", "image/png", 24, "w/x/0"),)
+)
+
 READS: dict[str, Callable[[ChatClient], Any]] = {
     "ChatClient.rooms": lambda c: c.rooms(),
     "ChatSession.new_messages": lambda c: c.session("lab").new_messages(),
     "ChatSession.new_messages(timeout)": lambda c: c.session("lab").new_messages(timeout=AWAY_TIMEOUT),
     "ChatSession.history": lambda c: c.session("lab").history(10),
     "ChatSession.present": lambda c: c.session("lab").present(),
+    "ChatSession.updated_messages": lambda c: c.session("lab").updated_messages(),
+    "ChatSession.everything": lambda c: c.session("lab").everything(),
     "teacher.messages": lambda c: teacher.messages(c, "lab"),
     "teacher.to_csv": lambda c: teacher.to_csv(c, "lab"),
     "teacher.to_markdown": lambda c: teacher.to_markdown(c, "lab"),
     "teacher.to_dataframe": lambda c: teacher.to_dataframe(c, "lab"),
     "teacher.export": lambda c: teacher.export(c, "lab", io.StringIO()),
     "teacher.pack": lambda c: teacher.pack(c),
+    "ChatClient.attachment_bytes": lambda c: c.attachment_bytes(_SHARED),
 }
 WRITES: dict[str, Callable[[ChatClient], Any]] = {
     "ChatSession.add_message": lambda c: c.session("lab").add_message("into the void"),
@@ -67,7 +79,18 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
         zchat_nb.Message("0123456789abcdef", c.user, "into the void", 1.0)
     ),
     "ChatSession.heartbeat": lambda c: c.session("lab").heartbeat(),
+    "ChatSession.edit": lambda c: c.session("lab").edit(_SHOWN, "into the void"),
+    "ChatSession.delete": lambda c: c.session("lab").delete(_SHOWN),
+    "ChatSession.react": lambda c: c.session("lab").react(_SHOWN, "👍"),
+    "ChatSession.unreact": lambda c: c.session("lab").unreact(_SHOWN, "👍"),
     "teacher.clear_room": lambda c: teacher.clear_room(c, "lab"),
+    "ChatSession.share": lambda c: c.session("lab").share(_PNG, "into the void"),
+    "ChatSession.share_files": lambda c: c.session("lab").share_files([("a.png", "image/png", _PNG)]),
+}
+
+#: Calls that do not ask the server: they work while it is away.
+LOCAL: dict[str, Callable[[ChatClient], Any]] = {
+    "ChatSession.draft": lambda c: c.session("lab").draft("built offline"),
 }
 
 
@@ -113,9 +136,15 @@ def test_a_write_with_the_server_away_raises_zchat_send_error(away: ChatClient, 
     assert away.address_text in message and f"within {AWAY_TIMEOUT:g} s" in message
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("call", list(LOCAL), ids=list(LOCAL))
+def test_a_local_call_works_with_the_server_away(away: ChatClient, call: str) -> None:
+    assert LOCAL[call](away) is not None
+
+
 def test_every_public_call_of_sessions_and_teacher_tools_is_in_a_table() -> None:
     """A new public method of ChatSession, or function of teacher, must be added to a table above."""
-    covered = {name.split("(")[0] for name in [*READS, *WRITES]}
+    covered = {name.split("(")[0] for name in [*READS, *WRITES, *LOCAL]}
     public = {f"ChatSession.{name}" for name in vars(zchat_nb.ChatSession) if not name.startswith("_")}
     public |= {f"teacher.{name}" for name in teacher.__all__ if name != "COLUMNS"}
     assert public <= covered, sorted(public - covered)

@@ -11,6 +11,7 @@ from zchat_nb.frames import (
     Before,
     FrameError,
     Hello,
+    Name,
     Older,
     OlderBatch,
     Reset,
@@ -36,6 +37,9 @@ from zchat_nb.frames import (
             {"type": "older", "view": "v", "room": "lab", "before": {"id": "m1", "ts": 5}},
             Older("v", "lab", Before("m1", 5.0)),
         ),
+        # The name is checked where it is used (ChatWidget.choose_name), so the view hears why.
+        ({"type": "name", "name": "Ada"}, Name("Ada")),
+        ({"type": "name"}, Name(None)),
     ],
 )
 def test_frames_from_a_view_are_parsed(content: dict[str, Any], frame: object) -> None:

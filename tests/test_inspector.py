@@ -32,6 +32,14 @@ def test_bad_rates_are_refused(bad: dict[str, float]) -> None:
         Inspector(client, **bad)
 
 
+def test_tids_and_invalidations_are_explained_on_hover() -> None:
+    entry = {"time": time.time(), "tid": "03f0" * 4, "count": 1, "objects": [], "more": 1}
+    state = {"invalidations": [entry], "invalidations_total": 1}
+    html = Inspector._render_invalidations(state)
+    assert 'title="An invalidation is the server telling this client which objects' in html
+    assert '<th title="tid: transaction id. The server numbers every commit' in html
+
+
 # -- integration: a real server and two clients ----------------------------------------------
 
 
@@ -103,6 +111,7 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         html_by_class = {tuple(child._dom_classes): child.value for child in inspector.children}
         assert "zchat-inspector" in inspector._dom_classes
         assert "<svg" in html_by_class[("zchat-inspector-tree",)]
+        assert "bob&#x27;s stream: 102 of 105 messages" in html_by_class[("zchat-inspector-tree",)]
         assert "stream bucket" in html_by_class[("zchat-inspector-invalidations",)]
         assert "sending to room" in html_by_class[("zchat-inspector-commits",)]
         assert a.address_text in html_by_class[("zchat-inspector-server",)]

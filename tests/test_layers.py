@@ -18,9 +18,9 @@ import zchat_nb
 PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
-    {"exceptions", "seed"},
+    {"exceptions", "seed", "amend"},
     {"model", "security", "net", "events", "storage", "media"},
-    {"server", "render", "certs", "treeview", "frames", "pgwake", "blobguard"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing", "blobguard"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},

@@ -91,6 +91,17 @@ def test_serve_join_send_history_rooms_status_leave_stop(
     assert lines[0].endswith("ada: hello from the magic")
     assert "```python" in lines[1] and "print('code')" in lines[2]
     assert lines[-1].endswith("ada: *as typed*")
+    zchat(ip, "reply 1 @ada welcome")
+    zchat(ip, "edit 2 it is `print('code')`")
+    zchat(ip, "delete 3")
+    zchat(ip, "history -n 5")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  1  ") and lines[-1].endswith("ada ↪: @ada welcome")
+    assert lines[1].endswith("it is `print('code')` (edited)") and lines[2].endswith("ada: (message deleted)")
+    zchat(ip, "history --mentions")
+    assert capsys.readouterr().out.splitlines() == [lines[-1].replace("  4  ", "  1  ")]
+    with pytest.raises(UsageError, match="no message 7; N is a number shown by the last `%zchat history`"):
+        zchat(ip, "delete 7")
     zchat(ip, "inspect")
     from zchat_nb import magics
     from zchat_nb.inspector import Inspector
@@ -198,7 +209,9 @@ def test_paste_fills_the_next_cell_with_a_code_block_and_never_runs_it(
     assert ip.rl_next_input == "pasted_a = 1\npasted_b = 2"
     with pytest.raises(UsageError, match="message 3 \\(ada\\) has no code block"):
         zchat(ip, "paste 3")
-    with pytest.raises(UsageError, match="there is no message 4; the last `%zchat history` printed 1 to 3"):
+    with pytest.raises(
+        UsageError, match=r"no message 4; N is a number shown by the last `%zchat history` \(1 to 3\)"
+    ):
         zchat(ip, "paste 4")
     # Filled, never run: none of the pasted assignments happened.
     assert not {"pasted_first", "pasted_a", "pasted_b"} & set(ip.user_ns)
@@ -207,7 +220,7 @@ def test_paste_fills_the_next_cell_with_a_code_block_and_never_runs_it(
 def test_paste_n_needs_a_history_first(ip: InteractiveShell, server: zchat_nb.Server) -> None:
     host, port = server.address
     zchat(ip, f"join {host}:{port} --name ada --room paste-n")
-    with pytest.raises(UsageError, match="run it first"):
+    with pytest.raises(UsageError, match="run `%zchat history` first"):
         zchat(ip, "paste 1")
 
 

@@ -23,6 +23,7 @@ import pytest
 import transaction
 
 import zchat_nb
+from zchat_nb.amend import MESSAGE_TAG
 from zchat_nb.exceptions import AttachmentError
 from zchat_nb.media import DEFAULT_MAX_ATTACHMENT_BYTES, prepare, sniff
 from zchat_nb.model import BLOBS_KEY, Attachment, Message, _new_blob, _writer_blobs, commit
@@ -143,9 +144,10 @@ def test_a_dataframe_is_a_csv_attachment_and_an_inert_table() -> None:
 
 def test_a_message_with_attachments_round_trips_as_plain_values() -> None:
     attachment = Attachment("plot.png", "image/png", 123, "w1/abc/0")
-    message = Message("abc", "ada", "", 1.5, (attachment,))
+    message = Message("abc", "ada", "", 1.5, attachments=(attachment,))
     record = message.to_record()
-    assert record == ("abc", "ada", "", 1.5, (("plot.png", "image/png", 123, "w1/abc/0"),))
+    entries = (("plot.png", "image/png", 123, "w1/abc/0"),)
+    assert record == (MESSAGE_TAG, "abc", "ada", "", 1.5, "", "", entries, "")  # signed with the rest
     assert Message.from_record(record) == message
     assert Message("abc", "ada", "hi", 1.5).to_record() == ("abc", "ada", "hi", 1.5)  # as before
 
@@ -166,7 +168,7 @@ def test_a_message_with_attachments_round_trips_as_plain_values() -> None:
 )
 def test_crafted_attachment_entries_are_rejected(entries: Any) -> None:
     with pytest.raises(ValueError):
-        Message.from_record(("abc", "ada", "", 1.5, entries))
+        Message.from_record((MESSAGE_TAG, "abc", "ada", "", 1.5, "", "", entries, ""))
 
 
 # -- through a real ZEO server ---------------------------------------------------------------------
@@ -299,7 +301,7 @@ def _read(chat: Any, count: int, timeout: float = 20.0) -> list[Message]:
 def _plant(client: zchat_nb.ChatClient, room: str, attachment: Attachment, data: bytes | None) -> None:
     """Write, as a hostile client would, a blob under ``attachment.key`` and a message naming it."""
     chat = client.session(room)
-    message = Message("f" * 32, client.user, "crafted", float(client.clock()), (attachment,))
+    message = Message("f" * 32, client.user, "crafted", float(client.clock()), attachments=(attachment,))
     if data is not None:
 
         def store(conn: Any) -> None:

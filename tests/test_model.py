@@ -11,6 +11,7 @@ import ZODB
 from BTrees.OOBTree import OOBTree
 
 import zchat_nb
+from zchat_nb.exceptions import InvalidMessageError
 from zchat_nb.model import ROOMS_KEY, Message, Room
 
 from .helpers import MakeClient
@@ -125,6 +126,48 @@ def test_post_is_idempotent(db: ZODB.DB, make_client: MakeClient) -> None:
     tm, conn = client.connection()
     tm.begin()
     assert conn.root()[ROOMS_KEY]["general"].count() == 1
+
+
+def test_a_retried_post_is_stored_once_even_after_later_sends(db: ZODB.DB, make_client: MakeClient) -> None:
+    """A send whose answer was lost, retried after the writer sent more, is not stored twice."""
+    chat = make_client(db, "alice").session("general")
+    first = chat.draft("typed first", id="a" * 32)
+    chat.post(first)  # committed, but say the answer never reached the sender
+    chat.add_message("typed second")
+    assert chat.post(first) == first  # the Retry
+    assert texts(chat.new_messages()) == ["typed first", "typed second"]
+    assert texts(chat.history(10)) == ["typed first", "typed second"]
+
+
+def test_a_retry_finds_a_message_whose_time_was_moved(db: ZODB.DB, make_client: MakeClient) -> None:
+    """The clock went back, so the stored time is later than the draft's: the retry still finds it."""
+    now = [50.0]
+    chat = make_client(db, "alice", clock=lambda: now[0]).session("general")
+    chat.add_message("at 50")
+    now[0] = 10.0
+    moved = chat.draft("clock went back")  # stamped 10.0, stored just after 50.0
+    stored = chat.post(moved)
+    assert stored.time > 50.0 and stored.id == moved.id
+    now[0] = 60.0
+    chat.add_message("at 60")
+    assert chat.post(moved) == stored
+    assert texts(chat.new_messages()) == ["at 50", "clock went back", "at 60"]
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 33, "has space", "semi;colon", 7])
+def test_a_bad_message_id_is_refused(db: ZODB.DB, make_client: MakeClient, bad: object) -> None:
+    chat = make_client(db, "alice").session("general")
+    with pytest.raises(InvalidMessageError, match="message id must be"):
+        chat.draft("hi", id=bad)
+
+
+def test_a_draft_carries_a_display_name_checked_like_a_user_name(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
+    chat = make_client(db, "kernel-user").session("general")
+    assert chat.post(chat.draft("hi", author="  Ada ")).author == "Ada"
+    with pytest.raises(InvalidMessageError, match="user name"):
+        chat.draft("hi", author="   ")
 
 
 def test_rooms_are_separate_and_listed(db: ZODB.DB, make_client: MakeClient) -> None:

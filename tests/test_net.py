@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import zchat_nb
@@ -17,14 +19,18 @@ from zchat_nb.net import format_address, parse_address
         ("[::1]:8100", ("::1", 8100)),
         (("10.0.0.2", 8100), ("10.0.0.2", 8100)),
         (["h", 1], ("h", 1)),
+        ("unix:/run/zchat/server.sock", "/run/zchat/server.sock"),
+        (" /run/zchat/server.sock ", "/run/zchat/server.sock"),
+        (Path("/run/zchat/server.sock"), "/run/zchat/server.sock"),
+        ("unix:/run/zchat/../zchat/server.sock", "/run/zchat/server.sock"),
     ],
 )
-def test_addresses_are_parsed(given: object, expected: tuple[str, int]) -> None:
+def test_addresses_are_parsed(given: object, expected: object) -> None:
     assert parse_address(given) == expected
 
 
 @pytest.mark.parametrize(
-    "bad", ["host:port", "h:0", "h:70000", "", 8100, ("h",), ("h", "1"), ("h", True), None]
+    "bad", ["host:port", "h:0", "h:70000", "", "unix:", 8100, ("h",), ("h", "1"), ("h", True), None]
 )
 def test_bad_addresses_name_the_value_and_the_form(bad: object) -> None:
     with pytest.raises(zchat_nb.ZChatConnectionError, match=r"127\.0\.0\.1:8100"):
@@ -32,8 +38,27 @@ def test_bad_addresses_name_the_value_and_the_form(bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("address", "text"), [(("127.0.0.1", 8100), "127.0.0.1:8100"), (("::1", 8100), "[::1]:8100")]
+    ("address", "text"),
+    [
+        (("127.0.0.1", 8100), "127.0.0.1:8100"),
+        (("::1", 8100), "[::1]:8100"),
+        ("/run/zchat/server.sock", "unix:/run/zchat/server.sock"),
+    ],
 )
-def test_addresses_print_as_they_parse(address: tuple[str, int], text: str) -> None:
+def test_addresses_print_as_they_parse(address: object, text: str) -> None:
     assert format_address(address) == text
     assert parse_address(text) == address
+
+
+def test_a_unix_socket_is_probed_like_a_port(tmp_path: Path) -> None:
+    import socket
+
+    from zchat_nb.net import probe
+
+    path = str(tmp_path / "server.sock")
+    assert not probe(path, timeout=1)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        assert probe(path, timeout=1)
+    assert not probe(path, timeout=1)  # the file stays, nobody listens

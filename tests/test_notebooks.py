@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import zchat_nb
 from zchat_nb.local import stop_local_server
 
 integration = pytest.mark.integration
@@ -33,7 +34,29 @@ def test_demo_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "Sent through the Python API" in text
     assert "message(s) this session had not seen" in text
-    assert "connected to 127.0.0.1:" in text
+    assert "connected to unix:" in text and "/server.sock" in text  # the local default's private socket
+
+
+@integration
+def test_chat_page_notebook_runs_and_posts_nothing(
+    tmp_path: Path, server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``notebooks/chat.ipynb`` (the Voilà chat page) shows a widget and sends no message."""
+    path = tmp_path / "chat.ipynb"
+    shutil.copy(NOTEBOOKS / "chat.ipynb", path)
+    monkeypatch.setenv("ZCHAT_ADDRESS", "{}:{}".format(*server.address))  # the kernel inherits it
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.output_type in ("error", "stream")], outputs
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in outputs)
+    observer = zchat_nb.connect(server.address, user="observer")
+    try:
+        assert observer.session("general").history(10) == []
+    finally:
+        observer.close()
 
 
 def test_notebooks_are_committed_without_outputs() -> None:

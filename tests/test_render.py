@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -124,8 +125,28 @@ def test_message_payload_carries_what_the_view_shows() -> None:
         "ts": 1_764_000_000.25,
         "html": "<p>&lt;b&gt;hi&lt;/b&gt;</p>",
         "own": False,
+        "reply_to": None,
+        "edited": False,
+        "deleted": False,
+        "reactions": {},
+        "verified": False,
+        "mentions": [],
+        "first_line": "<b>hi</b>",
     }
     assert message_payload(message, own=True)["own"] is True
+
+
+def test_message_payload_carries_the_conversation_and_no_text_of_a_deleted_message() -> None:
+    from types import MappingProxyType
+
+    replied = Message("r", "ada", "@bob look\nsecond line", 1.0, reply_to="abc", edited=2.0, verified=True)
+    replied = dataclasses.replace(replied, reactions=MappingProxyType({"👍": ("bob", "cy")}))
+    payload = message_payload(replied, own=False)
+    assert payload["reply_to"] == "abc" and payload["edited"] and payload["verified"]
+    assert payload["reactions"] == {"👍": ["bob", "cy"]} and payload["mentions"] == ["bob"]
+    assert payload["first_line"] == "@bob look"
+    gone = message_payload(Message("d", "ada", "", 1.0, deleted=True), own=False)
+    assert gone["deleted"] and gone["html"] == "" and gone["first_line"] == ""
 
 
 def test_message_payload_survives_an_absurd_time() -> None:
@@ -200,7 +221,8 @@ def test_a_terminal_line_names_the_attachments() -> None:
     from zchat_nb.model import Attachment
     from zchat_nb.render import attachment_payload, format_line
 
-    message = Message("abc", "bob", "my plot", 1.0e9, (Attachment("plot.png", "image/png", 1234, "w/abc/0"),))
+    attachment = Attachment("plot.png", "image/png", 1234, "w/abc/0")
+    message = Message("abc", "bob", "my plot", 1.0e9, attachments=(attachment,))
     assert format_line(message).endswith("bob: my plot [plot.png: image/png, 1234 bytes]")
     assert attachment_payload(message) == [
         {"index": 0, "name": "plot.png", "mime": "image/png", "size": 1234, "image": True}

@@ -119,7 +119,7 @@ def test_export_writes_files_in_either_format(taught: Taught, tmp_path: Path) ->
     client, _ = taught
     assert teacher.export(client, "lesson", tmp_path / "l.csv") == 4
     assert teacher.export(client, "lesson", tmp_path / "l.md", format="md") == 4
-    assert (tmp_path / "l.csv").read_text(encoding="utf-8").startswith("id,author,text,time,datetime\n")
+    assert (tmp_path / "l.csv").read_text(encoding="utf-8").startswith(",".join(teacher.COLUMNS) + "\n")
     assert "**bob**" in (tmp_path / "l.md").read_text(encoding="utf-8")
     with pytest.raises(zchat_nb.ZChatError, match="use 'csv' or 'md'"):
         teacher.export(client, "lesson", tmp_path / "l.x", format="xlsx")
@@ -209,4 +209,37 @@ def test_export_clear_and_pack_commands(
 
 def test_teacher_commands_do_not_start_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "general"]) == 1
-    assert "no local zchat server is recorded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the local default server is not running" in err
+    assert "`zchat-nb serve --local` brings it back with its data" in err
+
+
+def test_exports_carry_replies_edits_deletes_and_reactions_but_no_deleted_text(
+    make_client: MakeClient,
+) -> None:
+    db = ZODB.DB(None)
+    clock = fixed_clock()
+    alice = make_client(db, "alice", clock=lambda: next(clock)).session("lesson")
+    bob = make_client(db, "bob", clock=lambda: next(clock)).session("lesson")
+    question = alice.add_message("secret answer: 42")
+    reply = bob.add_message("what?", reply_to=question)
+    bob.edit(reply, "what do you mean?")
+    alice.react(reply, "❓")
+    alice.delete(question)
+    client = make_client(db, "teacher")
+    rows = list(csv.DictReader(io.StringIO(teacher.to_csv(client, "lesson"))))
+    assert [(r["text"], r["deleted"], r["reply_to"]) for r in rows] == [
+        ("", "True", ""),
+        ("what do you mean?", "False", question.id),
+    ]
+    assert (
+        rows[1]["edited"] and rows[1]["reactions"] == '{"❓": ["alice"]}' and rows[1]["verified"] == "False"
+    )
+    transcript = teacher.to_markdown(client, "lesson", tz=datetime.timezone.utc)
+    assert "secret answer" not in transcript and "*message deleted*" in transcript
+    assert f"edited · in reply to {question.id}" in transcript and "❓ alice" in transcript
+    pd = pytest.importorskip("pandas")
+    frame = teacher.to_dataframe(client, "lesson")
+    assert frame["deleted"].tolist() == [True, False] and frame["text"][0] == ""
+    assert frame["reactions"][1] == {"❓": ("alice",)}
+    assert pd.isna(frame["edited"][0]) and frame["reply_to"][1] == question.id

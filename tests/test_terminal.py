@@ -189,3 +189,35 @@ def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
     line = format_message(message)
     assert "eve\ufffdteacher: one\n" in line
     assert line.endswith("\n        two")
+
+
+def test_conversation_commands_name_messages_counting_back_from_the_newest() -> None:
+    import ZODB
+
+    from zchat_nb.terminal import run_command
+
+    db = ZODB.DB(None)
+    alice = zchat_nb.ChatClient(db, user="alice").session("general")
+    bob = zchat_nb.ChatClient(db, user="bob").session("general")
+    first, second = alice.add_message("first"), bob.add_message("second")
+    shown = bob.new_messages()
+    assert run_command("/reply 2 answer to first", bob, shown) is None
+    assert run_command("/react 1 👍", bob, shown) is None
+    assert run_command("/edit 1 second, edited", bob, shown) is None
+    assert "only the client that sent this message" in (run_command("/edit 2 mine now", bob, shown) or "")
+    assert "usage: /delete N" in (run_command("/delete 9", bob, shown) or "")
+    assert "one short emoji" in (run_command("/react 1 nope", bob, shown) or "")
+    [changed] = bob.updated_messages()
+    reply = bob.new_messages()[-1]
+    assert (changed.text, dict(changed.reactions)) == ("second, edited", {"👍": ("bob",)})
+    assert reply.reply_to == first.id and second.id == changed.id
+    assert format_message(changed).endswith("second, edited (edited)  👍1")
+    assert run_command("/delete 1", bob, shown) is None
+    assert format_message(bob.updated_messages()[0]).endswith("bob: (message deleted)")
+
+
+def test_a_check_mark_in_an_unverified_name_is_not_shown_as_one() -> None:
+    from zchat_nb.model import Message
+
+    assert format_message(Message("i", "alice ✓", "hi", 0.0)).split("] ")[1] == "alice ?: hi"
+    assert format_message(Message("i", "alice", "hi", 0.0, verified=True)).split("] ")[1] == "alice ✓: hi"

@@ -12,9 +12,19 @@ import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
 
-from zchat_nb import Message
+from zchat_nb import ChatClient, Message
 from zchat_nb.model import ROOMS_KEY, Room
-from zchat_nb.treeview import classify, room_oids, tree_summary, tree_svg
+from zchat_nb.treeview import (
+    MIN_FONT,
+    classify,
+    drawn_stream,
+    room_oids,
+    stream_caption,
+    tree_summary,
+    tree_svg,
+)
+
+from .browser import ARTIFACTS, chromium_available, launch_chromium, new_page
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -153,3 +163,108 @@ def test_objects_are_named_by_their_role_in_the_room() -> None:
     assert classify(conn, b"\0\0\0\0\0\0\xff\xff", known)["kind"] == "unreadable"
     tm.abort()
     db.close()
+
+
+@pytest.fixture
+def three_writers() -> Iterator[Room]:
+    """Room 'general' with 40 messages from alice, 25 from bob and 8 from carol (three clients)."""
+    db = ZODB.DB(None)
+    for user, count in (("alice", 40), ("bob", 25), ("carol", 8)):
+        chat = ChatClient(db, user=user).session("general")
+        for i in range(count):
+            chat.add_message(f"{user} {i}")
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    yield conn.root()[ROOMS_KEY]["general"]
+    tm.abort()
+    db.close()
+
+
+def test_the_picture_names_whose_stream_it_draws_and_its_share_of_the_room(three_writers: Room) -> None:
+    drawn = drawn_stream(three_writers)
+    assert drawn is not None
+    assert (drawn["author"], drawn["count"], drawn["total"], drawn["writers"]) == ("alice", 40, 73, 3)
+    summary = tree_summary(drawn["stream"])
+    assert sum(summary["fills"]) == 40  # the picture holds exactly the messages its title counts
+    title, subtitle = stream_caption(drawn)
+    assert title == "alice's stream: 40 of 73 messages"
+    assert "busiest of 3 writers" in subtitle
+    root = ET.fromstring(tree_svg(summary, title=title, subtitle=subtitle))
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
+    assert any(title in t for t in texts) and any(subtitle in t for t in texts)
+    hover = root.find(f".//{SVG}text[@class='zchat-tree-title']/{SVG}title")
+    assert hover is not None and "stream" in (hover.text or "") and "conflict" in (hover.text or "")
+
+
+def _svg_sizes(svg: str) -> tuple[float, list[float]]:
+    root = ET.fromstring(svg)
+    width = float(root.get("viewBox", "").split()[2])
+    sizes = [float(root.get("font-size", "0"))]
+    sizes += [float(e.get("font-size")) for e in root.iter() if e.get("font-size")]
+    return width, sizes
+
+
+def test_the_picture_fits_500_px_with_no_text_under_the_minimum(three_writers: Room) -> None:
+    drawn = drawn_stream(three_writers)
+    assert drawn is not None
+    width, sizes = _svg_sizes(tree_svg(tree_summary(drawn["stream"]), title="t", subtitle="s"))
+    assert width <= 500  # drawn at most at its own width: 1 px of the picture is >= 1 px on screen
+    assert min(sizes) >= MIN_FONT >= 10
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(chromium_available() is not None, reason=str(chromium_available()))
+def test_the_picture_is_legible_in_a_500_px_wide_browser(
+    stored_tree: tuple[OOBTree, transaction.TransactionManager],
+) -> None:
+    """Chromium at 500 px: every text is inside the picture, none overlaps another, none under 10 px."""
+    from playwright.sync_api import sync_playwright
+
+    tree, tm = stored_tree
+    _append(tree, tm, 20_000)  # three levels, 40 buckets shown
+    svg = tree_svg(
+        tree_summary(tree),
+        title="alice's stream: 20,000 of 29,417 messages",
+        subtitle="room 'general': the busiest of 12 writers; the other 11 keep streams of their own",
+    )
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = new_page(browser, errors)
+            page.set_viewport_size({"width": 500, "height": 400})
+            page.set_content(
+                f"<body style='margin:0;font:13px sans-serif'><div style='width:500px'>{svg}</div>"
+            )
+            boxes = page.evaluate(
+                """() => {
+                  const svg = document.querySelector("svg").getBoundingClientRect();
+                  return {svg: [svg.left, svg.right],
+                          texts: [...document.querySelectorAll("svg text")].map((t) => {
+                            const r = t.getBoundingClientRect();
+                            return {text: t.textContent, left: r.left, right: r.right, top: r.top,
+                                    bottom: r.bottom,
+                                    px: parseFloat(getComputedStyle(t).fontSize)
+                                        * svg.width / t.ownerSVGElement.viewBox.baseVal.width};
+                          })};
+                }"""
+            )
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "inspector-tree-500px.png"))
+        finally:
+            browser.close()
+    left, right = boxes["svg"]
+    texts = [t for t in boxes["texts"] if t["text"].strip() not in ("", "…")]
+    for t in texts:
+        assert left - 0.5 <= t["left"] and t["right"] <= right + 0.5, t
+        assert t["px"] >= 10, t
+    overlapping = [
+        (a["text"], b["text"])
+        for i, a in enumerate(texts)
+        for b in texts[i + 1 :]
+        if a["left"] < b["right"]
+        and b["left"] < a["right"]
+        and a["top"] < b["bottom"]
+        and b["top"] < a["bottom"]
+    ]
+    assert overlapping == []

@@ -294,6 +294,66 @@ def test_a_send_from_the_view_is_acknowledged_after_the_commit(
     assert widget.error == ""
 
 
+def test_a_retried_send_is_stored_once_under_its_client_id(client: ChatClient, make_widget: Callable) -> None:
+    """The view's client id is the message id; a Retry (same id) after later sends stores nothing new."""
+    widget = make_widget()
+    rec = recorder(widget)
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "one", "client_id": first, "room": "general"})
+    rec.from_view({"type": "send", "text": "two", "client_id": second, "room": "general"})
+    rec.wait_for(lambda m: m["type"] == "sent" and m["client_id"] == second, start)
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "one", "client_id": first, "room": "general"})  # Retry
+    ack = rec.wait_for(lambda m: m["type"] == "sent" and m["client_id"] == first, start)
+    assert ack["id"] == first
+    stored = client.session("general").history(10)
+    assert [(m.id, m.text) for m in stored] == [(first, "one"), (second, "two")]
+
+
+def test_a_client_id_that_cannot_be_a_message_id_gets_a_new_one(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "hi", "client_id": "not an id!", "room": "general"})
+    ack = rec.wait_for(lambda m: m["type"] == "sent", start)
+    assert ack["client_id"] == "not an id!" and re.fullmatch(r"[0-9a-f]{32}", ack["id"])
+
+
+def test_with_ask_name_nothing_is_sent_until_the_view_gives_a_name(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget(ask_name=True)
+    rec = recorder(widget)
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "who am I", "client_id": "c-1", "room": "general"})
+    failed = rec.wait_for(lambda m: m["type"] == "send_failed", start)
+    assert "type your name" in failed["error"]
+
+    rec.from_view({"type": "name", "name": "   "})
+    rec.wait_state("error", lambda value: "name not accepted" in value)
+    rec.from_view({"type": "name", "name": "  Ada Lovelace "})
+    rec.wait_state("user", lambda value: value == "Ada Lovelace")
+    assert widget.error == ""
+    start = rec.mark()
+    rec.from_view({"type": "send", "text": "hello", "client_id": "c-2", "room": "general"})
+    rec.wait_for(lambda m: m["type"] == "sent", start)
+    (stored,) = client.session("general").history(5)
+    assert (stored.author, stored.text) == ("Ada Lovelace", "hello")
+    appended = rec.wait_for(lambda m: m["type"] == "append", start)
+    assert appended["messages"][0]["own"] is True
+
+
+def test_a_view_cannot_rename_a_widget_without_ask_name(client: ChatClient, make_widget: Callable) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    rec.from_view({"type": "name", "name": "mallory"})
+    assert widget.send_message("still me").result(TIMEOUT).author == "alice"
+    assert widget.user == "alice"
+
+
 @pytest.mark.parametrize("text", ["   ", None, "x" * 70_000])
 def test_a_failed_send_keeps_the_text_and_shows_the_error(
     client: ChatClient, make_widget: Callable, text: Any
@@ -565,6 +625,8 @@ def test_status_follows_the_server_and_sends_fail_without_blocking(
         again = zchat_nb.serve(tmp_path / "chat.fs", port=server.address[1])
         try:
             rec.wait_state("status", lambda status: status == "connected", start, timeout=30)
+            rec.wait_state("error", lambda error: error == "", start)  # the outage's "not sent" is stale
+            assert widget.error == ""
             start = rec.mark()
             assert widget.send_message("back again").result(TIMEOUT).text == "back again"
             rec.wait_for(lambda m: m["type"] == "append" and "back again" in str(m["messages"]), start)
@@ -590,6 +652,44 @@ def test_a_widget_without_a_client_connects_and_owns_its_client(
     finally:
         widget.close()
     assert widget.client.closed
+
+
+def test_widget_actions_reply_edit_react_delete_reach_another_session_and_update_views() -> None:
+    import ZODB
+
+    db = ZODB.DB(None)
+    client = zchat_nb.ChatClient(db, user="ada")
+    other = zchat_nb.ChatClient(db, user="bob").session("general")
+    widget = ChatWidget(client, "general", poll_interval=0.05)
+    sent: list[dict[str, Any]] = []
+    deleted_shown = threading.Event()
+
+    def capture(content: dict[str, Any], buffers: object = None) -> None:
+        sent.append(content)
+        # The delete reaches the views as an update, or with the message itself if the poller had
+        # not read it yet (a new message comes in its current state).
+        if any(p["deleted"] for p in content.get("messages", ())):
+            deleted_shown.set()
+
+    widget.send = capture  # type: ignore[method-assign]
+    try:
+        first = widget.send_message("hello @bob").result(10)
+        reply = widget.reply(first, "and a reply").result(10)
+        widget.edit(first, "hello @bob, edited").result(10)
+        widget.react(reply, "🎉").result(10)
+        assert widget.delete(reply).result(10).deleted
+        with pytest.raises(zchat_nb.ZChatPermissionError):
+            widget.edit(other.add_message("bob's"), "mine").result(10)
+        state = {m.id: m for m in other.new_messages()}
+        assert state[first.id].text == "hello @bob, edited" and state[reply.id].deleted
+        assert state[reply.id].reply_to == first.id
+        assert deleted_shown.wait(10), "the views were not told of the delete"
+        updates = [p for f in list(sent) for p in f.get("messages", ())]
+        assert any(p["id"] == first.id and p["edited"] and p["mentions"] == ["bob"] for p in updates)
+        assert any(p["id"] == reply.id and p["deleted"] and p["html"] == "" for p in updates)
+    finally:
+        widget.close()
+        client.close()
 
 
 # -- attachments: shared pictures reach the views as checked bytes ------------------------------
@@ -660,7 +760,7 @@ def test_a_broken_attachment_is_answered_with_an_error_and_no_bytes(
     rec = recorder(widget)
     start = rec.mark()
     lie = Attachment("a.png", "image/png", 10, f"{blob_client.writer}/nothing/0")
-    message = Message("e" * 32, "mallory", "", 1.0e9, (lie,))
+    message = Message("e" * 32, "mallory", "", 1.0e9, attachments=(lie,))
     blob_client.session("general").post(message)
     rec.wait_for(lambda m: m["type"] == "append", start)
     rec.from_view({"type": "attachment", "view": "view-1", "message": message.id, "index": 0})

@@ -22,6 +22,7 @@ from .exceptions import (
     ZChatConnectionError,
     ZChatDisconnected,
     ZChatError,
+    ZChatPermissionError,
     ZChatSendError,
     ZChatServerError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ZChatConnectionError",
     "ZChatDisconnected",
     "ZChatError",
+    "ZChatPermissionError",
     "ZChatSendError",
     "ZChatServerError",
     "__version__",

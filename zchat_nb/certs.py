@@ -14,8 +14,10 @@ requires every client to present a certificate signed by the CA it trusts. :func
 Running it again on the same directory keeps the CA and every bundle already made, adds the new
 students, and re-issues the server certificate only if it must name new hosts.
 
-A certificate proves that its holder belongs to the class, not who they are in the chat: the
-server does not tie a message's author to the certificate that sent it.
+A certificate proves to the server that its holder belongs to the class. Who wrote what is proved
+by signatures (:mod:`zchat_nb.signing`): a client connected with its folder signs what it writes with
+its key, and readers check it against ``ca.pem``. The teacher's certificate carries the
+organisational unit :data:`TEACHER_ROLE`, which lets a verified teacher delete any message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 __all__ = [
+    "TEACHER_ROLE",
     "Bundle",
     "Classroom",
     "client_context",
@@ -58,6 +61,8 @@ SERVER_KEY = "server.key"
 STUDENTS_DIR = "students"
 DEFAULT_DAYS = 365
 ALWAYS_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
+#: Organisational unit of the teacher's certificate (only the CA key can issue one).
+TEACHER_ROLE = "zchat_nb teacher"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -147,18 +152,17 @@ def _issue(
     ca: bool = False,
     server_names: Iterable[str] = (),
     client: bool = False,
+    role: str | None = None,
 ) -> x509.Certificate:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zchat_nb classroom"),
-            x509.NameAttribute(NameOID.COMMON_NAME, subject_cn),
-        ]
-    )
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zchat_nb classroom")]
+    if role is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    name = x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -311,10 +315,13 @@ def make_classroom(
     for name in names:
         bundle = students_dir / name
         made.bundles[name] = bundle
-        if (bundle / f"{name}.pem").exists() and (bundle / f"{name}.key").exists():
+        role = TEACHER_ROLE if name == teacher else None
+        made_before = (bundle / f"{name}.pem").exists() and (bundle / f"{name}.key").exists()
+        # A teacher's bundle made before roles existed is issued again, with the role.
+        if made_before and (role is None or has_role(bundle / f"{name}.pem", role)):
             continue
         key = _new_key()
-        cert = _issue(name, key, issuer=ca_cert, issuer_key=ca_key, days=days, client=True)
+        cert = _issue(name, key, issuer=ca_cert, issuer_key=ca_key, days=days, client=True, role=role)
         _write(bundle / f"{name}.key", _key_pem(key), private=True)
         _write(bundle / f"{name}.pem", _cert_pem(cert), private=False)
         _write(bundle / CA_CERT, ca_pem, private=False)
@@ -324,6 +331,15 @@ def make_classroom(
             if other.is_dir() and (other / f"{other.name}.pem").exists():
                 made.bundles.setdefault(other.name, other)
     return made
+
+
+def has_role(cert_path: Path, role: str) -> bool:
+    """Whether the certificate at ``cert_path`` carries the organisational unit ``role``."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return any(a.value == role for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME))
 
 
 def this_machine_names() -> list[str]:

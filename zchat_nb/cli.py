@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .exceptions import ZChatError
 
@@ -17,20 +19,113 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EPILOG = (
-    "Every command takes --help. ZCHAT_ADDRESS=host:port (a ZEO server) or "
-    "ZCHAT_ADDRESS=postgresql://USER:PASSWORD@HOST:PORT/DBNAME names the chat for all of them."
+    "Every command takes --help. ZCHAT_ADDRESS names the chat for all of them: host:port (a ZEO "
+    "server), unix:/path/server.sock (a local one) or postgresql://USER:PASSWORD@HOST:PORT/DBNAME."
 )
+
+#: Exit status of a usage error (argparse's own).
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line, naming the fix, with the usage status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# -- argument types: each names the value and the fix -------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give 1-65535, or 0 for any free port")
+    return port
+
+
+def _count(what: str, low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what} >= {low}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _days_kept(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days >= 0 (e.g. 0 or 7.5)")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        why = "is a directory" if Path(text).is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {why}; give a file of names, one a line")
+    return text
+
+
+def _storage_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file in it, e.g. {path / 'chat.fs'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist; mkdir -p {path.parent}")
+    try:  # the real test of writability (os.access says yes to root on any mounted folder)
+        if path.exists():
+            os.close(os.open(path, os.O_RDWR))
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            path.unlink()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text} ({exc.strerror}); FileStorage writes it and {path.name}.index, .lock "
+            "and .tmp beside it: choose a folder of your own"
+        ) from None
+    return str(path)
+
+
+def _output_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {path / 'room.csv'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist; mkdir -p {path.parent}")
+    return str(path)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zchat-nb",
         description="A chat shared by notebook kernels through one ZEO server.",
         epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = sub.add_parser("serve", help="run a ZEO server in the foreground (Ctrl-C stops it)")
+    serve = sub.add_parser(
+        "serve",
+        help="run a ZEO server in the foreground (Ctrl-C stops it)",
+        epilog="--local serves the local default (the one connect() starts) and takes no other option.",
+    )
+    serve.add_argument(
+        "--local",
+        action="store_true",
+        help="run the local default server in the foreground: your data directory's chat, on its "
+        "private Unix socket, where its clients look for it (brings it back after `zchat-nb stop`)",
+    )
     bind = serve.add_mutually_exclusive_group()
     bind.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     bind.add_argument(
@@ -39,8 +134,10 @@ def _parser() -> argparse.ArgumentParser:
         help="listen on every interface (0.0.0.0) so that other machines can join; prints the address "
         "students type (give --port 8100 for one that stays the same)",
     )
-    serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
-    serve.add_argument("--path", default=None, help="FileStorage file (default: keep data in memory)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default 0: any free port)")
+    serve.add_argument(
+        "--path", type=_storage_file, default=None, help="FileStorage file (default: keep data in memory)"
+    )
     serve.add_argument(
         "--storage",
         metavar="URI",
@@ -55,11 +152,11 @@ def _parser() -> argparse.ArgumentParser:
         help="use TLS and admit only clients with a certificate from the classroom directory DIR "
         "(made by `zchat-nb certs DIR`)",
     )
-    serve.add_argument("--state-file", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--locked", action="store_true", help=argparse.SUPPRESS)  # the parent holds the lock
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     sub.add_parser("status", help="show the local default server (or $ZCHAT_ADDRESS) and whether it answers")
-    sub.add_parser("stop", help="stop the local default server")
+    sub.add_parser("stop", help="stop the local default server (`zchat-nb serve --local` brings it back)")
 
     demo = sub.add_parser(
         "demo",
@@ -90,45 +187,70 @@ def _parser() -> argparse.ArgumentParser:
         help="your certificate folder from the teacher (ca.pem, NAME.pem, NAME.key) for a TLS server",
     )
     chat.add_argument(
-        "--backlog", type=int, default=20, help="messages of history to show first (default 20)"
+        "--backlog",
+        type=_count("messages", 0),
+        default=20,
+        help="messages of history to show first (default 20)",
     )
     _add_classroom_commands(sub)
+    for command in sub.choices.values():  # a mistake found after parsing is reported the same way
+        command.set_defaults(usage_error=command.error)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "demo":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "demo":
+            args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, or a usage error already printed in one line
+        return int(exc.code or 0)
     args.lab_args = extra
     try:
         return int(COMMANDS[args.command](args) or 0)
+    except SystemExit as exc:  # a usage error found after parsing (args.usage_error)
+        return int(exc.code or 0)
     except ZChatError as exc:
         print(f"zchat-nb: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file that cannot be read or written: the OS says which and why
+        print(f"zchat-nb: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .local import run_foreground
+    from .local import run_foreground, run_local
 
+    if args.local:
+        others = [
+            flag
+            for flag, given in [
+                ("--host", args.host != "127.0.0.1"),
+                ("--public", args.public),
+                ("--port", args.port is not None),
+                ("--path", args.path is not None),
+                ("--storage", args.storage is not None),
+                ("--tls", args.tls is not None),
+            ]
+            if given
+        ]
+        if others:
+            args.usage_error(
+                f"--local takes no {'/'.join(others)}: the local default always keeps its data in your data "
+                "directory and listens on its private socket; drop --local to serve elsewhere"
+            )
+        run_local(ready_fd=args.ready_fd, locked=args.locked)
+        return 0
     ssl = None
     if args.tls:
         from .certs import server_context
 
         ssl = server_context(args.tls)
     host = "0.0.0.0" if args.public else args.host
-    run_foreground(
-        args.path,
-        host,
-        args.port,
-        state_file=args.state_file,
-        ready_fd=args.ready_fd,
-        ssl=ssl,
-        storage=args.storage,
-    )
+    run_foreground(args.path, host, args.port or 0, ready_fd=args.ready_fd, ssl=ssl, storage=args.storage)
     return 0
 
 
@@ -192,7 +314,7 @@ A bundle for the teacher (students/teacher) is made too. Run it again to add stu
 """
 
 
-def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_classroom_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     certs = sub.add_parser(
         "certs",
         help="make TLS certificates for a class: a CA, the server's, one per student",
@@ -201,7 +323,9 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     )
     certs.add_argument("dir", help="the classroom directory (created if missing)")
     certs.add_argument("--student", action="append", default=[], metavar="NAME", help="a student (repeat)")
-    certs.add_argument("--students-file", metavar="FILE", help="a file of student names, one a line")
+    certs.add_argument(
+        "--students-file", type=_existing_file, metavar="FILE", help="a file of student names, one a line"
+    )
     certs.add_argument(
         "--server-name",
         action="append",
@@ -210,12 +334,17 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         help="a host name or IP address students type to reach the server (repeat); localhost and "
         "this machine's address are always included",
     )
-    certs.add_argument("--days", type=int, default=365, help="validity of new certificates (default 365)")
+    certs.add_argument(
+        "--days", type=_count("days", 1), default=365, help="validity of new certificates (default 365)"
+    )
 
     export = sub.add_parser("export", help="write a room's messages as CSV or a Markdown transcript")
     export.add_argument("room", help="the room to export")
     export.add_argument("--format", choices=("csv", "md"), default="csv", help="csv (default) or md")
-    export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    export.add_argument(
+        "-o", "--output", type=_output_file, default=None, help="file to write (default: standard output)"
+    )
+    export.add_argument("--force", action="store_true", help="overwrite the --output file if it exists")
     _connect_options(export)
 
     clear = sub.add_parser("clear", help="delete every message of a room, for everyone (export it first)")
@@ -225,7 +354,7 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
     pack = sub.add_parser("pack", help="pack the server's storage: free the space of old and cleared data")
     pack.add_argument(
-        "--days", type=float, default=0.0, help="keep undo history younger than this (default 0)"
+        "--days", type=_days_kept, default=0.0, help="keep undo history younger than this (default 0)"
     )
     _connect_options(pack)
 
@@ -246,13 +375,19 @@ def _connect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _teacher_client(args: argparse.Namespace) -> ChatClient:
-    import os
-
     from .client import connect
-    from .local import ENV_ADDRESS, resolve_address
+    from .local import ENV_ADDRESS, LOCAL_COMMAND, running_server
 
     # $ZCHAT_ADDRESS may be a PostgreSQL URI, which connect() takes as it is.
-    address = args.address or os.environ.get(ENV_ADDRESS) or resolve_address(None, start=False)
+    address = args.address or os.environ.get(ENV_ADDRESS)
+    if not address:  # the local default: a teacher's tool reads it, but never starts it
+        state = running_server()
+        if state is None:
+            raise ZChatError(
+                f"the local default server is not running; `{LOCAL_COMMAND}` brings it back with its "
+                "data (or name a server with --address)"
+            )
+        address = state.address
     return connect(address, user=args.name, tls=args.tls)
 
 
@@ -273,6 +408,10 @@ def _certs(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .teacher import export
 
+    if args.output and Path(args.output).exists() and not args.force:
+        args.usage_error(
+            f"argument -o/--output: {args.output} exists; add --force to overwrite it, or choose another name"
+        )
     with _teacher_client(args) as client:
         count = export(client, args.room, args.output or sys.stdout, format=args.format)
     if args.output:

@@ -27,8 +27,8 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
 from .events import ClientEvent, ClientEvents
-from .exceptions import AttachmentError, ZChatConnectionError, server_boundary
-from .local import ENV_ADDRESS, resolve_address
+from .exceptions import AttachmentError, ZChatConnectionError, disconnected, server_boundary
+from .local import ENV_ADDRESS, resolve_address, restart_hint
 from .media import DEFAULT_MAX_ATTACHMENT_BYTES
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
@@ -36,6 +36,8 @@ from .model import (
     ChatSession,
     Message,
     SendPolicy,
+    Signer,
+    Verifier,
     check_author,
     read_attachment,
 )
@@ -143,6 +145,10 @@ class ChatClient:
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
+        #: With a classroom certificate (``connect(tls=...)``): signs what this client writes, and
+        #: verifies what others wrote against the class CA (see :mod:`zchat_nb.signing`).
+        self.signer: Signer | None = None
+        self.verifier: Verifier | None = None
         #: What wakes readers and what subscribers hear; :func:`connect` gives its storage the same.
         self.events = events if events is not None else ClientEvents()
         self._lock = threading.Lock()
@@ -217,6 +223,11 @@ class ChatClient:
         return format_address(self.address) if self.address else "(in-process storage)"
 
     @property
+    def restart_hint(self) -> str:
+        """How to bring this client's ZEO server back with its data, for messages saying it is away."""
+        return restart_hint(self.address) if self.address and self._link is None else ""
+
+    @property
     def target(self) -> Address | PostgresTarget | None:
         """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
         return self._link.target if self._link is not None else self.address
@@ -283,6 +294,8 @@ class ChatClient:
                 f"message {message.id} has {len(message.attachments)} attachment(s); "
                 f"there is no index {index}"
             )
+        if not self.is_connected():  # the blob may be on the server only: say so now, not later
+            raise disconnected(self.address_text)
         tm, conn = self.connection()
         with server_boundary(self.address_text):
             tm.begin()
@@ -380,6 +393,7 @@ def connect(
     fallback
         PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    signer = verifier = None
     target = address if address is not None else os.environ.get(ENV_ADDRESS)
     if is_storage_uri(target):
         if ssl is not None or tls is not None:
@@ -404,15 +418,13 @@ def connect(
             raise ZChatConnectionError("give connect() tls= (a certificate folder) or ssl=, not both")
         bundle = load_bundle(tls, user)
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
+        signer, verifier = _signing(bundle)
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
-        raise ZChatConnectionError(
-            f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
-            "or `%zchat serve`, or connect() with no address to use the local default"
-        )
+        raise ZChatConnectionError(f"no ZEO server answers at {where}; {restart_hint(addr)}")
     # Blobs: a private cache (shared=False: the server streams each blob to us), never a
     # directory another user could read or plant files in; mkdtemp makes it 0700.
     blob_cache = tempfile.mkdtemp(prefix="zchat-blobs-")
@@ -452,7 +464,7 @@ def connect(
         shutil.rmtree(blob_cache, ignore_errors=True)
         raise
     try:
-        return ChatClient(
+        client = ChatClient(
             db,
             user=user,
             address=addr,
@@ -466,6 +478,19 @@ def connect(
         db.close()
         shutil.rmtree(blob_cache, ignore_errors=True)
         raise
+    client.signer, client.verifier = signer, verifier
+    return client
+
+
+def _signing(bundle: Any) -> tuple[Signer, Verifier]:
+    """The signer and verifier of a certificate folder (see :mod:`zchat_nb.signing`)."""
+    from .signing import Signer as CertSigner
+    from .signing import Verifier as CaVerifier
+
+    try:
+        return CertSigner(bundle), CaVerifier(bundle.ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ZChatConnectionError(f"cannot use the certificate folder {bundle.cert.parent}: {exc}") from exc
 
 
 def _connect_postgres(

@@ -8,6 +8,7 @@ Everything derives from :class:`ZChatError`, so ``except ZChatError`` catches al
     ├── ZChatSendError              a message (or a teacher's clear) could not be committed in time
     ├── InvalidMessageError         bad input: empty, not str, too long (also a ValueError)
     │   └── AttachmentError         a picture or table cannot be shared or read: type, size, missing
+    ├── ZChatPermissionError        editing or deleting someone else's message, or a bad reaction
     ├── UnsafeRecordError           a stored record names a global outside the allow-list
     └── ZChatServerError            a server could not be started, found or stopped
 
@@ -34,6 +35,7 @@ __all__ = [
     "ZChatConnectionError",
     "ZChatDisconnected",
     "ZChatError",
+    "ZChatPermissionError",
     "ZChatSendError",
     "ZChatServerError",
     "disconnected",
@@ -65,6 +67,13 @@ class AttachmentError(InvalidMessageError):
     """An attachment cannot be shared (unknown type, over the size limit) or read (missing, altered)."""
 
 
+class ZChatPermissionError(ZChatError):
+    """This user may not make that change (someone else's message, or a reaction that is no emoji).
+
+    The message names who may.
+    """
+
+
 class UnsafeRecordError(ZChatError):
     """A stored record refers to a global that is not on the unpickling allow-list."""
 
@@ -76,8 +85,8 @@ class ZChatServerError(ZChatError):
 def disconnected(where: str) -> ZChatDisconnected:
     """The error of a call made while the server at ``where`` is away, with the way out."""
     return ZChatDisconnected(
-        f"not connected to the ZEO server at {where}; the client reconnects by itself when the "
-        "server is back (check it with `zchat-nb status`, start it with `zchat-nb serve`)"
+        f"not connected to the ZEO server at {where}; the client reconnects by itself when that "
+        "server is back (`zchat-nb status` tells whether the local default runs)"
     )
 
 

@@ -7,8 +7,12 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
 
     view -> kernel
       Hello   {"type": "hello", "view": V}                    a view was drawn: send it the room
-      Send    {"type": "send", "text": T, "client_id": C, "room": R}
+      Send    {"type": "send", "text": T, "client_id": C, "room": R}   C is kept as the message id
+                                                  when it can be one: a retry (same C) is stored once
+      Name    {"type": "name", "name": N}             the visitor's display name (``ask_name`` only)
       Older   {"type": "older", "view": V, "room": R|null, "before": {"id": I, "ts": F}|null}
+      Amend   {"type": "amend", "action": "edit"|"delete"|"react"|"unreact"|"reply", "id": I,
+               "arg": T, "client_id": C, "room": R}          T: new text, emoji, reply text, ""
       Share   {"type": "share", "client_id": C, "room": R, "name": N, "caption": T}  + 1 buffer: the bytes
       AttachmentWanted {"type": "attachment", "view": V, "message": I, "index": i}
     kernel -> views
@@ -17,6 +21,7 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
       OlderBatch  {"type": "older", "view": V|null, "room": R, "messages": [...], "more": bool}
       Sent        {"type": "sent", "view": null, "client_id": C, "id": message id}
       SendFailed  {"type": "send_failed", "view": null, "client_id": C, "error": text}
+      Update      {"type": "update", "view": null, "room": R, "messages": [...]}  changed ones, in place
       AttachmentData {"type": "attachment", "view": V, "message": I, "index": i, "mime": M,
                       "error": text}  + 1 buffer: the checked bytes (none when error is set)
 
@@ -32,12 +37,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "Amend",
     "Append",
     "AttachmentData",
     "AttachmentWanted",
     "Before",
     "FrameError",
     "Hello",
+    "Name",
     "Older",
     "OlderBatch",
     "Reset",
@@ -45,6 +52,7 @@ __all__ = [
     "SendFailed",
     "Sent",
     "Share",
+    "Update",
     "ViewFrame",
     "parse_view_frame",
 ]
@@ -121,9 +129,33 @@ class AttachmentWanted(_Frame):
     type: Literal["attachment"] = "attachment"
 
 
-ViewFrame = Hello | Send | Older | Share | AttachmentWanted
 #: Longest file name a view may give a shared picture.
 MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Name(_Frame):
+    #: Anything the view sent: checked like any user name where it is used, so the view hears why.
+    name: object
+    type: Literal["name"] = "name"
+
+
+@dataclass(frozen=True)
+class Amend(_Frame):
+    """Edit, delete, react to, unreact to or reply to the message ``id`` of ``room``."""
+
+    action: Literal["edit", "delete", "react", "unreact", "reply"]
+    id: str
+    #: The new text, the emoji or the reply; checked where it is applied, like a Send's text.
+    arg: object
+    client_id: str
+    room: str
+    type: Literal["amend"] = "amend"
+
+
+AMEND_ACTIONS = ("edit", "delete", "react", "unreact", "reply")
+
+ViewFrame = Hello | Send | Older | Name | Amend | Share | AttachmentWanted
 
 
 def _id(content: dict[str, Any], key: str) -> str:
@@ -181,12 +213,22 @@ def parse_view_frame(content: object, buffers: Sequence[Any] = ()) -> ViewFrame:
         if room is not None and not isinstance(room, str):
             raise FrameError(f"'room' must be a str or null, not {room!r:.80}")
         return Older(_id(content, "view"), room, _before(content.get("before")))
+    if kind == "name":
+        return Name(content.get("name"))
+    if kind == "amend":
+        action, room = content.get("action"), content.get("room")
+        if action not in AMEND_ACTIONS:
+            raise FrameError(f"'action' must be one of {', '.join(AMEND_ACTIONS)}, not {action!r:.40}")
+        if not isinstance(room, str):
+            raise FrameError(f"'room' must be a str, not {room!r:.80}")
+        return Amend(action, _id(content, "id"), content.get("arg"), _id(content, "client_id"), room)
     if kind == "share":
         return _share(content, buffers)
     if kind == "attachment":
         return _attachment_wanted(content)
     raise FrameError(
-        f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'share' or 'attachment'"
+        f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'name', 'amend', "
+        "'share' or 'attachment'"
     )
 
 
@@ -237,6 +279,16 @@ class AttachmentData(_Frame):
     mime: str
     error: str = ""
     type: Literal["attachment"] = "attachment"
+
+
+@dataclass(frozen=True)
+class Update(_Frame):
+    """Messages shown earlier, in their new state (edited, deleted, reacted to)."""
+
+    room: str | None
+    messages: list[Payload]
+    view: None = None
+    type: Literal["update"] = "update"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ZODB.TimeStamp import TimeStamp
 
 from .exceptions import ZChatConnectionError, ZChatDisconnected, server_boundary
 from .model import ROOMS_KEY, check_room_name
-from .treeview import busiest_stream, classify, room_oids, tree_summary, tree_svg
+from .treeview import STREAMS_HELP, classify, drawn_stream, room_oids, stream_caption, tree_summary, tree_svg
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
@@ -57,6 +57,16 @@ MAX_QUEUED = 10_000
 #: Seconds close() waits for the thread.
 JOIN_TIMEOUT = 5.0
 _Z64 = b"\0" * 8
+#: Plain words for a tid and an invalidation, shown on hover (attribute-safe: no quotes or markup).
+TID_HELP = (
+    "tid: transaction id. The server numbers every commit; the number is the time of the commit, "
+    "so a later commit has a larger tid. Every object a commit changes is stamped with its tid."
+)
+INVALIDATION_HELP = (
+    "An invalidation is the server telling this client which objects another client just changed "
+    "(one message per commit, with its tid). The client drops its old copies and reads them again "
+    "when asked; the chat wakes its readers on it instead of asking the server again and again."
+)
 _MAX_LABELS = 10_000
 
 
@@ -158,6 +168,7 @@ class Inspector(ipywidgets.VBox):
             "dropped": 0,
             "tree": None,
             "messages": None,
+            "stream": None,
             "updates": 0,
             "error": "",
             "running": True,
@@ -233,7 +244,8 @@ class Inspector(ipywidgets.VBox):
     def tree_svg(self) -> str:
         """The current picture of the busiest stream of the room, as a standalone SVG document."""
         snap = self.snapshot()
-        return tree_svg(snap["tree"], title=self._tree_title(snap))
+        title, subtitle = self._tree_caption(snap)
+        return tree_svg(snap["tree"], title=title, subtitle=subtitle)
 
     @property
     def closed(self) -> bool:
@@ -346,12 +358,12 @@ class Inspector(ipywidgets.VBox):
                     known = room_oids(room, getattr(rooms, "_p_oid", None))
                     described = [self._describe(conn, e, known) for e in invalidations]
                     if tree_changed or state["tree"] is None:
-                        stream = busiest_stream(room)
-                        if room is not None and stream is not None:
-                            new["tree"] = tree_summary(stream, self.buckets_shown)
-                            new["messages"] = room.count() if room.count is not None else None
+                        drawn = drawn_stream(room)
+                        if room is not None and drawn is not None:
+                            new["tree"] = tree_summary(drawn.pop("stream"), self.buckets_shown)
+                            new["messages"], new["stream"] = drawn["total"], drawn
                         else:
-                            new["tree"], new["messages"] = None, None
+                            new["tree"], new["messages"], new["stream"] = None, None, None
                     if time.monotonic() >= self._status_due:
                         self._status_due = time.monotonic() + self.status_interval
                         new["server"] = self.client.server_status()  # ZEO's, or the PostgreSQL link's
@@ -449,6 +461,7 @@ class Inspector(ipywidgets.VBox):
             if "tree" in new:
                 state["tree"] = new["tree"]
                 state["messages"] = new["messages"]
+                state["stream"] = new["stream"]
             state["connected"] = new.get("connected", False)
             state["error"] = new["error"]
             state["updates"] += 1
@@ -485,7 +498,11 @@ class Inspector(ipywidgets.VBox):
         ]
         if state["last_tid"]:
             rows.append(
-                ("last transaction", f"<code>{esc(state['last_tid'])}</code> at {_clock(state['last_time'])}")
+                (
+                    f'<span title="{TID_HELP}">last transaction</span>',
+                    f'<code title="{TID_HELP}">{esc(state["last_tid"])}</code> '
+                    f"at {_clock(state['last_time'])}",
+                )
             )
         if server:
             rows.append(
@@ -516,13 +533,17 @@ class Inspector(ipywidgets.VBox):
                 f"<td>{entry['count']}</td><td>{labels}</td></tr>"
             )
         total = state["invalidations_total"]
-        head = "<tr><th>time</th><th>tid</th><th>objects</th><th>which</th></tr>"
+        head = (
+            f'<tr><th>time</th><th title="{TID_HELP}">tid</th>'
+            '<th title="how many objects that commit changed">objects</th>'
+            '<th title="what those objects are in the chat (hover one for its oid)">which</th></tr>'
+        )
         table = (
             f"<table>{head}{''.join(rows)}</table>"
             if rows
             else '<div class="zchat-muted">none yet: they arrive when another client commits</div>'
         )
-        return f"<h4>Invalidations from the server ({total})</h4>{table}"
+        return f'<h4 title="{INVALIDATION_HELP}">Invalidations from the server ({total})</h4>{table}'
 
     @staticmethod
     def _render_commits(state: dict[str, Any]) -> str:
@@ -553,13 +574,18 @@ class Inspector(ipywidgets.VBox):
         )
 
     @staticmethod
-    def _tree_title(state: dict[str, Any]) -> str:
-        messages = state["messages"]
-        return f"room {state['room']!r}" + (f", {messages:,} messages" if messages is not None else "")
+    def _tree_caption(state: dict[str, Any]) -> tuple[str, str]:
+        """The picture's title (whose stream, how many of the room's messages) and subtitle."""
+        title, subtitle = stream_caption(state["stream"])
+        return title, f"room {state['room']!r}: {subtitle}" if subtitle else f"room {state['room']!r}"
 
     @classmethod
     def _render_tree(cls, state: dict[str, Any]) -> str:
-        return f"<h4>Messages BTree</h4>{tree_svg(state['tree'], title=cls._tree_title(state))}"
+        title, subtitle = cls._tree_caption(state)
+        return (
+            f'<h4 title="{html.escape(STREAMS_HELP)}">One writer\'s messages BTree</h4>'
+            f"{tree_svg(state['tree'], title=title, subtitle=subtitle)}"
+        )
 
 
 def _clock(when: float | None) -> str:

@@ -23,6 +23,7 @@ from .model import ChatSession, Message
 from .net import format_address, parse_address
 from .render import code_blocks, format_line
 from .server import Server, serve
+from .terminal import format_message
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
 
@@ -107,8 +108,21 @@ def _parsers() -> dict[str, _Parser]:
     )
     p["send"].add_argument("text", nargs="*", metavar="TEXT")
     p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
-    p["history"] = make("history", "Print the last N messages of the room you joined.")
+    p["history"] = make(
+        "history", "Print the last N messages of the room you joined, numbered for reply, edit and delete."
+    )
     p["history"].add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    p["history"].add_argument("--mentions", action="store_true", help="only messages that mention you")
+    p["reply"] = make("reply", "Answer message N (as numbered by the last `%zchat history`) with TEXT.")
+    p["reply"].add_argument("number", type=int, metavar="N")
+    p["reply"].add_argument("text", nargs="+", metavar="TEXT")
+    p["edit"] = make("edit", "Replace the text of your message N (as numbered by `%zchat history`).")
+    p["edit"].add_argument("number", type=int, metavar="N")
+    p["edit"].add_argument("text", nargs="+", metavar="TEXT")
+    p["delete"] = make(
+        "delete", "Delete your message N (as numbered by `%zchat history`); a verified teacher: anyone's."
+    )
+    p["delete"].add_argument("number", type=int, metavar="N")
     p["paste"] = make(
         "paste",
         "Put the latest code block (or message N's, as numbered by `%zchat history`) into the next "
@@ -164,9 +178,9 @@ class ZChatMagics(Magics):
         self.client: ChatClient | None = None
         self.room: str | None = None
         self.session: ChatSession | None = None
+        #: What the last `%zchat history` printed: N of reply, edit and delete counts in it.
+        self._numbered: list[Message] = []
         self.widgets: list[Any] = []
-        #: What the last `%zchat history` printed, oldest first: `%zchat paste N` refers to it.
-        self._listed: list[Message] = []
         self._parsers = _parsers()
 
     @line_cell_magic
@@ -176,6 +190,10 @@ class ZChatMagics(Magics):
         if command == "send" and cell is None and rest.strip() and not rest.lstrip().startswith("-"):
             # The message is the rest of the line as typed: no shell-style parsing of the user's text.
             return self._call("send", argparse.Namespace(text=[_unquote(rest.strip())], raw=False), cell)
+        number, _, text = rest.strip().partition(" ")
+        if command in ("reply", "edit") and cell is None and number.isdigit() and text.strip():
+            args = argparse.Namespace(number=int(number), text=[_unquote(text.strip())])
+            return self._call(command, args, cell)
         try:
             words = shlex.split(line)
         except ValueError as exc:
@@ -270,9 +288,33 @@ class ZChatMagics(Magics):
         session = self._joined()
         if args.n < 0:
             raise UsageError(f"%zchat history: -n must be 0 or more, not {args.n}")
-        self._listed = session.history(args.n)
-        for number, message in enumerate(self._listed, 1):
-            print(f"{number:>3}  {format_line(message)}")
+        messages = session.history(args.n)
+        if args.mentions:
+            assert self.client is not None
+            messages = [m for m in messages if self.client.user in m.mentions]
+        self._numbered = messages
+        for number, message in enumerate(messages, 1):
+            print(f"{number:>3}  {format_message(message)}")
+
+    def _numbered_message(self, command: str, number: int) -> Message:
+        if not 0 < number <= len(self._numbered):
+            raise UsageError(
+                f"%zchat {command}: no message {number}; N is a number shown by the last `%zchat history` "
+                f"(1 to {len(self._numbered)})" + ("" if self._numbered else ": run `%zchat history` first")
+            )
+        return self._numbered[number - 1]
+
+    def _reply(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.add_message(" ".join(args.text), reply_to=self._numbered_message("reply", args.number))
+
+    def _edit(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.edit(self._numbered_message("edit", args.number), " ".join(args.text))
+
+    def _delete(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        session.delete(self._numbered_message("delete", args.number))
 
     def _paste(self, args: argparse.Namespace, cell: str | None) -> None:
         session = self._joined()
@@ -287,14 +329,7 @@ class ZChatMagics(Magics):
                 )
             code = blocks[-1]
         else:
-            if not self._listed:
-                raise UsageError("%zchat paste N: N is a number printed by `%zchat history`; run it first")
-            if not 1 <= args.number <= len(self._listed):
-                raise UsageError(
-                    f"%zchat paste: there is no message {args.number}; the last `%zchat history` "
-                    f"printed 1 to {len(self._listed)}"
-                )
-            message = self._listed[args.number - 1]
+            message = self._numbered_message("paste", args.number)
             blocks = code_blocks(message.text)
             if not blocks:
                 raise UsageError(f"%zchat paste: message {args.number} ({message.author}) has no code block")
@@ -347,6 +382,8 @@ class ZChatMagics(Magics):
         state = "connected" if self.client.is_connected() else "disconnected (reconnecting)"
         print(f"chat:      {state} to {self.client.address_text} as {self.client.user!r}, room {self.room!r}")
         print(f"storage:   {self.client.storage_text}")
+        if not self.client.is_connected() and self.client.restart_hint:
+            print(f"server:    away; {self.client.restart_hint}")
         print(f"widgets:   {sum(1 for w in self.widgets if not getattr(w, 'closed', False))} open")
 
     def _inspect(self, args: argparse.Namespace, cell: str | None) -> Any:
@@ -396,7 +433,6 @@ class ZChatMagics(Magics):
         self.client = None
         self.room = None
         self.session = None
-        self._listed = []
 
     def close(self) -> None:
         """Close widgets (their pollers), the client and any server this kernel started."""

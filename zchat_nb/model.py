@@ -20,6 +20,7 @@ its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatCl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import logging
 import math
@@ -28,8 +29,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import transaction
@@ -38,11 +39,34 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.POSException import ConflictError, POSKeyError, Unsupported
 
+from .amend import (
+    DELETE,
+    EDIT,
+    EVENT_TAG,
+    MAX_EMOJI_PER_MESSAGE,
+    MESSAGE_TAG,
+    NO_REACTIONS,
+    REACT,
+    REACTIONS,
+    UNREACT,
+    Event,
+    Identity,
+    Seen,
+    canonical,
+    check_emoji,
+    check_seal,
+    fold,
+    index_entry,
+    mentions_in,
+    permission_error_text,
+    refusal,
+)
 from .exceptions import (
     AttachmentError,
     InvalidMessageError,
     ZChatConnectionError,
     ZChatDisconnected,
+    ZChatPermissionError,
     ZChatSendError,
     disconnected,
     server_boundary,
@@ -69,10 +93,11 @@ DEFAULT_MAX_TEXT_BYTES = 64 * 1024
 MAX_AUTHOR_CHARS = 64
 MAX_ROOM_CHARS = 64
 _ID_CHARS = 32
+_ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 ROOMS_KEY = "zchat_nb.rooms"
 
-Record = tuple[Any, ...]  # (id, author, text, time) or (id, author, text, time, attachments)
 _T = TypeVar("_T")
+_Item = TypeVar("_Item", "Message", Event)
 BLOBS_KEY = "zchat_nb.blobs"
 #: Attachments one message may carry.
 MAX_ATTACHMENTS = 4
@@ -116,15 +141,31 @@ class Attachment(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message; immutable.
+    """One chat message in its current state; immutable.
 
     ``id`` is made by the sender and unique, ``time`` is the sender's clock (seconds since the epoch).
+    Edits, deletes and reactions (:mod:`zchat_nb.amend`) are applied by the reader: ``text`` is the
+    latest accepted edit, ``edited`` its time; a deleted message keeps its place with ``text ""``.
+    ``verified`` is True only when the message is signed by a classroom certificate whose name is
+    the author (see :mod:`zchat_nb.signing`).
     """
 
     id: str
     author: str
     text: str
     time: float
+    #: The id of the message this one answers.
+    reply_to: str | None = None
+    edited: float | None = None
+    deleted: bool = False
+    #: ``emoji -> users who reacted with it`` (read-only).
+    reactions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: NO_REACTIONS, hash=False)
+    verified: bool = False
+    #: The stream (client) that wrote it: edits and deletes name it to find the message.
+    writer: str = field(default="", repr=False, compare=False)
+    #: Fingerprint of the signing certificate and the signature, or "" (see :mod:`zchat_nb.signing`).
+    signer: str = field(default="", repr=False, compare=False)
+    signature: str = field(default="", repr=False, compare=False)
     #: Pictures and tables shared with the message: ``(name, mime type, size, key)`` each.
     attachments: tuple[Attachment, ...] = ()
 
@@ -133,10 +174,22 @@ class Message:
         """The message's key in its writer's stream: ordered by time, ties broken by id."""
         return (self.time, self.id)
 
-    def to_record(self) -> Record:
-        if self.attachments:
-            return (self.id, self.author, self.text, self.time, tuple(tuple(a) for a in self.attachments))
-        return (self.id, self.author, self.text, self.time)  # as before: older readers read it
+    @property
+    def mentions(self) -> tuple[str, ...]:
+        """The ``@name``s in the text, each once."""
+        return mentions_in(self.text) if "@" in self.text else ()
+
+    def to_record(self) -> tuple[Any, ...]:
+        """A 4-tuple as before replies and signatures existed (old readers still read it), or tagged."""
+        if self.reply_to is None and not self.signer and not self.attachments:
+            return (self.id, self.author, self.text, self.time)
+        return (*self.signed_fields(), self.signature)
+
+    def signed_fields(self) -> tuple[Any, ...]:
+        fields = (MESSAGE_TAG, self.id, self.author, self.text, self.time, self.reply_to or "", self.signer)
+        if self.attachments:  # signed with the rest; records without any keep their old form
+            return (*fields, tuple(tuple(a) for a in self.attachments))
+        return fields
 
     @classmethod
     def from_record(cls, record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message:
@@ -144,15 +197,23 @@ class Message:
 
         Raises ``ValueError`` naming what is wrong: another client may have written anything.
         """
-        if not (isinstance(record, tuple) and len(record) in (4, 5)):
-            raise ValueError(f"record is not a 4- or 5-tuple: {type(record).__name__}")
-        id_, author, text, when = record[:4]
+        reply_to, signer, signature = "", "", ""
         attachments: tuple[Attachment, ...] = ()
-        if len(record) == 5:
-            entries = record[4]
+        if isinstance(record, tuple) and len(record) == 9 and record[0] == MESSAGE_TAG:
+            entries = record[7]  # with attachments: signed, so before the signature
+            record = record[:7] + record[8:]
             if not (isinstance(entries, tuple) and 0 < len(entries) <= MAX_ATTACHMENTS):
                 raise ValueError(f"attachments are not a tuple of 1 to {MAX_ATTACHMENTS}")
             attachments = tuple(Attachment.check(entry) for entry in entries)
+        if isinstance(record, tuple) and len(record) == 8 and record[0] == MESSAGE_TAG:
+            _, id_, author, text, when, reply_to, signer, signature = record
+            if reply_to != "" and not (isinstance(reply_to, str) and 0 < len(reply_to) <= _ID_CHARS):
+                raise ValueError(f"bad reply_to {reply_to!r:.40}")
+            signer, signature = check_seal(signer, signature)
+        elif isinstance(record, tuple) and len(record) == 4:
+            id_, author, text, when = record
+        else:
+            raise ValueError(f"record is not a 4-tuple: {type(record).__name__}")
         if not (isinstance(id_, str) and 0 < len(id_) <= _ID_CHARS):
             raise ValueError(f"bad message id {id_!r:.40}")
         if not (isinstance(author, str) and 0 < len(author) <= MAX_AUTHOR_CHARS):
@@ -163,7 +224,32 @@ class Message:
             raise ValueError(f"text is over {max_text_bytes} bytes")
         if not (isinstance(when, float) and math.isfinite(when)):
             raise ValueError(f"bad time {when!r:.40}")
-        return cls(id_, author, text, when, attachments)
+        return cls(
+            id_,
+            author,
+            text,
+            when,
+            reply_to=reply_to or None,
+            signer=signer,
+            signature=signature,
+            attachments=attachments,
+        )
+
+
+def parse_record(record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message | Event:
+    """A stream record as a Message or an :class:`~zchat_nb.amend.Event`; ``ValueError`` if neither."""
+    if isinstance(record, tuple) and record and record[0] == EVENT_TAG:
+        return Event.from_record(record, max_text_bytes, MAX_AUTHOR_CHARS)
+    return Message.from_record(record, max_text_bytes)
+
+
+def _parse_event(record: object) -> Event:
+    return Event.from_record(record, DEFAULT_MAX_TEXT_BYTES, MAX_AUTHOR_CHARS)
+
+
+def is_event_record(record: object) -> bool:
+    """Cheap test used to count messages without parsing them."""
+    return isinstance(record, tuple) and bool(record) and record[0] == EVENT_TAG
 
 
 def check_text(text: object, max_text_bytes: int) -> str:
@@ -194,6 +280,18 @@ def check_author(author: object) -> str:
     return author.strip()
 
 
+def check_message_id(id_: object) -> str:
+    """Return ``id_`` if it can be a message id, a new random id if it is None, else raise."""
+    if id_ is None:
+        return uuid.uuid4().hex
+    if not (isinstance(id_, str) and 0 < len(id_) <= _ID_CHARS and all(c in _ID_ALPHABET for c in id_)):
+        raise InvalidMessageError(
+            f"message id must be 1 to {_ID_CHARS} letters, digits, '-' or '_', not {id_!r:.60}; "
+            "leave it out to get a new one"
+        )
+    return id_
+
+
 def check_room_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_ROOM_CHARS:
         raise InvalidMessageError(
@@ -222,6 +320,11 @@ class Room(Persistent):
     count: Length | None = None
     #: ``user -> last heartbeat time``; one key per user, so concurrent heartbeats merge.
     presence: OOBTree | None = None
+    #: ``writer -> OOBTree(target key -> records)``: each writer's latest edit, delete and reactions
+    #: per message it amended (see :mod:`zchat_nb.amend`); only that writer changes its tree.
+    amends: OOBTree | None = None
+    #: ``certificate fingerprint -> PEM`` of the certificates that signed records here.
+    certs: OOBTree | None = None
 
     def __init__(self, name: str, created: float = 0.0) -> None:
         self.name = name
@@ -232,13 +335,16 @@ class Room(Persistent):
         self.streams = OOBTree()
         self.heads = OOBTree()
         self.count = Length()
+        if self.amends is not None:
+            self.amends = OOBTree()
 
-    def append(self, writer: str, message: Message) -> Message:
+    def append(self, writer: str, message: _Item, seal: Callable[[_Item], _Item] | None = None) -> _Item:
         """Add ``message`` to the end of ``writer``'s stream and return it as stored.
 
         Its time is moved just past the writer's previous message if the writer's clock went back,
-        so that each stream's key order is its commit order. A message that is already the
-        stream's last (a retried send whose first commit did happen) is left alone.
+        so that each stream's key order is its commit order. A message whose id is already in the
+        stream (a retried send whose first commit did happen, even with later sends since) is left
+        alone.
         """
         assert self.streams is not None and self.heads is not None and self.count is not None
         stream = self.streams.get(writer)
@@ -246,13 +352,70 @@ class Room(Persistent):
             stream = self.streams[writer] = OOBTree()
         count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
         if last_id == message.id:
-            return Message.from_record(stream[(last, last_id)])
+            return parse_record(stream[(last, last_id)], 2**30)  # type: ignore[return-value]
+        stored = _find_retried(stream, message)
+        if stored is not None:
+            return stored
         if message.time <= last:
             message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
+        if seal is not None:  # signs the record with its final time
+            message = seal(message)
         stream[message.key] = message.to_record()
         self.heads[writer] = (count + 1, first, message.time, message.id)
         self.count.change(1)
         return message
+
+    # -- amendments (edits, deletes, reactions; see zchat_nb.amend) --------------------------
+
+    def amend(self, writer: str, event: Event, seal: Callable[[Event], Event] | None = None) -> Event:
+        """Append ``event`` to ``writer``'s stream and note it in ``writer``'s index; returns it as stored.
+
+        Idempotent like :meth:`append`: a retried commit that did happen changes nothing.
+        """
+        stored = self.append(writer, event, seal)
+        if self.amends is None:
+            self.amends = OOBTree()
+        index = self.amends.get(writer)
+        if index is None:
+            index = self.amends[writer] = OOBTree()
+        previous = index.get(stored.target_key, ())
+        # Rewriting the entry is idempotent too: the same event lands in the same slot.
+        index[stored.target_key] = index_entry(
+            previous if isinstance(previous, tuple) else (), stored, _parse_event
+        )
+        return stored
+
+    def amendments(self, keys: list[tuple[float, str]]) -> Iterator[tuple[str, tuple[float, str], object]]:
+        """``(writer, key, index value)`` for every writer's entry on any of ``keys`` (sorted).
+
+        A few keys are looked up one by one; a window of keys is one range read per writer, so
+        history finds the amendments of 200 messages in O(writers * log N).
+        """
+        if self.amends is None or not keys:
+            return
+        wanted = set(keys)
+        for writer, index in self.amends.items():
+            if len(keys) <= 4:
+                for key in keys:
+                    value = index.get(key)
+                    if value is not None:
+                        yield writer, key, value
+            else:
+                for key, value in index.items(keys[0], keys[-1]):
+                    if key in wanted:
+                        yield writer, key, value
+
+    def add_cert(self, fingerprint: str, pem: str) -> None:
+        """Store the certificate that signs a writer's records, keyed by the SHA-256 of its PEM text."""
+        if self.certs is None:
+            self.certs = OOBTree()
+        stored = self.certs.get(fingerprint)
+        # Replace anything else a client put under this key first: it would hide a real certificate.
+        if not (isinstance(stored, str) and hashlib.sha256(stored.encode()).hexdigest() == fingerprint):
+            self.certs[fingerprint] = pem
+
+    def cert(self, fingerprint: str) -> object:
+        return self.certs.get(fingerprint) if self.certs is not None else None
 
     def records(self) -> Iterator[tuple[Any, Any]]:
         """Every ``(key, record)`` of the room in time order (reads everything: for exports)."""
@@ -276,6 +439,27 @@ class Room(Persistent):
 
     def __repr__(self) -> str:
         return f"<Room {self.name!r}>"
+
+
+#: Entries of a stream looked at for a retried message's id (see :func:`_find_retried`).
+RETRY_WINDOW = 256
+
+
+def _find_retried(stream: OOBTree, message: _Item) -> _Item | None:
+    """The stored copy of ``message`` if an earlier attempt committed it, else None.
+
+    A retry carries the first attempt's time and id; the stored key is that key, or a later time
+    when the writer's clock had gone back. So only keys from ``message.key`` on can match, and a
+    new message (later than everything stored) costs one tree descent. At most
+    :data:`RETRY_WINDOW` keys are looked at, so a bogus early time cannot make a send scan the
+    whole stream.
+    """
+    for count, key in enumerate(stream.keys(min=message.key)):
+        if count >= RETRY_WINDOW:
+            break
+        if key[1] == message.id:
+            return parse_record(stream[key], 2**30)  # type: ignore[return-value]  # a message or an event
+    return None
 
 
 @dataclass(frozen=True)
@@ -348,6 +532,24 @@ class SendPolicy:
     backoff: float = 0.05
 
 
+class Signer(Protocol):
+    """Signs what a client writes with its classroom certificate (``zchat_nb.signing.Signer``)."""
+
+    name: str
+    teacher: bool
+    fingerprint: str
+    cert_pem: str
+
+    def sign(self, data: bytes) -> str: ...
+
+
+class Verifier(Protocol):
+    """Checks signatures against the class CA (``zchat_nb.signing.Verifier``)."""
+
+    def identify(self, fingerprint: str, pem: object, data: bytes, signature: str) -> Identity | None:
+        """Who signed ``data``, or None if the signature or the certificate does not check out."""
+
+
 class SessionHost(Protocol):
     """What a :class:`ChatSession` needs from its client; ``ChatClient`` implements it."""
 
@@ -360,6 +562,10 @@ class SessionHost(Protocol):
     clock: Callable[[], float]
     #: Held while a message is committed: one send at a time per writer.
     send_lock: threading.Lock
+    #: Signs records (a TLS client with its certificate's key), or None.
+    signer: Signer | None
+    #: Verifies records against the class CA, or None (nothing is then verified).
+    verifier: Verifier | None
 
     def connection(self) -> tuple[transaction.TransactionManager, Connection]:
         """This thread's transaction manager and connection."""
@@ -402,8 +608,18 @@ class ChatSession:
         self._epoch: int | None = None
         self._backlog = backlog
         self._lock = threading.RLock()
-        #: Records that failed validation or could not be loaded, as ``(where, reason)``.
+        #: Records that failed validation or could not be loaded, as ``(where, reason)``; also
+        #: edits and deletes refused because their author may not make them.
         self.skipped: list[tuple[str, str]] = []
+        #: Messages collected by :meth:`updated_messages`'s poll, for the next :meth:`new_messages`.
+        self._fresh: list[Message] = []
+        #: ``id -> current state`` of returned messages changed since; insertion-ordered.
+        self._changed: dict[str, Message] = {}
+        #: ``writer -> key`` of its last record before the backlog start: older ones were not returned.
+        self._start: dict[str, tuple[float, str]] = {}
+        self._returned_ids: set[str] = set()
+        #: Ids of refused amendments already counted in :attr:`skipped`.
+        self._refused: set[str] = set()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -453,7 +669,7 @@ class ChatSession:
                 if deadline is None or time.monotonic() >= deadline:
                     raise
                 continue
-            if messages or deadline is None:
+            if messages or deadline is None or self._changed:  # an update ends the wait too
                 return messages
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -462,7 +678,10 @@ class ChatSession:
 
     def _poll(self) -> list[Message]:
         started = time.perf_counter()
-        found = self._collect()
+        with self._lock:
+            collected = self._collect()
+            # Messages an updated_messages() poll gathered go first; updates may have refreshed them.
+            found, self._fresh = self._fresh + collected, []
         self._host.report("poll", room=self.room, cost=time.perf_counter() - started, count=len(found))
         return found
 
@@ -472,24 +691,30 @@ class ChatSession:
             assert room.count is not None and room.heads is not None
             if self._epoch != room.epoch:
                 self._cursor.clear()
+                self._reset_amendments()
                 self._epoch = room.epoch
                 if self._backlog is not None:
                     for writer, head in self._heads(room):
                         self._cursor[writer] = (head.count, head.last_key)
+                        self._start[writer] = head.last_key
                     backlog, self._backlog = self._backlog, None
-                    return self._history(room, backlog, None)
+                    first = self._history(room, backlog, None)
+                    self._returned_ids.update(m.id for m in first)
+                    return first
             if room.count() == sum(seen for seen, _ in self._cursor.values()):
                 return []
-            found: list[Message] = []
+            found: list[tuple[str, Message | Event]] = []
             cursor = dict(self._cursor)
             for writer, head in self._heads(room):
                 seen, seen_key = cursor.get(writer, (0, None))
                 if head.count > seen:
-                    found.extend(self._read_stream(room, writer, seen_key, head.last_key))
+                    found.extend(
+                        (writer, item) for item in self._read_stream(room, writer, seen_key, head.last_key)
+                    )
                     cursor[writer] = (head.count, head.last_key)
+            absorbed = self._absorb(room, found, cursor)
             self._cursor = cursor  # only now: an outage mid-read must not skip anything
-            found.sort(key=lambda m: m.key)
-            return found
+            return absorbed
 
     def _heads(self, room: Room) -> list[tuple[str, _Head]]:
         """The room's writers and their heads, checked (another client may have written anything)."""
@@ -506,7 +731,7 @@ class ChatSession:
 
     def _read_stream(
         self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str]
-    ) -> list[Message]:
+    ) -> list[Message | Event]:
         assert room.streams is not None
         try:
             stream = room.streams[writer]
@@ -516,15 +741,16 @@ class ChatSession:
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
             self._skip(f"stream {writer!r:.40} after {after}", exc)
             return []
-        found = (self._check(record, where=f"{writer}@{key!r:.60}") for key, record in entries)
+        found = (self._check(record, f"{writer}@{key!r:.60}", writer) for key, record in entries)
         return [m for m in found if m is not None]
 
-    def _check(self, record: object, where: str) -> Message | None:
+    def _check(self, record: object, where: str, writer: str) -> Message | Event | None:
         try:
-            return Message.from_record(record, self._host.max_text_bytes)
+            item = parse_record(record, self._host.max_text_bytes)
         except ValueError as exc:
             self._skip(where, exc)
             return None
+        return dataclasses.replace(item, writer=writer) if isinstance(item, Message) else item
 
     def _skip(self, where: str, exc: BaseException) -> None:
         while exc.__cause__ is not None and not str(exc):  # StateLoadError says nothing itself
@@ -554,18 +780,24 @@ class ChatSession:
             start = min(start, top[0])
         oldest = min(head.first for _, head in heads)
         if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
-            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
+            indexes = list(room.amends.values()) if room.amends is not None else []
+            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads] + indexes)
         window = 1.0
         while True:
             # Only the streams that have messages between low and top; each read is O(log N).
             low = start - window
-            items: list[tuple[Any, Any]] = []
+            items: list[tuple[Any, str, Any]] = []
             for writer, head in heads:
                 if head.last < low or (top is not None and head.first > top[0]):
                     continue
                 try:
                     stream = room.streams[writer]
-                    items.extend(stream.items((low,), top, excludemax=top is not None))
+                    # Amendments share the streams: only message records count towards n.
+                    items.extend(
+                        (key, writer, record)
+                        for key, record in stream.items((low,), top, excludemax=top is not None)
+                        if not is_event_record(record)
+                    )
                 except transaction.interfaces.TransientError:
                     raise
                 except Exception as exc:
@@ -575,13 +807,15 @@ class ChatSession:
             # Widen the window to where n messages should be at the density just seen.
             window *= max(2.0, 1.2 * n / len(items)) if items else 4.0
         items.sort(key=lambda item: item[0])
-        found = [self._check(record, where=f"{key!r:.60}") for key, record in items[-n:]]
-        return [m for m in found if m is not None]
+        found = [self._check(record, f"{key!r:.60}", writer) for key, writer, record in items[-n:]]
+        return self._resolve(room, [m for m in found if isinstance(m, Message)])
 
     # -- writing -------------------------------------------------------------------------
 
-    def add_message(self, text: str) -> Message:
+    def add_message(self, text: str, reply_to: Message | str | None = None) -> Message:
         """Commit ``text`` as a new message from this client's user and return it.
+
+        ``reply_to``: the message (or its id) this one answers.
 
         Conflicts and server outages are retried within ``SendPolicy.timeout``; a retry after an
         outage never duplicates the message, even when the first commit's answer was lost.
@@ -589,37 +823,65 @@ class ChatSession:
         message could not be committed in time (it was then not sent).
         """
         text = check_text(text, self._host.max_text_bytes)
-        message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()))
+        parent = _reply_id(reply_to)
+        message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()), reply_to=parent)
         return self.post(message)
 
-    def post(self, message: Message) -> Message:
-        """Commit an already built message and return it as stored (idempotent, like a retry)."""
+    def draft(self, text: object, *, author: object = None, id: object = None) -> Message:
+        """Build, without committing, a checked message of ``text`` stamped with the host's clock.
+
+        :meth:`post` commits it; posting the same draft again never stores it twice, which is how
+        a send whose answer was lost is retried. ``author`` is a display name checked like any
+        user name (default: this client's user); ``id`` is a caller-made id of 1 to 32 letters,
+        digits, ``-`` or ``_`` (default: a new one). Raises :class:`InvalidMessageError`.
+        """
+        text = check_text(text, self._host.max_text_bytes)
+        author = self._host.user if author is None else check_author(author)
+        return Message(check_message_id(id), author, text, float(self._host.clock()))
+
+    def post(self, message: Message, *, also: Callable[[Connection], object] | None = None) -> Message:
+        """Commit an already built message and return it as stored (idempotent, like a retry).
+
+        ``also(conn)``, if given, makes more changes in the same transaction (a share's blobs).
+        """
         writer = self._host.writer
         stored: list[Message] = []
+        seal = self._sealer(writer)
 
         def append(conn: Connection) -> None:
-            stored[:] = [self._room_in(conn).append(writer, message)]
+            if also is not None:
+                also(conn)
+            room = self._room_in(conn)
+            self._publish_cert(room)
+            stored[:] = [room.append(writer, message, seal)]
 
         # One send at a time per writer: each stream's key order must be its commit order.
         with self._host.send_lock:
             self._commit(append, what=f"sending to room {self.room!r}")
-        return stored[0]
+        signer = self._host.signer
+        verified = signer is not None and signer.name == message.author
+        return dataclasses.replace(stored[0], writer=writer, verified=verified)
 
-    def share(self, obj: Any, caption: str = "", *, name: str | None = None) -> Message:
+    def share(
+        self, obj: Any, caption: str = "", *, name: str | None = None, author: str | None = None
+    ) -> Message:
         """Share a picture or table with the room: image bytes (PNG, JPEG, GIF, WebP), a path to
         an image file, a matplotlib Figure, a PIL Image, or a pandas DataFrame (its first rows
         shown as a table, its CSV attached). ``caption`` is shown with it.
 
         The type is found from the bytes, not a name; more than ``max_attachment_bytes`` (5 MB by
-        default) raises :class:`AttachmentError`. Returns the committed Message.
+        default) raises :class:`AttachmentError`. ``author``: a display name, as in :meth:`draft`.
+        Returns the committed Message.
         """
         from .media import prepare
 
         prepared = prepare(obj, self._host.max_attachment_bytes, name=name)
         text = "\n\n".join(part for part in (caption.strip(), prepared.text) if part)
-        return self.share_files([(prepared.name, prepared.mime, prepared.data)], text)
+        return self.share_files([(prepared.name, prepared.mime, prepared.data)], text, author=author)
 
-    def share_files(self, files: list[tuple[str, str, bytes]], text: str = "") -> Message:
+    def share_files(
+        self, files: list[tuple[str, str, bytes]], text: str = "", *, author: str | None = None
+    ) -> Message:
         """Commit a message carrying ``files`` (``(name, mime, bytes)`` each) as ZODB blobs.
 
         The bytes go into blobs under this writer's own tree of ``root[BLOBS_KEY]`` (so sharers
@@ -637,35 +899,32 @@ class ChatSession:
             Attachment(name[:_MAX_ATTACHMENT_NAME] or "file", mime, len(data), f"{writer}/{id_}/{i}")
             for i, (name, mime, data) in enumerate(files)
         )
-        message = Message(id_, self._host.user, text, float(self._host.clock()), attachments)
-        stored: list[Message] = []
+        author = self._host.user if author is None else check_author(author)
+        message = Message(id_, author, text, float(self._host.clock()), attachments=attachments)
 
-        def append(conn: Connection) -> None:
+        def store_blobs(conn: Connection) -> None:
             tree = _writer_blobs(conn, writer)
             for attachment, (_, _, data) in zip(attachments, files, strict=True):
-                if attachment.key not in tree:
+                if attachment.key not in tree:  # a retry whose first commit happened: keep it
                     tree[attachment.key] = _new_blob(data)
-            stored[:] = [self._room_in(conn).append(writer, message)]
 
-        with self._host.send_lock:
-            try:
-                self._commit(append, what=f"sharing {len(files)} attachment(s) in room {self.room!r}")
-            except Unsupported as exc:  # ZODB's word for a storage without blobs
-                raise AttachmentError(
-                    f"the database at {self._host.address_text} keeps no blobs, so nothing can be "
-                    "shared there; use a server started by zchat_nb (`zchat-nb serve`), which has a "
-                    "blob directory"
-                ) from exc
-        return stored[0]
+        try:
+            return self.post(message, also=store_blobs)
+        except Unsupported as exc:  # ZODB's word for a storage without blobs
+            raise AttachmentError(
+                f"the database at {self._host.address_text} keeps no blobs, so nothing can be "
+                "shared there; use a server started by zchat_nb (`zchat-nb serve`), which has a "
+                "blob directory"
+            ) from exc
 
     def _commit(self, change: Callable[[Connection], object], what: str) -> None:
         commit(self._host, change, what=what, room=self.room)
 
     # -- presence ------------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """Record that this client's user is in the room now (the widget calls it periodically)."""
-        user, now = self._host.user, float(self._host.clock())
+    def heartbeat(self, user: str | None = None) -> None:
+        """Record that ``user`` (default: this client's user) is in the room now (the widget calls it)."""
+        user, now = self._host.user if user is None else check_author(user), float(self._host.clock())
 
         def beat(conn: Connection) -> None:
             self._room_in(conn).beat(user, now)
@@ -679,6 +938,258 @@ class ChatSession:
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
+
+    # -- amendments: edits, deletes, reactions (zchat_nb.amend) -----------------------------
+
+    def edit(self, message: Message, text: str) -> Message:
+        """Replace ``message``'s text (your own messages only); returns its new state.
+
+        Raises :class:`ZChatPermissionError` naming who may, and :class:`InvalidMessageError` for
+        bad text or a deleted message.
+        """
+        return self._amend(message, EDIT, check_text(text, self._host.max_text_bytes))
+
+    def delete(self, message: Message) -> Message:
+        """Delete ``message`` for everyone (your own; a verified teacher may delete anyone's)."""
+        return self._amend(message, DELETE, "")
+
+    def react(self, message: Message, emoji: str) -> Message:
+        """Add your reaction ``emoji`` (one short emoji, e.g. 👍) to ``message``."""
+        return self._amend(message, REACT, _check_reaction(emoji))
+
+    def unreact(self, message: Message, emoji: str) -> Message:
+        """Take back your reaction ``emoji`` on ``message``."""
+        return self._amend(message, UNREACT, _check_reaction(emoji))
+
+    def updated_messages(self) -> list[Message]:
+        """Messages this session already returned that changed since (edited, deleted, reacted to).
+
+        Each in its current state, once per change seen, in the order the changes were read. The
+        same poll gathers new messages, which the next :meth:`new_messages` returns.
+        """
+        if self._host.closed:
+            raise ZChatConnectionError("the client of this session is closed")
+        if not self._host.is_connected():
+            raise disconnected(self._host.address_text)
+        with self._lock, server_boundary(self._host.address_text):
+            self._fresh = self._poll()  # kept for the next new_messages()
+            changed, self._changed = list(self._changed.values()), {}
+        return changed
+
+    def everything(self) -> list[Message]:
+        """Every message of the room in time order, in its current state (reads it all: for exports)."""
+        with self._lock, server_boundary(self._host.address_text):
+            room = self._room()
+            assert room.streams is not None
+            found: list[Message] = []
+            for writer, stream in room.streams.items():
+                for key, record in stream.items():
+                    item = self._check(record, f"{writer}@{key!r:.60}", writer)
+                    if isinstance(item, Message):
+                        found.append(item)
+            found.sort(key=lambda m: m.key)
+            return self._resolve(room, found)
+
+    def _reset_amendments(self) -> None:
+        """A new epoch (the room was cleared): what was returned before is gone."""
+        self._fresh, self._changed = [], {}
+        self._start, self._returned_ids = {}, set()
+
+    def _absorb(
+        self, room: Room, found: list[tuple[str, Message | Event]], cursor: dict[str, Any]
+    ) -> list[Message]:
+        """Split a poll's records into new messages (in their current state) and updates."""
+        messages = sorted((m for _, m in found if isinstance(m, Message)), key=lambda m: m.key)
+        events = [e for _, e in found if isinstance(e, Event)]
+        if not events and self._host.verifier is None:
+            return messages  # the common case: nothing to verify, nothing amended
+        targets = {e.target_id for e in events}
+        new = self._resolve(room, messages, only=targets)
+        new_ids = {m.id for m in new}
+        fresh = {m.id: i for i, m in enumerate(self._fresh)}
+        by_target: dict[str, list[Event]] = {}
+        for event in sorted(events, key=lambda e: e.key):
+            by_target.setdefault(event.target_id, []).append(event)
+        for target_id, amendments in by_target.items():
+            event = amendments[-1]
+            if target_id in new_ids:
+                continue
+            if target_id in fresh or self._was_returned(event, cursor):
+                base = self._load_message(room, event.target_writer, event.target_key)
+                if base is None:
+                    continue
+                [state] = self._resolve(room, [base])
+                if all(e.id in self._refused for e in amendments):
+                    continue  # only refused (forged) amendments: nothing changed
+                if target_id in fresh:
+                    self._fresh[fresh[target_id]] = state
+                else:
+                    self._changed.pop(state.id, None)  # keep the order of the latest change
+                    self._changed[state.id] = state
+        return new
+
+    def _was_returned(self, event: Event, cursor: dict[str, Any]) -> bool:
+        if event.target_id in self._returned_ids:
+            return True
+        seen = cursor.get(event.target_writer)
+        if seen is None or seen[1] is None or event.target_key > seen[1]:
+            return False
+        start = self._start.get(event.target_writer)
+        return start is None or event.target_key > start
+
+    def _load_message(self, room: Room, writer: str, key: tuple[float, str]) -> Message | None:
+        assert room.streams is not None
+        stream = room.streams.get(writer)
+        record = stream.get(key) if stream is not None else None
+        if record is None:
+            return None
+        item = self._check(record, f"{writer}@{key!r:.60}", writer)
+        return item if isinstance(item, Message) else None
+
+    def _resolve(self, room: Room, messages: list[Message], only: set[str] | None = None) -> list[Message]:
+        """``messages`` in their current state: verified, with their amendments applied.
+
+        ``only``: ids of the messages that may have amendments (the others are only verified).
+        """
+        return [state for state, _ in self._states(room, messages, only)]
+
+    def _states(
+        self, room: Room, messages: list[Message], only: set[str] | None = None
+    ) -> list[tuple[Message, int]]:
+        verifier = self._host.verifier
+        keys = sorted(m.key for m in messages if only is None or m.id in only)
+        seen: dict[tuple[float, str], list[Seen]] = {}
+        for writer, key, value in room.amendments(keys):
+            if not (isinstance(value, tuple) and len(value) <= MAX_EMOJI_PER_MESSAGE + 2):
+                self._skip(f"amendments of {writer!r:.40} on {key!r:.60}", ValueError("bad index entry"))
+                continue
+            for record in value:
+                item = self._check(record, f"amendment of {writer!r:.40} on {key!r:.60}", writer)
+                if not isinstance(item, Event) or item.target_key != key:
+                    continue
+                seen.setdefault(key, []).append(Seen(writer, item, self._identify(room, writer, item)))
+        states = []
+        for message in messages:
+            identity = self._identify(room, message.writer, message)
+            verified = identity is not None and identity.name == message.author
+            events = seen.get(message.key, [])
+            if not events:
+                states.append((dataclasses.replace(message, verified=verified), 0))
+                continue
+            folded = fold(
+                message.text, message.author, message.writer, verified, events, strict=verifier is not None
+            )
+            for event, why in folded.refused:
+                if event.id not in self._refused:
+                    self._refused.add(event.id)
+                    self._skip(f"{event.kind} {event.id}", ZChatPermissionError(f"refused: {why}"))
+            state = dataclasses.replace(
+                message,
+                text=folded.text,
+                edited=folded.edited,
+                deleted=folded.deleted,
+                reactions=folded.reactions,
+                verified=verified,
+            )
+            states.append((state, folded.version))
+        return states
+
+    def _identify(self, room: Room, writer: str, item: Message | Event) -> Identity | None:
+        verifier = self._host.verifier
+        if verifier is None or not item.signer:
+            return None
+        data = canonical(self.room, writer, item.signed_fields())
+        return verifier.identify(item.signer, room.cert(item.signer), data, item.signature)
+
+    def _sealer(self, writer: str) -> Callable[[Any], Any] | None:
+        """What signs a record with its final time, if this client has a certificate."""
+        signer = self._host.signer
+        if signer is None:
+            return None
+
+        def seal(item: Any) -> Any:
+            item = dataclasses.replace(item, signer=signer.fingerprint)
+            signature = signer.sign(canonical(self.room, writer, item.signed_fields()))
+            return dataclasses.replace(item, signature=signature)
+
+        return seal
+
+    def _publish_cert(self, room: Room) -> None:
+        signer = self._host.signer
+        if signer is not None:
+            room.add_cert(signer.fingerprint, signer.cert_pem)
+
+    def _amend(self, target: Message, kind: str, arg: str) -> Message:
+        if not (isinstance(target, Message) and target.writer):
+            raise InvalidMessageError(
+                f"{kind} needs a Message returned by new_messages() or history() of room "
+                f"{self.room!r}, not {target!r:.80}"
+            )
+        host = self._host
+        writer, user = host.writer, host.user
+        signer = host.signer
+        me = Identity(signer.name, signer.teacher) if signer is not None else None
+        event_id, when = uuid.uuid4().hex, float(host.clock())
+        seal = self._sealer(writer)
+        result: list[Message] = []
+
+        def change(conn: Connection) -> None:
+            room = self._room_in(conn)
+            base = self._load_message(room, target.writer, target.key)
+            if base is None:
+                raise InvalidMessageError(
+                    f"message {target.id} is not in room {self.room!r} "
+                    "(another room's, or the room was cleared)"
+                )
+            [(state, version)] = self._states(room, [base])
+            event = Event(event_id, user, when, kind, base.writer, base.time, base.id, version + 1, arg)
+            if kind in (EDIT, DELETE):
+                why = refusal(
+                    Seen(writer, event, me), state.author, base.writer, state.verified, strict=False
+                )
+                if why is not None:
+                    who = permission_error_text(kind, state.author, signed=state.verified)
+                    raise ZChatPermissionError(who)
+            if state.deleted:
+                if kind == DELETE:
+                    result[:] = [state]
+                    return  # already deleted: nothing to write
+                raise InvalidMessageError(f"message {base.id} was deleted; it cannot be changed any more")
+            mine = state.reactions.get(arg, ()) if kind in (REACT, UNREACT) else ()
+            if (kind == REACT and user in mine) or (kind == UNREACT and user not in mine):
+                result[:] = [state]
+                return  # nothing to change
+            if kind == REACT:
+                held = sum(1 for users in state.reactions.values() if user in users)
+                if held >= MAX_EMOJI_PER_MESSAGE:
+                    raise ZChatPermissionError(
+                        f"{user} already has {held} reactions on this message, the most one may have; "
+                        "take one back with unreact() first"
+                    )
+            self._publish_cert(room)
+            room.amend(writer, event, seal)
+            result[:] = [self._resolve(room, [base])[0]]
+
+        with host.send_lock:  # like a send: this writer's stream takes one record at a time
+            self._commit(change, what=f"{kind} in room {self.room!r}")
+        return result[0]
+
+
+def _reply_id(reply_to: object) -> str | None:
+    if reply_to is None:
+        return None
+    parent = reply_to.id if isinstance(reply_to, Message) else reply_to
+    if not (isinstance(parent, str) and 0 < len(parent) <= _ID_CHARS):
+        raise InvalidMessageError(f"reply_to must be a Message or a message id, not {reply_to!r:.60}")
+    return parent
+
+
+def _check_reaction(emoji: object) -> str:
+    if check_emoji(emoji) is None:
+        raise ZChatPermissionError(
+            f"a reaction must be one short emoji such as {' '.join(REACTIONS)}, not {emoji!r:.40}"
+        )
+    return emoji  # type: ignore[return-value]
 
 
 # -- attachments: bytes in ZODB blobs, outside the message records ----------------------------

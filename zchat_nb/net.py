@@ -1,4 +1,4 @@
-"""Addresses and sockets: parse and print ``host:port``, probe a server, tell why TLS to it fails.
+"""Addresses and sockets: parse and print ``host:port`` or ``unix:PATH``, probe a server, tell why TLS fails.
 
 Everything here works on plain sockets, below ZEO: :func:`probe` and :func:`check_tls` connect once,
 read the server's greeting (ZEO's first, length-prefixed message) and close, so that a client can
@@ -8,6 +8,7 @@ say in words what is wrong before ZEO's ``ClientStorage`` starts retrying in the
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 
@@ -17,6 +18,7 @@ __all__ = [
     "Address",
     "check_tls",
     "format_address",
+    "open_socket",
     "outward_ip",
     "parse_address",
     "probe",
@@ -24,16 +26,31 @@ __all__ = [
     "speaks_tls",
 ]
 
-Address = tuple[str, int]
+#: ``(host, port)`` for TCP, or the absolute path of a Unix socket (ZEO takes both).
+Address = tuple[str, int] | str
+#: How a Unix socket address is written: ``unix:/path/server.sock`` (an absolute path alone works too).
+UNIX_PREFIX = "unix:"
 #: Longest greeting read whole; ZEO's is its protocol version, a few bytes.
 _MAX_GREETING = 64
 
 
 def parse_address(address: object) -> Address:
-    """Turn ``(host, port)``, ``"host:port"`` or ``"port"`` into ``(host, port)``."""
-    how = 'give ("127.0.0.1", 8100) or "127.0.0.1:8100"'
+    """Turn ``(host, port)``, ``"host:port"``, ``"port"`` or a Unix socket into an :data:`Address`.
+
+    A Unix socket is written ``"unix:PATH"`` or given as an absolute path (a ``str`` starting with
+    ``/`` or a ``pathlib.Path``); it is returned as an absolute path ``str``.
+    """
+    how = 'give ("127.0.0.1", 8100), "127.0.0.1:8100", or a Unix socket as "unix:/path/server.sock"'
+    if isinstance(address, os.PathLike):
+        address = UNIX_PREFIX + os.fspath(address)
     if isinstance(address, str):
-        host, sep, port_text = address.strip().rpartition(":")
+        text = address.strip()
+        if text.startswith((UNIX_PREFIX, "/")):
+            path = text.removeprefix(UNIX_PREFIX)
+            if not path:
+                raise ZChatConnectionError(f"bad server address {address!r}: no socket path; {how}")
+            return os.path.abspath(os.path.expanduser(path))
+        host, sep, port_text = text.rpartition(":")
         if not sep:
             host = "127.0.0.1"
         host = host.strip("[]") or "127.0.0.1"
@@ -53,9 +70,30 @@ def parse_address(address: object) -> Address:
 
 
 def format_address(address: Address) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
+    """``host:port`` (an IPv6 host in brackets), or ``unix:PATH``: what :func:`parse_address` reads."""
+    if isinstance(address, str):
+        return UNIX_PREFIX + address
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_socket(address: Address, timeout: float) -> socket.socket:
+    """A connected stream socket to ``address`` (TCP or Unix); raises ``OSError``."""
+    if not isinstance(address, str):
+        return socket.create_connection(address, timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _tls_host(address: Address) -> str:
+    """The name a TLS client checks in the server's certificate."""
+    return "localhost" if isinstance(address, str) else address[0]
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -80,9 +118,9 @@ def read_greeting(sock: socket.socket) -> bytes:
 
 
 def probe(address: Address, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at ``address``."""
+    """Whether something accepts connections at ``address`` (TCP or Unix socket)."""
     try:
-        with socket.create_connection(address, timeout=timeout) as sock:
+        with open_socket(address, timeout) as sock:
             sock.settimeout(min(timeout, 0.5))  # a TLS server says nothing first: do not wait long
             with contextlib.suppress(OSError):
                 read_greeting(sock)
@@ -131,10 +169,10 @@ def check_tls(
     certificate is not trusted, or it refuses ours (TLS 1.3 tells a client that only after the
     handshake, so this waits for the server's first ZEO message).
     """
-    host = address[0]
+    host = _tls_host(address)
     where = format_address(address)
     try:
-        raw = socket.create_connection(address, timeout=timeout)
+        raw = open_socket(address, timeout)
     except OSError as exc:
         raise ZChatConnectionError(
             f"no ZEO server answers at {where}; check the address and that the teacher's "
@@ -190,8 +228,8 @@ def speaks_tls(address: Address, timeout: float = 2.0) -> bool:
     context.verify_mode = ssl.CERT_NONE
     try:
         with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=address[0]),
+            open_socket(address, timeout) as raw,
+            context.wrap_socket(raw, server_hostname=_tls_host(address)),
         ):
             return True
     except ssl.SSLError as exc:

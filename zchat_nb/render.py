@@ -190,6 +190,14 @@ def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
         "ts": message.time,
         "html": render_markdown(message.text),
         "own": own,
+        # Conversations (zchat_nb.amend): the view draws the marks from these fields, never from text.
+        "reply_to": message.reply_to,
+        "edited": message.edited is not None,
+        "deleted": message.deleted,
+        "reactions": {emoji: list(users) for emoji, users in message.reactions.items()},
+        "verified": message.verified,
+        "mentions": list(message.mentions),
+        "first_line": message.text.strip().split("\n", 1)[0][:120],
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import shutil
@@ -130,6 +131,7 @@ class Server:
         *,
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
+        unix: str | os.PathLike[str] | None = None,
         max_blob_bytes: int | None = None,
     ) -> None:
         from .blobguard import MAX_BLOB_BYTES, BlobLimitedStorageServer
@@ -149,27 +151,24 @@ class Server:
             storage = open_relstorage(target)
         else:  # FileStorage or memory, each with a blob directory (see _open_storage)
             storage, self._scratch = _open_storage(self.path)
+        # ZEO listens on a Unix socket when given a path instead of (host, port).
+        bind: Address = (host, port) if unix is None else os.path.abspath(unix)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(
-                    BlobLimitedStorageServer, (host, port), {"1": storage}, ssl=ssl
-                ).result()
+                self._server = pool.submit(BlobLimitedStorageServer, bind, {"1": storage}, ssl=ssl).result()
             self._server.max_blob_bytes = MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
         except OSError as exc:
             storage.close()
             self._remove_scratch()
-            raise ZChatServerError(
-                f"cannot listen on {format_address((host, port))}: {exc.strerror}; "
-                "choose another port (--port 0 picks a free one)"
-            ) from exc
+            raise ZChatServerError(_cannot_listen(bind, exc)) from exc
         except BaseException:
             storage.close()
             self._remove_scratch()
             raise
-        self.address: Address = (host, self._server.addr[1])
+        self.address: Address = bind if isinstance(bind, str) else (host, self._server.addr[1])
         self.tls = ssl is not None
         self._stopped = threading.Event()
         self._server.start_thread(daemon=True)
@@ -238,6 +237,19 @@ class Server:
         return f"<zchat_nb.Server {format_address(self.address)} {self.storage_text} {state}>"
 
 
+def _cannot_listen(bind: Address, exc: OSError) -> str:
+    where = format_address(bind)
+    if isinstance(bind, str):
+        return f"cannot listen on {where}: {exc.strerror}; check that its directory exists and is yours"
+    if exc.errno == errno.EADDRINUSE and bind[1]:
+        return (
+            f"cannot listen on {where}: port {bind[1]} is taken by another program "
+            f"(`ss -ltnp 'sport = :{bind[1]}'` names it); stop that program to get this port back, "
+            "or choose another port (--port 0 picks a free one)"
+        )
+    return f"cannot listen on {where}: {exc.strerror}; choose another port (--port 0 picks a free one)"
+
+
 def serve(
     path: str | os.PathLike[str] | None = None,
     host: str = "127.0.0.1",
@@ -246,6 +258,7 @@ def serve(
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
+    unix: str | os.PathLike[str] | None = None,
     max_blob_bytes: int | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
@@ -255,9 +268,11 @@ def serve(
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
-    need a certificate from it (:mod:`zchat_nb.certs`). ``max_blob_bytes``: the largest shared
-    picture or table a client may upload (default 64 MiB, :mod:`zchat_nb.blobguard`; clients have
-    their own limit, 5 MB by default).
+    need a certificate from it (:mod:`zchat_nb.certs`). ``unix``: listen on this Unix socket path
+    instead of ``host:port`` (a stale socket file there is replaced; keep it in a directory only
+    you can write, as the local default does). ``max_blob_bytes``: the largest shared picture or
+    table a client may upload (default 64 MiB, :mod:`zchat_nb.blobguard`; clients have their own
+    limit, 5 MB by default).
     """
     if tls is not None:
         from .certs import server_context
@@ -265,4 +280,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage, max_blob_bytes=max_blob_bytes)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage, unix=unix, max_blob_bytes=max_blob_bytes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
 import logging
 import os
 import re
@@ -49,7 +50,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The columns of every export, in order.
-COLUMNS = ("id", "author", "text", "time", "datetime")
+COLUMNS = (
+    "id",
+    "author",
+    "text",
+    "time",
+    "datetime",
+    "reply_to",
+    "edited",
+    "deleted",
+    "reactions",
+    "verified",
+)
 _T = TypeVar("_T")
 #: Cells a spreadsheet would run as a formula (CSV injection); :func:`to_csv` defuses them.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -76,18 +88,10 @@ def _find_room(client: ChatClient, conn: Any, name: str) -> Room:
 
 
 def messages(client: ChatClient, room: str) -> list[Message]:
-    """Every message of ``room`` in time order (records that fail the checks are skipped and logged)."""
-
-    def read(found: Room) -> list[Message]:
-        result = []
-        for key, record in found.records():
-            try:
-                result.append(Message.from_record(record, client.max_text_bytes))
-            except ValueError as exc:  # another client may have written anything
-                log.warning("room %r: skipped unreadable record %r (%s)", room, key, exc)
-        return result
-
-    return _read_room(client, room, read)
+    """Every message of ``room`` in time order, in its current state (edits applied, deleted ones
+    with text ""); records that fail the checks are skipped and logged."""
+    _read_room(client, room, lambda found: None)  # says which rooms there are if it is missing
+    return client.session(room).everything()
 
 
 def _utc(when: float) -> datetime.datetime:
@@ -116,6 +120,11 @@ def to_dataframe(client: ChatClient, room: str) -> Any:
         }
     )
     frame["datetime"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+    frame["reply_to"] = pd.Series([m.reply_to for m in found], dtype="object")
+    frame["edited"] = pd.Series([m.edited for m in found], dtype="float64")
+    frame["deleted"] = pd.Series([m.deleted for m in found], dtype="bool")
+    frame["reactions"] = pd.Series([dict(m.reactions) for m in found], dtype="object")
+    frame["verified"] = pd.Series([m.verified for m in found], dtype="bool")
     return frame
 
 
@@ -129,7 +138,24 @@ def _write_csv(found: list[Message], out: IO[str], *, spreadsheet_safe: bool) ->
     writer.writerow(COLUMNS)
     clean = _defuse if spreadsheet_safe else str
     for m in found:
-        writer.writerow([m.id, clean(m.author), clean(m.text), repr(m.time), _utc(m.time).isoformat()])
+        writer.writerow(
+            [
+                m.id,
+                clean(m.author),
+                clean(m.text),  # "" for a deleted message: its text is never exported
+                repr(m.time),
+                _utc(m.time).isoformat(),
+                m.reply_to or "",
+                repr(m.edited) if m.edited is not None else "",
+                m.deleted,
+                _reactions_json(m),
+                m.verified,
+            ]
+        )
+
+
+def _reactions_json(m: Message) -> str:
+    return json.dumps({emoji: list(users) for emoji, users in m.reactions.items()}, ensure_ascii=False)
 
 
 def to_csv(client: ChatClient, room: str, *, spreadsheet_safe: bool = True) -> str:
@@ -167,14 +193,27 @@ def _markdown(room: str, found: list[Message], tz: datetime.tzinfo | None, sourc
     else:
         lines.append(f"No messages (exported from {source}).")
     day = None
+    signed = any(m.verified for m in found)  # marks only where some names are proved
     for m in found:
         when = local(m.time)
         if when.date() != day:
             day = when.date()
             lines += ["", f"## {day:%A %d %B %Y}"]
-        lines += ["", f"**{_md_escape(m.author)}** · {when:%H:%M:%S}", ""]
+        # The mark comes after the escaped, bold name: a name cannot carry it (no "**" in a name).
+        mark = (" · verified" if m.verified else " · not verified") if signed else ""
+        edited = " · edited" if m.edited is not None and not m.deleted else ""
+        reply = f" · in reply to {m.reply_to}" if m.reply_to else ""
+        lines += ["", f"**{_md_escape(m.author)}**{mark} · {when:%H:%M:%S}{edited}{reply}", ""]
+        if m.deleted:
+            lines.append("> *message deleted*")
+            continue
         # A quote keeps the message's own Markdown (lists, code) inside its block.
         lines += [f"> {line}" if line.strip() else ">" for line in m.text.splitlines() or [""]]
+        if m.reactions:
+            lines += [
+                ">",
+                "> " + "  ".join(f"{e} {_md_escape(', '.join(u))}" for e, u in m.reactions.items()),
+            ]
     return "\n".join(lines) + "\n"
 
 

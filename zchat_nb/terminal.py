@@ -16,7 +16,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from .exceptions import ZChatError
@@ -25,13 +26,18 @@ if TYPE_CHECKING:
     from .client import ChatClient
     from .model import ChatSession, Message
 
-__all__ = ["HELP", "format_message", "run_chat", "terminal_safe"]
+__all__ = ["HELP", "format_message", "format_update", "run_chat", "run_command", "terminal_safe"]
 
 HELP = """\
-* /help          this list
-* /quit, /exit   leave (Ctrl-D or Ctrl-C leave too)
-* //TEXT         send a line that begins with / (as /TEXT)
-* anything else is sent to the room; incoming messages print above the prompt"""
+* /help            this list
+* /quit, /exit     leave (Ctrl-D or Ctrl-C leave too)
+* /reply N TEXT    answer message N (N counts back from the newest shown: 1 is the last one)
+* /edit N TEXT     replace the text of your message N
+* /delete N        delete your message N (a verified teacher: anyone's)
+* /react N EMOJI   react to message N (👍 ❤️ 😂 🎉 ❓ ✅); /unreact N EMOJI takes it back
+* //TEXT           send a line that begins with / (as /TEXT)
+* anything else is sent to the room; incoming messages print above the prompt
+* ✓ after a name: signed with that person's classroom certificate"""
 
 QUIT_COMMANDS = frozenset({"/quit", "/exit"})
 
@@ -54,11 +60,24 @@ def terminal_safe(text: str, *, multiline: bool = True) -> str:
 
 
 def format_message(message: Message) -> str:
-    """``[HH:MM] author: text``, safe to write to a terminal; later lines of the text are indented."""
+    """``[HH:MM] author: text``, safe to write to a terminal; later lines of the text are indented.
+
+    A verified author gets a ``✓`` after the name; check marks in names are shown as ``?``, so an
+    unverified name cannot carry one.
+    """
     stamp = time.strftime("%H:%M", time.localtime(message.time))
-    author = terminal_safe(message.author, multiline=False)
+    author = _CHECK_MARKS.sub("?", terminal_safe(message.author, multiline=False))
+    mark = " ✓" if message.verified else ""
+    if message.deleted:
+        return f"[{stamp}] {author}{mark}: (message deleted)"
     text = terminal_safe(message.text).replace("\n", "\n        ")
-    return f"[{stamp}] {author}: {text}"
+    reply = " ↪" if message.reply_to else ""
+    edited = " (edited)" if message.edited is not None else ""
+    reactions = "".join(f"  {emoji}{len(users)}" for emoji, users in message.reactions.items())
+    return f"[{stamp}] {author}{mark}{reply}: {text}{edited}{reactions}"
+
+
+_CHECK_MARKS = re.compile("[\u2713\u2714\u2611\u2705\U0001f5f8\U0001f5f9]")
 
 
 def run_chat(client: ChatClient, session: ChatSession, *, stdin: TextIO | None = None) -> int:
@@ -79,13 +98,14 @@ def _run_prompt(client: ChatClient, session: ChatSession, prompt: str) -> int:
 
     prompter: PromptSession[str] = PromptSession(prompt)
     # Inside patch_stdout, print() from any thread lands above the prompt, which is then redrawn.
-    with patch_stdout(raw=False), _Reader(client, session, print):
+    shown: deque[Message] = deque(maxlen=SHOWN)
+    with patch_stdout(raw=False), _Reader(client, session, print, shown):
         while True:
             try:
                 line = prompter.prompt()
             except (EOFError, KeyboardInterrupt):
                 break
-            if not _handle(line, session, print):
+            if not _handle(line, session, print, shown):
                 break
     return 0
 
@@ -97,14 +117,17 @@ def _run_lines(client: ChatClient, session: ChatSession, stdin: TextIO) -> int:
         with lock:
             print(text, flush=True)
 
-    with _Reader(client, session, show):
+    shown: deque[Message] = deque(maxlen=SHOWN)
+    with _Reader(client, session, show, shown):
         for line in stdin:
-            if not _handle(line.rstrip("\n"), session, show):
+            if not _handle(line.rstrip("\n"), session, show, shown):
                 break
     return 0
 
 
-def _handle(line: str, session: ChatSession, show: Callable[[str], None]) -> bool:
+def _handle(
+    line: str, session: ChatSession, show: Callable[[str], None], shown: Sequence[Message] = ()
+) -> bool:
     """Act on one typed line; returns False when the user leaves."""
     command = line.strip()
     if not command:
@@ -113,6 +136,11 @@ def _handle(line: str, session: ChatSession, show: Callable[[str], None]) -> boo
         return False
     if command == "/help":
         show(HELP)
+        return True
+    if command.split()[0] in CONVERSATION_COMMANDS:
+        answer = run_command(command, session, shown)
+        if answer:
+            show(answer)
         return True
     if command.startswith("/") and not command.startswith("//"):
         word = terminal_safe(command.split()[0], multiline=False)
@@ -129,10 +157,17 @@ def _handle(line: str, session: ChatSession, show: Callable[[str], None]) -> boo
 class _Reader:
     """A daemon thread that shows the session's new messages until the block it guards ends."""
 
-    def __init__(self, client: ChatClient, session: ChatSession, show: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        client: ChatClient,
+        session: ChatSession,
+        show: Callable[[str], None],
+        shown: deque[Message] | None = None,
+    ) -> None:
         self._client = client
         self._session = session
         self._show = show
+        self._shown = shown if shown is not None else deque(maxlen=SHOWN)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zchat-nb chat reader", daemon=True)
 
@@ -149,9 +184,61 @@ class _Reader:
         while not self._stop.is_set():
             try:
                 for message in self._session.new_messages(timeout=5.0):
+                    self._shown.append(message)
                     self._show(format_message(message))
+                for message in self._session.updated_messages():  # edits, deletes, reactions
+                    self._show(format_update(message))
             except ZChatError as exc:
                 if self._stop.is_set() or self._client.closed:
                     return
                 self._show(f"* {terminal_safe(str(exc))}")
                 self._client.wait_connected(5.0)
+
+
+# -- conversation commands: /reply /edit /delete /react /unreact -----------------------------
+
+#: Messages the commands can name (N counts back from the newest shown).
+SHOWN = 500
+CONVERSATION_COMMANDS = frozenset({"/reply", "/edit", "/delete", "/react", "/unreact"})
+_USAGE = {
+    "/reply": "/reply N TEXT",
+    "/edit": "/edit N TEXT",
+    "/delete": "/delete N",
+    "/react": "/react N EMOJI",
+    "/unreact": "/unreact N EMOJI",
+}
+
+
+def format_update(message: Message) -> str:
+    """An edit, delete or reaction seen on a message shown earlier: ``* changed: [HH:MM] ...``."""
+    return f"* changed: {format_message(message)}"
+
+
+def run_command(command: str, session: ChatSession, shown: Sequence[Message]) -> str | None:
+    """Run one of :data:`CONVERSATION_COMMANDS`; returns what to show (an error, or None).
+
+    The terminal shows the outcome itself when the reader sees the change, like any other.
+    """
+    name, _, rest = command.partition(" ")
+    number, _, arg = rest.strip().partition(" ")
+    usage = _USAGE[name]
+    if not number.isdigit() or not 0 < int(number) <= len(shown):
+        return f"* usage: {usage}, with N from 1 (the newest message shown) to {len(shown)}"
+    target = list(shown)[-int(number)]
+    needs_arg = name != "/delete"
+    if needs_arg != bool(arg.strip()):
+        return f"* usage: {usage}"
+    try:
+        if name == "/reply":
+            session.add_message(arg, reply_to=target)
+        elif name == "/edit":
+            session.edit(target, arg)
+        elif name == "/delete":
+            session.delete(target)
+        elif name == "/react":
+            session.react(target, arg.strip())
+        else:
+            session.unreact(target, arg.strip())
+    except ZChatError as exc:
+        return f"* {name[1:]} failed: {terminal_safe(str(exc))}"
+    return None

@@ -18,7 +18,15 @@ from .model import Room
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
 
-__all__ = ["busiest_stream", "classify", "room_oids", "tree_summary", "tree_svg"]
+__all__ = [
+    "busiest_stream",
+    "classify",
+    "drawn_stream",
+    "room_oids",
+    "stream_caption",
+    "tree_summary",
+    "tree_svg",
+]
 
 #: Longest title drawn above the tree picture, in characters.
 MAX_TITLE = 64
@@ -105,12 +113,58 @@ def _guess_tree(node: Any) -> str:
 
 def busiest_stream(room: Room | None) -> Any:
     """The stream (a writer's BTree) with the most messages: the picture shows it."""
+    drawn = drawn_stream(room)
+    return drawn["stream"] if drawn else None
+
+
+def drawn_stream(room: Room | None) -> dict[str, Any] | None:
+    """What the picture shows: the busiest writer's stream, with whose it is and how much of the room.
+
+    Returns ``{"stream", "writer", "author", "count", "writers", "total"}``: the stream (a BTree),
+    its writer id, the author of its last message (a writer is one client, so one name), its
+    message count, how many writers the room has and the room's message count; None when no
+    writer has sent yet. Reads the room's small ``heads`` index and one record, not the streams.
+    """
     if room is None or room.heads is None or room.streams is None:
         return None
-    counts = [(head[0], writer) for writer, head in room.heads.items() if isinstance(head, tuple) and head]
-    if not counts:
+    heads = [
+        (head[0], writer, head)
+        for writer, head in room.heads.items()
+        if isinstance(head, tuple) and len(head) == 4 and isinstance(head[0], int)
+    ]
+    if not heads:
         return None
-    return room.streams.get(max(counts)[1])
+    count, writer, head = max(heads)
+    stream = room.streams.get(writer)
+    if stream is None:
+        return None
+    record = stream.get((head[2], head[3]))
+    readable = isinstance(record, tuple) and len(record) == 4 and isinstance(record[1], str)
+    author = record[1] if readable else ""
+    total = room.count() if room.count is not None else sum(h[0] for h in heads)
+    return {
+        "stream": stream,
+        "writer": str(writer),
+        "author": author[:64],
+        "count": count,
+        "writers": len(heads),
+        "total": total,
+    }
+
+
+def stream_caption(drawn: dict[str, Any] | None) -> tuple[str, str]:
+    """Title and subtitle for the picture of :func:`drawn_stream`'s stream, numbers that agree."""
+    if drawn is None:
+        return "no messages yet", ""
+    who = drawn["author"] or f"writer {drawn['writer'][:8]}"
+    title = f"{who}'s stream: {drawn['count']:,} of {drawn['total']:,} messages"
+    others = drawn["writers"] - 1
+    subtitle = (
+        f"the busiest of {drawn['writers']} writers; the other {others} keep streams of their own"
+        if others
+        else "the only writer so far"
+    )
+    return title, subtitle
 
 
 # -- the tree's right edge ---------------------------------------------------------------------
@@ -219,21 +273,39 @@ def _about(n: int, exact: bool) -> str:
     return f"{n:,}" if exact else f"about {n:,}"
 
 
-def tree_svg(summary: dict[str, Any] | None, *, title: str = "", width: int = 420) -> str:
+#: What the picture is, said on hover over its title.
+STREAMS_HELP = (
+    "Each writer (one client) appends its messages to a BTree of its own, its stream, so that two "
+    "writers never change the same bucket and never conflict. The picture shows the stream with the "
+    "most messages; the room's messages are all the streams together."
+)
+#: Smallest font size drawn, in px at the picture's own width (it is never drawn wider than that).
+MIN_FONT = 10
+
+
+def tree_svg(summary: dict[str, Any] | None, *, title: str = "", subtitle: str = "", width: int = 480) -> str:
     """Draw a :func:`tree_summary` as a standalone SVG document (valid XML).
 
     Colours come from ``currentColor`` and JupyterLab's ``--jp-*`` variables (with fallbacks), so
-    the picture is readable in light and dark themes.
+    the picture is readable in light and dark themes. At ``width`` px (the most it is drawn at)
+    no text is smaller than :data:`MIN_FONT` px; every part explains itself on hover.
     """
-    bar_h, row_h, top = 54, 36, 34
+    bar_h, row_h, top = 54, 38, 50
     esc = html.escape
     parts: list[str] = []
     if len(title) > MAX_TITLE:
         title = title[: MAX_TITLE - 1] + "…"
-    parts.append(f'<text x="8" y="14" class="zchat-tree-title" font-weight="bold">{esc(title)}</text>')
+    if len(subtitle) > 2 * MAX_TITLE:
+        subtitle = subtitle[: 2 * MAX_TITLE - 1] + "…"
+    parts.append(
+        f'<text x="8" y="15" class="zchat-tree-title" font-size="12" font-weight="bold">'
+        f"<title>{esc(STREAMS_HELP)}</title>{esc(title)}</text>"
+    )
+    if subtitle:
+        parts.append(f'<text x="8" y="30" class="zchat-tree-subtitle" opacity="0.8">{esc(subtitle)}</text>')
     if not summary or not summary.get("depth"):
-        parts.append('<text x="8" y="34" opacity="0.8">empty: no buckets yet</text>')
-        return _svg(parts, width, 44)
+        parts.append('<text x="8" y="45" opacity="0.8">empty: no buckets yet</text>')
+        return _svg(parts, width, 54)
     levels, fills = summary["levels"], summary["fills"]
     max_fill, depth = summary["max_fill"], summary["depth"]
     shown, total = len(fills), summary["buckets"]
@@ -243,8 +315,10 @@ def tree_svg(summary: dict[str, Any] | None, *, title: str = "", width: int = 42
     height = bar_top + bar_h + 34
     mean = sum(fills) / len(fills) if fills else 0.0
     parts.append(
-        f'<text x="8" y="28" opacity="0.8">depth {depth} · {_about(total, summary["buckets_exact"])} '
-        f"buckets · last {shown} shown · mean fill {mean:.1f} of {max_fill}</text>"
+        f'<text x="8" y="45" opacity="0.8"><title>depth: node levels above the buckets; a bucket '
+        f"holds up to {max_fill} messages, in key (time) order</title>depth {depth} · "
+        f"{_about(total, summary['buckets_exact'])} buckets · last {shown} shown · mean fill "
+        f"{mean:.1f} of {max_fill}</text>"
     )
     # x of every shown node, bottom-up: buckets first, a node above the middle of its children
     xs: list[list[float]] = [[0.0] * len(level["shown"]) for level in levels]
@@ -254,12 +328,12 @@ def tree_svg(summary: dict[str, Any] | None, *, title: str = "", width: int = 42
             kids = [below_x[c] for c in node["children"] if c < len(below_x)]
             xs[li][ni] = sum(kids) / len(kids) if kids else width - right - 15
         below_x = xs[li]
-    node_w, node_h = 30, 14
+    node_w, node_h = 30, 15
     for li, level in enumerate(levels):
         y = top + li * row_h
         name = "root" if li == 0 else f"level {li}"
         parts.append(
-            f'<text x="8" y="{y + 11}" font-size="9" opacity="0.75">{name}: '
+            f'<text x="8" y="{y + 10}" font-size="{MIN_FONT}" opacity="0.75">{name}: '
             f"{_about(level['nodes'], level['exact'])} node{'s' if level['nodes'] != 1 else ''}</text>"
         )
         child_y = y + row_h
@@ -282,7 +356,8 @@ def tree_svg(summary: dict[str, Any] | None, *, title: str = "", width: int = 42
                 f"children (splits above {summary['max_fanout']})</title></rect>"
             )
             parts.append(
-                f'<text x="{x:.1f}" y="{y + 22.5}" font-size="9" text-anchor="middle">{node["fanout"]}</text>'
+                f'<text x="{x:.1f}" y="{y + 23.5}" font-size="{MIN_FONT}" text-anchor="middle">'
+                f"{node['fanout']}</text>"
             )
         if level["shown"] and (level["nodes"] > len(level["shown"])):
             first = min(xs[li])

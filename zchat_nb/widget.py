@@ -49,12 +49,14 @@ import traitlets
 
 from .exceptions import InvalidMessageError, ZChatConnectionError
 from .frames import (
+    Amend,
     Append,
     AttachmentData,
     AttachmentWanted,
     Before,
     FrameError,
     Hello,
+    Name,
     Older,
     OlderBatch,
     Reset,
@@ -62,10 +64,11 @@ from .frames import (
     SendFailed,
     Sent,
     Share,
+    Update,
     parse_view_frame,
 )
 from .media import IMAGE_TYPES
-from .model import Message, check_room_name
+from .model import Message, check_author, check_message_id, check_room_name
 from .render import attachment_payload, message_payload
 
 if TYPE_CHECKING:
@@ -80,10 +83,12 @@ _STATIC = pathlib.Path(__file__).parent / "static"
 
 #: Messages a view gets when it is drawn or switches room, and per "load older".
 BACKLOG = 200
-#: Messages with attachments a widget remembers, so that views can ask for their bytes.
-_MAX_ATTACHED = 2 * BACKLOG
+#: Messages a view's actions can name (the shown ones, and some that scrolled away).
+KNOWN = 2000
 #: Seconds :meth:`ChatWidget.close` waits for each thread.
 JOIN_TIMEOUT = 5.0
+#: Sent messages the sender remembers by client id, for retries.
+_MAX_DRAFTS = 256
 
 _live: weakref.WeakSet[ChatWidget] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
@@ -122,6 +127,14 @@ class ChatWidget(anywidget.AnyWidget):
     user = traitlets.Unicode(read_only=True, help="The name this widget's messages are sent as.").tag(
         sync=True
     )
+    moderator = traitlets.Bool(
+        read_only=True, help="True for a verified teacher (classroom certificate): may delete any message."
+    ).tag(sync=True)
+    ask_name = traitlets.Bool(
+        False,
+        help="Show a name field (remembered by the browser) and send nothing until a name is given; "
+        "the name becomes this widget's user, a display name checked like any user name.",
+    ).tag(sync=True)
     status = traitlets.Enum(
         ("connecting", "connected", "reconnecting", "disconnected"),
         "connecting",
@@ -159,18 +172,21 @@ class ChatWidget(anywidget.AnyWidget):
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
         self._events: deque[ClientEvent] = deque(maxlen=16)
+        self._named = False  # ask_name: True once the view gave a name
+        # Sender-only: the messages built for recent client ids, so that a retry is the same message.
+        self._drafts: OrderedDict[tuple[str, str], Message] = OrderedDict()
         # Poller-only state: only the poller thread reads or writes these.
         self._session: ChatSession | None = None
         self._shown: str | None = None
         self._cache: deque[dict[str, Any]] = deque(maxlen=BACKLOG)
         self._oldest: Message | None = None
+        #: The messages shown lately, by id: what a view's Reply, Edit, Delete or React names.
+        self._known: OrderedDict[str, Message] = OrderedDict()
         self._more = False
         self._watch: dict[str, ChatSession] = {}
         self._known_rooms: set[str] | None = None
         self._poll_error = ""
         self._lost_at: float | None = None
-        #: Messages with attachments that views were shown, so that a view can ask for the bytes.
-        self._attached: OrderedDict[str, Message] = OrderedDict()
         #: The last message this widget committed.
         self.last_sent: Message | None = None
         try:
@@ -195,6 +211,11 @@ class ChatWidget(anywidget.AnyWidget):
     @traitlets.default("user")
     def _default_user(self) -> str:
         return self.client.user
+
+    @traitlets.default("moderator")
+    def _default_moderator(self) -> bool:
+        signer = self.client.signer
+        return signer is not None and signer.teacher and signer.name == self.client.user
 
     @traitlets.default("status_text")
     def _default_status_text(self) -> str:
@@ -294,6 +315,25 @@ class ChatWidget(anywidget.AnyWidget):
             self._submit(frame.caption, frame.client_id, frame.room, attachment=frame.data, name=frame.name)
         elif isinstance(frame, AttachmentWanted):
             self._request(frame)
+        elif isinstance(frame, Amend):
+            self._request(_AmendRequest(frame))
+        elif isinstance(frame, Name):
+            self.choose_name(frame.name)
+
+    def choose_name(self, name: Any) -> None:
+        """Send as ``name`` from now on (the view's name field calls this when :attr:`ask_name` is on)."""
+        if not self.ask_name:
+            return  # the notebook chose the name (``%zchat join --name``): a view may not change it
+        try:
+            name = check_author(name)
+        except InvalidMessageError as exc:
+            self.error = f"name not accepted: {exc}"
+            return
+        if self.error.startswith("name not accepted") or self.error.startswith("not sent: type your name"):
+            self.error = ""
+        self._named = True
+        self.set_trait("user", name)
+        self._outbox.put(_Outgoing(self._shown or self.room))  # a heartbeat: here now, under this name
 
     def _request(self, request: _Request) -> None:
         self._requests.put(request)
@@ -308,7 +348,7 @@ class ChatWidget(anywidget.AnyWidget):
             future.set_exception(exc)
             self._request(_FailedRequest(client_id, f"not sent: {exc}"))
         else:
-            self._outbox.put(_Outgoing(room, text, client_id, future, attachment, name))
+            self._outbox.put(_Outgoing(room, text, client_id, future, attachment=attachment, name=name))
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
@@ -347,25 +387,57 @@ class ChatWidget(anywidget.AnyWidget):
                     continue
                 try:
                     if item.attachment is not None:
-                        caption = item.text if isinstance(item.text, str) else ""
-                        message = session(item.room).share(item.attachment, caption, name=item.name)
+                        message = self._share(session(item.room), item)
+                    elif item.action == "send":
+                        message = session(item.room).post(self._draft(session(item.room), item))
                     else:
-                        message = session(item.room).add_message(item.text)
+                        message = _act(session(item.room), item)
                 except Exception as exc:
                     item.future.set_exception(exc)
                     self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
                 else:
-                    self.last_sent = message
+                    if item.action in ("send", "reply"):
+                        self.last_sent = message
                     item.future.set_result(message)
                     self._request(_SentRequest(item.client_id, message))
         finally:
             self.client.close_connection()
 
+    def _share(self, session: ChatSession, item: _Outgoing) -> Message:
+        """Share ``item.attachment`` (with ``item.text`` as its caption) as this widget's user."""
+        if self.ask_name and not self._named:
+            raise InvalidMessageError("type your name in the name field first, then share again")
+        caption = item.text if isinstance(item.text, str) else ""
+        return session.share(item.attachment, caption, name=item.name, author=self.user)
+
+    def _draft(self, session: ChatSession, item: _Outgoing) -> Message:
+        """The message to commit for ``item``: the same one again when its client id was seen before.
+
+        The view's client id becomes the message id, so a Retry of a send whose answer was lost
+        (committed, or not) posts the same message, which the model stores once.
+        """
+        if self.ask_name and not self._named:
+            raise InvalidMessageError("type your name in the name field first, then send again")
+        key = (item.room, item.client_id)
+        cached = self._drafts.get(key)
+        if cached is not None and cached.text == item.text:
+            self._drafts.move_to_end(key)
+            return cached
+        # Other text under a known client id is another message: it gets an id of its own.
+        id_ = item.client_id if cached is None and _is_message_id(item.client_id) else None
+        message = session.draft(item.text, author=self.user, id=id_)
+        self._drafts[key] = message
+        while len(self._drafts) > _MAX_DRAFTS:
+            self._drafts.popitem(last=False)
+        return message
+
     def _heartbeat(self, session: Callable[[str], ChatSession], room: str) -> None:
         if self._stopping.is_set() or not self.client.is_connected():
             return  # the status line already says the server is away
+        if self.ask_name and not self._named:
+            return  # nobody to announce yet
         try:
-            session(room).heartbeat()  # its commit wakes the poller, which reads presence
+            session(room).heartbeat(user=self.user)  # its commit wakes the poller, which reads presence
         except Exception as exc:
             log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
 
@@ -412,6 +484,7 @@ class ChatWidget(anywidget.AnyWidget):
             self._load_room(target)
         assert self._session is not None
         self._deliver(self._session.new_messages())
+        self._apply_updates(self._session.updated_messages())
         self._refresh_rooms()
         self._count_unread()
         present = self._session.present(within=3 * self.heartbeat_interval)
@@ -470,7 +543,7 @@ class ChatWidget(anywidget.AnyWidget):
     def _count_unread(self) -> None:
         counts = dict(self.unread)
         for name, session in list(self._watch.items()):
-            new = [m for m in session.new_messages() if m.author != self.client.user]
+            new = [m for m in session.new_messages() if m.author != self.user]
             if new:
                 counts[name] = counts.get(name, 0) + len(new)
         if counts != self.unread:
@@ -493,6 +566,8 @@ class ChatWidget(anywidget.AnyWidget):
             elif isinstance(request, _FailedRequest):
                 self.error = request.error
                 self.send(SendFailed(request.client_id, request.error).to_wire())
+            elif isinstance(request, _AmendRequest):
+                self._amend_from_view(request.frame)
             elif isinstance(request, AttachmentWanted):
                 self._send_attachment(request)
 
@@ -504,8 +579,8 @@ class ChatWidget(anywidget.AnyWidget):
         Only bytes read from the blob and sniffed here reach the view, which makes a ``blob:`` URL
         of them: nothing a message says can make a browser fetch anything.
         """
-        message = self._attached.get(request.message)
-        if message is None or request.index >= len(message.attachments):
+        message = self._known.get(request.message)
+        if message is None or message.deleted or request.index >= len(message.attachments):
             return  # not a message this widget showed
         attachment = message.attachments[request.index]
         try:
@@ -544,14 +619,67 @@ class ChatWidget(anywidget.AnyWidget):
         self.send(OlderBatch(view, self._shown, payloads, len(older) >= BACKLOG).to_wire())
 
     def _payload(self, message: Message) -> dict[str, Any]:
-        payload = message_payload(message, own=message.author == self.client.user)
-        if message.attachments:
+        self._known[message.id] = message
+        self._known.move_to_end(message.id)
+        while len(self._known) > KNOWN:
+            self._known.popitem(last=False)
+        payload = message_payload(message, own=message.author == self.user)
+        if message.attachments and not message.deleted:
             payload["attachments"] = attachment_payload(message)
-            self._attached[message.id] = message
-            self._attached.move_to_end(message.id)
-            while len(self._attached) > _MAX_ATTACHED:
-                self._attached.popitem(last=False)
         return payload
+
+    # -- conversations: replies, edits, deletes, reactions -----------------------------------
+
+    def reply(self, message: Message, text: str) -> Future[Message]:
+        """Send ``text`` as an answer to ``message``, without blocking (like :meth:`send_message`)."""
+        return self._act("reply", message, text)
+
+    def edit(self, message: Message, text: str) -> Future[Message]:
+        """Replace the text of your ``message``; the Future gives its new state."""
+        return self._act("edit", message, text)
+
+    def delete(self, message: Message) -> Future[Message]:
+        """Delete your ``message`` (a verified teacher: anyone's)."""
+        return self._act("delete", message, "")
+
+    def react(self, message: Message, emoji: str) -> Future[Message]:
+        """Add your reaction ``emoji`` to ``message``."""
+        return self._act("react", message, emoji)
+
+    def unreact(self, message: Message, emoji: str) -> Future[Message]:
+        """Take back your reaction ``emoji`` on ``message``."""
+        return self._act("unreact", message, emoji)
+
+    def _act(self, action: str, message: Message, arg: Any, client_id: str = "") -> Future[Message]:
+        future: Future[Message] = Future()
+        client_id = client_id or uuid.uuid4().hex
+        room = self._shown or self.room
+        if self._stopping.is_set():
+            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
+            future.set_exception(exc)
+            self._request(_FailedRequest(client_id, f"{action} failed: {exc}"))
+        else:
+            self._outbox.put(_Outgoing(room, arg, client_id, future, action=action, target=message))
+        return future
+
+    def _amend_from_view(self, frame: Amend) -> None:
+        message = self._known.get(frame.id)
+        if message is None or frame.room != self._shown:
+            self._request(
+                _FailedRequest(frame.client_id, f"{frame.action} failed: that message is no longer shown")
+            )
+            return
+        self._act(frame.action, message, frame.arg, frame.client_id)
+
+    def _apply_updates(self, messages: list[Message]) -> None:
+        """Show messages that changed (edited, deleted, reacted to) in place in every view."""
+        if not messages:
+            return
+        payloads = {m.id: self._payload(m) for m in messages}
+        for i, cached in enumerate(self._cache):
+            if cached["id"] in payloads:
+                self._cache[i] = payloads[cached["id"]]
+        self.send(Update(self._shown, list(payloads.values())).to_wire())
 
     # -- status ----------------------------------------------------------------------------
 
@@ -562,18 +690,26 @@ class ChatWidget(anywidget.AnyWidget):
                 self._lost_at = event.time
             elif event.kind == "connected":
                 self._lost_at = None
+                # What failed while the server was away is history now: "not sent" messages keep
+                # their own mark (and Retry) in the log; the banner would only mislead.
+                self.error = ""
         where = self.client.address_text
         if self.client.is_connected():
             self._lost_at = None
+            if self.status != "connected" and self.error:
+                self.error = ""  # a "not sent" from the outage is stale: sends work again
             if self._poll_error:
                 self._set_status("connected", f"connected to {where}, but {self._poll_error}")
             else:
-                self._set_status("connected", f"connected to {where} as {self.client.user}")
+                self._set_status("connected", f"connected to {where} as {self.user}")
             return
         if self._lost_at is None:
             self._lost_at = time.time()
         since = time.strftime("%H:%M:%S", time.localtime(self._lost_at))
         reason = self._poll_error or "the server does not answer"
+        hint = self.client.restart_hint
+        if hint and hint not in reason:
+            reason = f"{reason}; {hint}"
         self._set_status("reconnecting", f"reconnecting to {where} (lost at {since}): {reason}")
 
     def _set_status(self, status: str, text: str) -> None:
@@ -595,6 +731,17 @@ class _Outgoing:
     #: Something to share (then ``text`` is its caption), and the name a view gave it.
     attachment: Any = None
     name: str | None = None
+    #: "send", or a conversation action ("reply", "edit", "delete", "react", "unreact") on ``target``.
+    action: str = "send"
+    target: Message | None = None
+
+
+def _is_message_id(value: str) -> bool:
+    try:
+        check_message_id(value)
+    except InvalidMessageError:
+        return False
+    return True
 
 
 # -- what reaches the poller: the sender's outcomes and the views' requests -------------------
@@ -625,6 +772,25 @@ class _SentRequest:
 
 
 @dataclass(frozen=True)
+class _AmendRequest:
+    """A view asked to reply to, edit, delete or react to a message it shows."""
+
+    frame: Amend
+
+
+def _act(session: ChatSession, item: _Outgoing) -> Message:
+    """Commit what the sender thread was given: a message, a reply or an amendment."""
+    if item.action == "send" or item.target is None:
+        return session.add_message(item.text)
+    if item.action == "reply":
+        return session.add_message(item.text, reply_to=item.target)
+    if item.action == "delete":
+        return session.delete(item.target)
+    method = {"edit": session.edit, "react": session.react, "unreact": session.unreact}[item.action]
+    return method(item.target, item.text)
+
+
+@dataclass(frozen=True)
 class _FailedRequest:
     """The message the view sent as ``client_id`` was not sent, for the reason ``error``."""
 
@@ -632,7 +798,7 @@ class _FailedRequest:
     error: str
 
 
-_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | AttachmentWanted
+_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | _AmendRequest | AttachmentWanted
 
 
 def close_all() -> None:

@@ -5,7 +5,8 @@
 // every other string in with textContent. The message protocol is described in zchat_nb/widget.py.
 
 const BOTTOM_SLACK_PX = 24; // closer than this to the end counts as "at the bottom"
-const SEND_TIMEOUT_MS = 60000; // give the box back if the kernel never answers a send
+const SEND_TIMEOUT_MS = 60000; // mark a send "not sent" (with Retry) if the kernel never answers
+const NAME_KEY = "zchat_nb.name"; // localStorage key of the name field (ask_name)
 
 function el(tag, className, attrs = {}) {
   const node = document.createElement(tag);
@@ -20,6 +21,28 @@ function newId() {
     return globalThis.crypto.randomUUID();
   }
   return Math.random().toString(36).slice(2) + Date.now().toString(36);
+}
+
+function newMessageId() {
+  // The kernel keeps it as the message id (at most 32 letters, digits, - or _), so that a Retry of
+  // a send whose answer was lost is stored once.
+  return newId().replace(/[^A-Za-z0-9_-]/g, "").slice(0, 32);
+}
+
+function storedName() {
+  try {
+    return globalThis.localStorage ? globalThis.localStorage.getItem(NAME_KEY) || "" : "";
+  } catch {
+    return ""; // storage blocked (private mode, sandboxed frame): the visitor types it again
+  }
+}
+
+function storeName(name) {
+  try {
+    if (globalThis.localStorage) globalThis.localStorage.setItem(NAME_KEY, name);
+  } catch {
+    // remembered for this page only
+  }
 }
 
 function shortTime(date) {
@@ -149,7 +172,15 @@ function render({ model, el: host }) {
     "data-lm-suppress-shortcuts": "true",
   });
   const presence = el("span", "zchat-presence", { "aria-live": "polite" });
-  header.append(roomsBar, presence, roomInput);
+  const nameInput = el("input", "zchat-name", {
+    type: "text",
+    maxlength: "64",
+    placeholder: "your name",
+    "aria-label": "Your name, shown with your messages",
+    "data-lm-suppress-shortcuts": "true",
+  });
+  nameInput.hidden = true;
+  header.append(nameInput, roomsBar, presence, roomInput);
 
   const status = el("div", "zchat-status", { role: "status", "aria-live": "polite" });
   const log = el("div", "zchat-log", { role: "log", "aria-live": "polite", tabindex: "0" });
@@ -183,8 +214,9 @@ function render({ model, el: host }) {
   const ids = new Set(); // ids of the messages in the DOM: a message is never shown twice
   let unseen = 0; // messages from others that arrived below the visible part
   let marker = null; // the "New messages" line
-  let pending = null; // client_id of the send waiting for the kernel's answer
-  let pendingTimer = null;
+  // Sends not yet shown as committed, by client id (= message id): {id, text, room, node, state, timer}.
+  // state: "pending" (asked), "sent" (committed, its rendered message not here yet), "failed".
+  const outbox = new Map();
 
   const atBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_SLACK_PX;
   const scrollToBottom = () => {
@@ -370,6 +402,7 @@ function render({ model, el: host }) {
   }
 
   function append(messages, { initial = false } = {}) {
+    for (const m of messages) settle(m.id);
     const fresh = messages.filter((m) => !ids.has(m.id));
     if (!fresh.length) return;
     const stick = atBottom();
@@ -399,7 +432,7 @@ function render({ model, el: host }) {
     } else if (!initial && stick && unseen === 0) {
       removeMarker(); // the reader has seen what was below it
     }
-    list.append(frag);
+    list.insertBefore(frag, list.querySelector(".zchat-pending, .zchat-sent, .zchat-failed"));
     regroup(list);
     if (stick || own || initial) scrollToBottom();
     updateJump();
@@ -429,6 +462,7 @@ function render({ model, el: host }) {
     marker = null;
     unseen = 0;
     append(msg.messages, { initial: true });
+    restoreOutbox();
     older.hidden = !msg.more;
     older.disabled = false;
     root.dataset.room = msg.room;
@@ -437,30 +471,149 @@ function render({ model, el: host }) {
   }
 
   // -- sending -------------------------------------------------------------------------
-  function endPending() {
-    pending = null;
-    clearTimeout(pendingTimer);
-    compose.classList.remove("zchat-pending");
-    input.readOnly = false;
-    sendButton.disabled = false;
+  // The box clears at once and stays editable; each send shows as a pending message until the
+  // kernel's "append" brings the committed one (same id), or as "not sent" with Retry and Edit.
+
+  function unsentNode(entry) {
+    const node = el("div", "zchat-message zchat-own zchat-pending", {
+      "data-client-id": entry.id,
+      "data-author": model.get("user"),
+    });
+    const avatar = el("span", "zchat-avatar", { "aria-hidden": "true" });
+    const body = el("div", "zchat-body");
+    const meta = el("div", "zchat-meta");
+    const author = el("span", "zchat-author");
+    author.textContent = model.get("user");
+    const state = el("span", "zchat-send-state");
+    meta.append(author, state);
+    const text = el("div", "zchat-text zchat-draft");
+    text.textContent = entry.text; // shown as typed; the kernel renders the committed one
+    const problem = el("div", "zchat-not-sent", { role: "alert" });
+    problem.hidden = true;
+    const why = el("span", "zchat-not-sent-why");
+    const retry = el("button", "zchat-retry", { type: "button" });
+    retry.textContent = "Retry";
+    retry.addEventListener("click", () => resend(entry));
+    const edit = el("button", "zchat-edit", { type: "button" });
+    edit.textContent = "Edit";
+    edit.addEventListener("click", () => editUnsent(entry));
+    problem.append(why, retry, edit);
+    body.append(meta, text, problem);
+    node.append(avatar, body);
+    return node;
+  }
+
+  function showState(entry, state, why = "") {
+    entry.state = state;
+    const node = entry.node;
+    node.classList.toggle("zchat-pending", state === "pending");
+    node.classList.toggle("zchat-sent", state === "sent");
+    node.classList.toggle("zchat-failed", state === "failed");
+    node.querySelector(".zchat-send-state").textContent =
+      state === "pending" ? "sending…" : state === "sent" ? "sent" : "not sent";
+    node.querySelector(".zchat-not-sent").hidden = state !== "failed";
+    node.querySelector(".zchat-not-sent-why").textContent = why;
+    clearTimeout(entry.timer);
+    if (state === "pending") {
+      entry.timer = setTimeout(() => {
+        if (entry.state === "pending") {
+          showState(entry, "failed", "no answer from the kernel. Retry sends it once, even if it did arrive.");
+        }
+      }, SEND_TIMEOUT_MS);
+    }
+  }
+
+  function ask(entry) {
+    showState(entry, "pending");
+    model.send({ type: "send", text: entry.text, client_id: entry.id, room: entry.room });
+  }
+
+  function resend(entry) {
+    if (outbox.get(entry.id) === entry && entry.state === "failed") ask(entry); // same id: stored once
+  }
+
+  function editUnsent(entry) {
+    drop(entry);
+    // Nothing typed is lost: the unsent text goes back in front of whatever the box holds now.
+    input.value = input.value ? `${entry.text}\n${input.value}` : entry.text;
+    input.focus();
+  }
+
+  function drop(entry) {
+    clearTimeout(entry.timer);
+    entry.node.remove();
+    outbox.delete(entry.id);
+  }
+
+  function settle(messageId) {
+    // The committed message is here: the pending one goes (a message is shown once).
+    for (const entry of outbox.values()) {
+      if (entry.messageId === messageId) drop(entry);
+    }
+  }
+
+  function restoreOutbox() {
+    // After a reset: what is still unsent in this room goes back below the messages.
+    for (const entry of [...outbox.values()]) {
+      if (entry.room !== shownRoom) {
+        entry.node.remove();
+      } else if (entry.state === "sent") {
+        drop(entry); // committed, and older than what the reset brought: it is in the history
+      } else {
+        list.append(entry.node);
+      }
+    }
   }
 
   function sendNow() {
     const text = input.value;
-    if (pending !== null || !text.trim()) return;
-    pending = newId();
-    compose.classList.add("zchat-pending");
-    input.readOnly = true; // the box clears only when the kernel says the message is committed
-    sendButton.disabled = true;
-    const clientId = pending;
-    pendingTimer = setTimeout(() => {
-      if (pending === clientId) {
-        endPending();
-        error.textContent = "No answer from the kernel; the message may not have been sent.";
-        error.hidden = false;
-      }
-    }, SEND_TIMEOUT_MS);
-    model.send({ type: "send", text, client_id: clientId, room: shownRoom ?? model.get("room") });
+    if (!text.trim()) return;
+    if (model.get("ask_name") && !nameInput.value.trim()) {
+      nameInput.focus();
+      nameInput.classList.add("zchat-name-missing");
+      return; // the text stays in the box
+    }
+    const id = newMessageId();
+    const entry = { id, messageId: id, text, room: shownRoom ?? model.get("room"), state: "", timer: null };
+    entry.node = unsentNode(entry);
+    outbox.set(id, entry);
+    input.value = ""; // at once: the next message can be typed while this one is committed
+    removeMarker();
+    if (entry.room === shownRoom) list.append(entry.node);
+    ask(entry);
+    scrollToBottom();
+  }
+
+  function onSent(msg) {
+    const entry = outbox.get(msg.client_id);
+    if (!entry) return;
+    entry.messageId = msg.id;
+    if (ids.has(msg.id)) drop(entry); // its "append" came first
+    else showState(entry, "sent");
+  }
+
+  function onSendFailed(msg) {
+    const entry = outbox.get(msg.client_id);
+    if (entry) showState(entry, "failed", msg.error);
+  }
+
+  // -- the visitor's name (ask_name) -----------------------------------------------------
+  function updateAskName() {
+    nameInput.hidden = !model.get("ask_name");
+  }
+
+  function chooseName() {
+    const name = nameInput.value.trim();
+    if (!name || !model.get("ask_name")) return;
+    nameInput.classList.remove("zchat-name-missing");
+    storeName(name);
+    model.send({ type: "name", name });
+  }
+
+  function updateUser() {
+    if (model.get("ask_name") && document.activeElement !== nameInput && nameInput.value.trim()) {
+      nameInput.value = model.get("user"); // what the kernel accepted (trimmed)
+    }
   }
 
   // -- rooms ---------------------------------------------------------------------------
@@ -537,14 +690,10 @@ function render({ model, el: host }) {
         if (msg.room === shownRoom) prepend(msg.messages, msg.more);
         break;
       case "sent":
-        if (msg.client_id === pending) {
-          input.value = "";
-          endPending();
-          removeMarker();
-        }
+        onSent(msg);
         break;
       case "send_failed":
-        if (msg.client_id === pending) endPending(); // the text stays; the error shows
+        onSendFailed(msg);
         break;
       case "attachment":
         onAttachment(msg, buffers);
@@ -583,6 +732,15 @@ function render({ model, el: host }) {
     event.stopPropagation(); // not into the notebook, which would open the file
     files.forEach(shareFile);
   });
+  nameInput.addEventListener("keydown", (event) => {
+    event.stopPropagation();
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();
+      chooseName();
+      input.focus();
+    }
+  });
+  nameInput.addEventListener("change", chooseName);
   roomInput.addEventListener("keydown", (event) => {
     event.stopPropagation();
     if (event.key === "Enter" && !event.isComposing) {
@@ -624,6 +782,8 @@ function render({ model, el: host }) {
     ["change:error", updateError],
     ["change:present", updatePresence],
     ["change:height", updateHeight],
+    ["change:ask_name", updateAskName],
+    ["change:user", updateUser],
   ];
   for (const [name, callback] of listeners) model.on(name, callback);
 
@@ -632,11 +792,14 @@ function render({ model, el: host }) {
   updatePresence();
   updateError();
   updateHeight();
+  updateAskName();
+  nameInput.value = storedName();
+  if (model.get("ask_name") && nameInput.value.trim()) chooseName(); // remembered: nothing is posted
   model.send({ type: "hello", view: viewId }); // the kernel answers with this view's first messages
 
   return () => {
     for (const [name, callback] of listeners) model.off(name, callback);
-    clearTimeout(pendingTimer);
+    for (const entry of outbox.values()) clearTimeout(entry.timer);
     forgetAttachments();
   };
 }
