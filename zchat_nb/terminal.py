@@ -74,7 +74,10 @@ def format_message(message: Message) -> str:
     reply = " ↪" if message.reply_to else ""
     edited = " (edited)" if message.edited is not None else ""
     reactions = "".join(f"  {emoji}{len(users)}" for emoji, users in message.reactions.items())
-    return f"[{stamp}] {author}{mark}{reply}: {text}{edited}{reactions}"
+    shared = "".join(
+        f" [{terminal_safe(a.name, multiline=False)}: {a.mime}, {a.size} bytes]" for a in message.attachments
+    )
+    return f"[{stamp}] {author}{mark}{reply}: {text}{shared}{edited}{reactions}"
 
 
 _CHECK_MARKS = re.compile("[\u2713\u2714\u2611\u2705\U0001f5f8\U0001f5f9]")
