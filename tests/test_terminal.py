@@ -17,8 +17,6 @@ import pyte
 import pytest
 
 import zchat_nb
-from zchat_nb.model import Message
-from zchat_nb.terminal import format_message, terminal_safe
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS, LINES = 100, 30
@@ -166,26 +164,3 @@ def test_ctrl_d_and_ctrl_c_leave_cleanly(chat_terminal: Terminal, key: bytes) ->
     chat_terminal.child.expect(pexpect.EOF)
     chat_terminal.child.close()
     assert chat_terminal.child.exitstatus == 0
-
-
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("\x1b[2Jclear", "\ufffd[2Jclear"),
-        ("over\rwrite", "over\ufffdwrite"),
-        ("\x1b]52;c;ZXZpbA==\x07", "\ufffd]52;c;ZXZpbA==\ufffd"),
-        ("\x9b31m C1 CSI", "\ufffd31m C1 CSI"),
-        ("bidi \u202eevil\u202c", "bidi \ufffdevil\ufffd"),
-        ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
-        ("bell\x07 del\x7f", "bell\ufffd del\ufffd"),
-    ],
-)
-def test_terminal_safe_replaces_what_a_terminal_would_obey(text: str, shown: str) -> None:
-    assert terminal_safe(text) == shown
-
-
-def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
-    message = Message("id1", "eve\nteacher", "one\ntwo", time.time())
-    line = format_message(message)
-    assert "eve\ufffdteacher: one\n" in line
-    assert line.endswith("\n        two")

@@ -7,25 +7,25 @@ typed line and garbled the prompt, because readline was set up in the reader thr
 first ``input()`` had started.) Without a terminal (a pipe), it reads plain lines and prints plain lines.
 
 Own messages are echoed once, by the reader: ``ChatSession.new_messages`` delivers them like
-everyone else's. Everything other people wrote passes :func:`terminal_safe` before it is printed.
+everyone else's. Everything other people wrote passes :func:`~zchat_nb.render.terminal_safe` before it
+is printed (:func:`~zchat_nb.render.format_line` for messages).
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from .exceptions import ZChatError
+from .render import format_line, terminal_safe
 
 if TYPE_CHECKING:
     from .client import ChatClient
-    from .model import ChatSession, Message
+    from .model import ChatSession
 
-__all__ = ["HELP", "format_message", "run_chat", "terminal_safe"]
+__all__ = ["HELP", "run_chat"]
 
 HELP = """\
 * /help          this list
@@ -34,31 +34,6 @@ HELP = """\
 * anything else is sent to the room; incoming messages print above the prompt"""
 
 QUIT_COMMANDS = frozenset({"/quit", "/exit"})
-
-# C0 controls but tab and newline, DEL, C1 controls (ESC, CSI, OSC...), and the bidi overrides and
-# isolates that reorder what is shown ("Trojan source"). Other people choose these characters:
-# ESC [2J clears the screen, "\r" overwrites a line to forge another author, OSC 52 writes the
-# clipboard. Each becomes U+FFFD, so that an attempt stays visible.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-REPLACEMENT = "\ufffd"
-
-
-def terminal_safe(text: str, *, multiline: bool = True) -> str:
-    """``text`` with every character that a terminal would obey instead of show replaced by U+FFFD.
-
-    Tabs are kept; newlines too unless ``multiline`` is false (names must stay on one line).
-    """
-    pattern = _UNSAFE if multiline else _UNSAFE_IN_LINE
-    return pattern.sub(REPLACEMENT, text)
-
-
-def format_message(message: Message) -> str:
-    """``[HH:MM] author: text``, safe to write to a terminal; later lines of the text are indented."""
-    stamp = time.strftime("%H:%M", time.localtime(message.time))
-    author = terminal_safe(message.author, multiline=False)
-    text = terminal_safe(message.text).replace("\n", "\n        ")
-    return f"[{stamp}] {author}: {text}"
 
 
 def run_chat(client: ChatClient, session: ChatSession, *, stdin: TextIO | None = None) -> int:
@@ -149,7 +124,7 @@ class _Reader:
         while not self._stop.is_set():
             try:
                 for message in self._session.new_messages(timeout=5.0):
-                    self._show(format_message(message))
+                    self._show(format_line(message))
             except ZChatError as exc:
                 if self._stop.is_set() or self._client.closed:
                     return
