@@ -116,7 +116,7 @@ def test_serve_join_send_history_rooms_status_leave_stop(
 
 
 @integration
-def test_history_shows_what_others_typed_but_does_not_obey_it(
+def test_history_and_rooms_show_what_others_typed_but_do_not_obey_it(
     ip: InteractiveShell, server: zchat_nb.Server, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Control characters that another client sent are shown as U+FFFD, not run by the terminal."""
@@ -128,6 +128,9 @@ def test_history_shows_what_others_typed_but_does_not_obey_it(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out and "\x07" not in out
     assert "eve\ufffd[12:00] teacher: \ufffd[2J\ufffd]52;c;ZXZpbA==\ufffd wiped" in out
+    eve.session("\x1b[8mhidden\rlab").add_message("a room named by eve")
+    zchat(ip, "rooms")
+    assert capsys.readouterr().out.splitlines() == ["\ufffd[8mhidden\ufffdlab", "lab  <- joined"]
     zchat(ip, "leave")
 
 

@@ -21,7 +21,7 @@ from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
 from .model import ChatSession
 from .net import format_address, parse_address
-from .render import format_line
+from .render import format_line, terminal_safe
 from .server import Server, serve
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
@@ -258,7 +258,7 @@ class ZChatMagics(Magics):
         client = self.client if self.client is not None and not self.client.closed else self._any_client()
         for name in client.rooms():
             marker = "  <- joined" if name == self.room else ""
-            print(f"{name}{marker}")
+            print(f"{terminal_safe(name, multiline=False)}{marker}")  # others name rooms
 
     def _any_client(self) -> ChatClient:
         self.client = connect(
