@@ -122,13 +122,13 @@ def test_history_and_rooms_show_what_others_typed_but_do_not_obey_it(
     """Control characters that another client sent are shown as U+FFFD, not run by the terminal."""
     eve = make_client(server.address, "eve\r[12:00] teacher")
     eve.session("lab").add_message("\x1b[2J\x1b]52;c;ZXZpbA==\x07 wiped")
+    eve.session("\x1b[8mhidden\rlab").add_message("a room named by eve")  # before ada connects: she sees it
     zchat(ip, f"join {format_address(server.address)} --name ada --room lab")
     capsys.readouterr()
     zchat(ip, "history")
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out and "\x07" not in out
     assert "eve\ufffd[12:00] teacher: \ufffd[2J\ufffd]52;c;ZXZpbA==\ufffd wiped" in out
-    eve.session("\x1b[8mhidden\rlab").add_message("a room named by eve")
     zchat(ip, "rooms")
     assert capsys.readouterr().out.splitlines() == ["\ufffd[8mhidden\ufffdlab", "lab  <- joined"]
     zchat(ip, "leave")
