@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from BTrees.Length import Length
@@ -316,6 +317,28 @@ class TestOnPostgres:
             assert [m.text for m in _read_all(direct.session("general"), 1)] == ["through ZEO"]
             zeo.close()
             direct.close()
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+    def test_the_password_can_stay_out_of_the_command_line(
+        self, cluster: PostgresCluster, pg_uri: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As the README and `serve --help` say: no password in the URI, libpq reads $PGPASSWORD."""
+        from zchat_nb.local import spawn_server
+
+        monkeypatch.setenv("PGPASSWORD", cluster.password)  # the child process inherits it
+        passwordless = pg_uri.replace(f":{quote(cluster.password, safe='')}@", "@")
+        assert "s3cr3t" not in passwordless
+        proc, line = spawn_server(["--storage", passwordless, "--port", str(free_port())], timeout=60)
+        try:
+            assert line, "zchat-nb serve --storage did not start"
+            assert "s3cr3t" not in Path(f"/proc/{proc.pid}/cmdline").read_text(errors="replace")
+            with zchat_nb.connect(line, user="zeo") as zeo:
+                zeo.session("general").add_message("no password on the command line")
+            with zchat_nb.connect(passwordless, user="direct") as direct:
+                got = _read_all(direct.session("general"), 1)
+            assert [m.text for m in got] == ["no password on the command line"]
         finally:
             proc.terminate()
             proc.wait(20)
