@@ -343,6 +343,45 @@ class TestOnPostgres:
             proc.terminate()
             proc.wait(20)
 
+    def test_inspector_widget_and_magic_status_say_postgresql_and_hide_the_password(
+        self, pg_uri: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        from zchat_nb.inspector import Inspector
+        from zchat_nb.widget import ChatWidget
+
+        reader = zchat_nb.connect(pg_uri, user="reader", fallback=60.0)
+        writer = zchat_nb.connect(pg_uri, user="writer")
+        writer.session("general").add_message("the room exists")
+        inspector = Inspector(reader, room="general", max_rate=20.0, status_interval=0.2)
+        widget = ChatWidget(reader, "general")
+        try:
+            writer.session("general").add_message("seen by a notification")
+            seen = inspector.wait_for(lambda s: s["server"].get("notifications", 0) >= 1, 10.0)
+            assert seen["connected"]
+            server = {tuple(c._dom_classes): c.value for c in inspector.children}[("zchat-inspector-server",)]
+            assert "<h4>PostgreSQL</h4>" in server and "notifications" in server and "installed" in server
+            assert "clients connected" not in server and "refused by the server" not in server
+            shown = " ".join(str(c.value) for c in inspector.children) + widget.status_text + repr(inspector)
+            assert "s3cr3t" not in shown
+        finally:
+            widget.close()
+            inspector.close()
+            reader.close()
+            writer.close()
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "zchat_nb")
+        try:
+            shell.run_line_magic("zchat", f"join {pg_uri} --name ada")
+            capsys.readouterr()
+            shell.run_line_magic("zchat", "status")
+            status = capsys.readouterr().out
+        finally:
+            shell.run_line_magic("unload_ext", "zchat_nb")
+        assert "storage:   PostgreSQL via RelStorage (history-free)" in status
+        assert "s3cr3t" not in status
+
     def test_records_naming_other_globals_are_refused(self, pg_uri: str) -> None:
         import ZODB
 
