@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
 import pytest
 
@@ -13,9 +14,11 @@ from zchat_nb.render import (
     HIGHLIGHT_CLASSES,
     MAX_HIGHLIGHT_CHARS,
     code_blocks,
+    format_line,
     initials,
     message_payload,
     render_markdown,
+    terminal_safe,
     user_color,
     user_hue,
 )
@@ -219,7 +222,7 @@ def test_code_blocks_are_found_in_order() -> None:
 
 def test_a_terminal_line_names_the_attachments() -> None:
     from zchat_nb.model import Attachment
-    from zchat_nb.render import attachment_payload, format_line
+    from zchat_nb.render import attachment_payload
 
     attachment = Attachment("plot.png", "image/png", 1234, "w/abc/0")
     message = Message("abc", "bob", "my plot", 1.0e9, attachments=(attachment,))
@@ -227,3 +230,26 @@ def test_a_terminal_line_names_the_attachments() -> None:
     assert attachment_payload(message) == [
         {"index": 0, "name": "plot.png", "mime": "image/png", "size": 1234, "image": True}
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("\x1b[2Jclear", "\ufffd[2Jclear"),
+        ("over\rwrite", "over\ufffdwrite"),
+        ("\x1b]52;c;ZXZpbA==\x07", "\ufffd]52;c;ZXZpbA==\ufffd"),
+        ("\x9b31m C1 CSI", "\ufffd31m C1 CSI"),
+        ("bidi \u202eevil\u202c", "bidi \ufffdevil\ufffd"),
+        ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
+        ("bell\x07 del\x7f", "bell\ufffd del\ufffd"),
+    ],
+)
+def test_terminal_safe_replaces_what_a_terminal_would_obey(text: str, shown: str) -> None:
+    assert terminal_safe(text) == shown
+
+
+def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
+    message = Message("id1", "eve\nteacher", "one\ntwo", time.time())
+    line = format_line(message)
+    assert "eve\ufffdteacher: one\n" in line
+    assert line.endswith("\n        two")
