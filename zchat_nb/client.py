@@ -295,9 +295,9 @@ class ChatClient:
                 f"there is no index {index}"
             )
         if not self.is_connected():  # the blob may be on the server only: say so now, not later
-            raise disconnected(self.address_text)
+            raise disconnected(self.address_text, self.restart_hint)
         tm, conn = self.connection()
-        with server_boundary(self.address_text):
+        with server_boundary(self.address_text, self.restart_hint):
             tm.begin()
             try:
                 return read_attachment(conn, message.attachments[index], self.max_attachment_bytes)
