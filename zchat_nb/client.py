@@ -9,6 +9,7 @@ of a commit in milliseconds without polling the server.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import logging
 import os
@@ -33,7 +34,9 @@ from .model import (
     SendPolicy,
     check_author,
 )
-from .security import class_factory
+from .pickles import RECORD, PicklePolicy, RefusedPickle, check_record
+from .ratelog import rate_limit
+from .security import CONFLICT_STATE, class_factory, harden_client_process
 from .server import Address, format_address, probe, resolve_address
 
 if TYPE_CHECKING:
@@ -86,6 +89,38 @@ class _WakingClientStorage(ClientStorage):
     _zchat_notify: Callable[[ClientEvent], None] | None = None
     _zchat_report: Callable[..., None] | None = None
     _zchat_wake: Callable[[], None] | None = None
+    #: How records are checked before ZODB unpickles them (connect() scales it to max_text_bytes).
+    _zchat_record_policy: PicklePolicy = RECORD
+    #: ``(oid, serial)`` of records already checked: the ZEO cache hands out the same bytes again.
+    _zchat_checked: set[tuple[bytes, bytes]] | None = None
+
+    def loadBefore(self, oid: bytes, tid: bytes) -> Any:
+        result = super().loadBefore(oid, tid)
+        if result is not None:
+            data, serial = result[0], result[1]
+            checked = self._zchat_checked
+            if checked is None:
+                checked = self._zchat_checked = set()
+            if (oid, serial) not in checked:
+                try:
+                    check_record(data, self._zchat_record_policy)
+                except RefusedPickle as exc:
+                    raise RefusedPickle(f"object {oid.hex()}: {exc}") from None
+                if len(checked) > 100_000:
+                    checked.clear()
+                checked.add((oid, serial))
+        return result
+
+    def registerDB(self, db: Any) -> None:
+        super().registerDB(db)
+        untransform = self._crs_untransform_record_data
+
+        def checked(data: bytes) -> bytes:  # conflict states, if a server ever asks us to resolve
+            data = untransform(data)
+            check_record(data, CONFLICT_STATE)
+            return data
+
+        self._crs_untransform_record_data = checked
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
@@ -361,6 +396,8 @@ def connect(
             raise ZChatConnectionError("give connect() tls= (a certificate folder) or ssl=, not both")
         bundle = load_bundle(tls, user)
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
+    harden_client_process()
+    rate_limit("ZODB.Connection", "ZEO.asyncio.client", "zchat_nb.security")
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
@@ -374,6 +411,9 @@ def connect(
         )
     try:
         storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+        # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
+        record_bytes = max(RECORD.max_bytes, 40 * max_text_bytes)
+        storage._zchat_record_policy = dataclasses.replace(RECORD, max_bytes=record_bytes)
     except Exception as exc:
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
     try:

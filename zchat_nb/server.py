@@ -33,6 +33,7 @@ from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.MappingStorage import MappingStorage
 
 from .exceptions import ZChatConnectionError, ZChatServerError
+from .guard import ServerLimits
 from .security import harden_server_process
 
 __all__ = [
@@ -175,9 +176,11 @@ class Server:
         port: int = 0,
         *,
         ssl: ssl_module.SSLContext | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
-        from ZEO.StorageServer import StorageServer
         from ZODB.FileStorage import FileStorage
+
+        from .guard import GuardedStorageServer
 
         harden_server_process()
         _demote_client_disconnects()
@@ -188,7 +191,9 @@ class Server:
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(StorageServer, (host, port), {"1": storage}, ssl=ssl).result()
+                self._server = pool.submit(
+                    GuardedStorageServer, (host, port), {"1": storage}, ssl=ssl, limits=limits
+                ).result()
         except OSError as exc:
             storage.close()
             raise ZChatServerError(
@@ -269,12 +274,14 @@ def serve(
     *,
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
+    limits: ServerLimits | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, or in the FileStorage at ``path``.
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
-    need a certificate from it (:mod:`zchat_nb.certs`).
+    need a certificate from it (:mod:`zchat_nb.certs`). ``limits``: what one connection may
+    cost the server (:class:`zchat_nb.guard.ServerLimits`).
     """
     if tls is not None:
         from .certs import server_context
@@ -282,7 +289,7 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl)
+    return Server(path, host, port, ssl=ssl, limits=limits)
 
 
 def outward_ip() -> str:
