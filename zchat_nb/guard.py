@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -73,8 +75,10 @@ class ServerLimits:
     max_frame_bytes: int = 8 * MiB
     #: Largest total of the records stored in one transaction.
     max_transaction_bytes: int = 64 * MiB
-    #: Replies queued for a peer that does not read them.
+    #: Replies queued for a peer that does not read them (past the buffer, it is not read either).
     max_unread_bytes: int = 16 * MiB
+    #: Seconds a peer may leave its replies unread before it is disconnected.
+    unread_timeout: float = 30.0
     #: Open connections from one peer address (all local users share 127.0.0.1).
     max_connections_per_peer: int = 64
     #: Seconds a connection may take to say hello and register.
@@ -265,6 +269,8 @@ class GuardedServerProtocol(ServerProtocol):
 
     zeo_storage: GuardedZEOStorage | None
     _peer: str | None = None
+    #: Bytes of replies ZEO holds back while the transport is paused.
+    _queued = 0
 
     def __init__(
         self, loop: Any, addr: Any, zeo_storage: GuardedZEOStorage, acceptor: GuardedAcceptor
@@ -276,7 +282,15 @@ class GuardedServerProtocol(ServerProtocol):
     def offend(self, what: str) -> None:
         """Log (rate-limited) and close this connection; everyone else goes on."""
         log.warning("closing the connection of %s: %s", self._peer or "a peer", what)
+        transport = self.sm_protocol.transport if self.sm_protocol is not None else None
+        if transport is not None:
+            # Drop its unread replies, also those in the kernel: reset, instead of flushing first.
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(Exception):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()
+        if transport is not None:
+            transport.abort()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -299,16 +313,32 @@ class GuardedServerProtocol(ServerProtocol):
             receive(data)
 
         # A peer that does not read its replies stops being read: its requests wait in the kernel.
+        # If it still reads nothing after unread_timeout, it goes.
+        paused: list[asyncio.TimerHandle] = []
+        write = self.write_message
+
+        def write_message(message: bytes) -> None:
+            if paused:  # ZEO queues it in a list of its own, outside the transport's buffer
+                self._queued += len(message)
+            write(message)
+
         def pause_writing() -> None:
             pause()
             with contextlib.suppress(Exception):
                 transport.pause_reading()
+            if not paused:
+                limit = self.limits.unread_timeout
+                paused.append(self.loop.call_later(limit, self.offend, f"replies unread for {limit:g} s"))
 
         def resume_writing() -> None:
+            self._queued = 0  # handed to the transport now (counted in its buffer)
             resume()
             with contextlib.suppress(Exception):
                 transport.resume_reading()
+            while paused:
+                paused.pop().cancel()
 
+        self.write_message = write_message
         self.data_received = data_received  # type: ignore[method-assign]
         self.pause_writing = pause_writing  # type: ignore[method-assign]
         self.resume_writing = resume_writing  # type: ignore[method-assign]
@@ -316,7 +346,7 @@ class GuardedServerProtocol(ServerProtocol):
 
     def _check_registered(self) -> None:
         zs = self.zeo_storage
-        if not self.closed and zs is not None and zs.storage is None:
+        if self.connected and not self.closed and zs is not None and zs.storage is None:
             self.offend(f"not registered within {self.limits.register_timeout:g} s")
 
     def finish_connection(self, protocol_version: bytes) -> None:
@@ -332,7 +362,7 @@ class GuardedServerProtocol(ServerProtocol):
         transport = self.sm_protocol.transport if self.sm_protocol is not None else None
         if transport is None or self.closed:
             return
-        unread = transport.get_write_buffer_size()
+        unread = transport.get_write_buffer_size() + self._queued
         if unread > self.limits.max_unread_bytes:
             self.offend(f"{unread} bytes of replies unread (limit {self.limits.max_unread_bytes})")
             return

@@ -9,10 +9,13 @@ megabytes (ZEO logs the repr of a frame it could not process).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
-__all__ = ["RateLimit", "rate_limit"]
+__all__ = ["RateLimit", "rate_limit", "shared_limit"]
+
+_VARYING = re.compile(r"\([^)]*\)|\d+")
 
 
 class RateLimit(logging.Filter):
@@ -27,8 +30,14 @@ class RateLimit(logging.Filter):
         #: template -> (window start, lines in this window, lines dropped since the last one let through)
         self._windows: dict[str, tuple[float, int, int]] = {}
 
+    def reset(self) -> None:
+        """Forget every window (tests start from a clean slate)."""
+        with self._lock:
+            self._windows.clear()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        key = f"{record.name}:{str(record.msg)[:200]}"
+        # ZEO puts the peer's address and counters into its messages: one template for all of them.
+        key = record.name + ":" + _VARYING.sub("#", str(record.msg)[:200])
         now = time.monotonic()
         with self._lock:
             start, count, dropped = self._windows.get(key, (now, 0, 0))
@@ -57,9 +66,14 @@ class RateLimit(logging.Filter):
 _installed: dict[str, RateLimit] = {}
 
 
+def shared_limit() -> RateLimit:
+    """The one :class:`RateLimit` that :func:`rate_limit` puts on loggers."""
+    return _installed.setdefault("shared", RateLimit())
+
+
 def rate_limit(*names: str) -> None:
-    """Put one shared :class:`RateLimit` on the loggers ``names`` (idempotent)."""
-    limit = _installed.setdefault("shared", RateLimit())
+    """Put the shared :class:`RateLimit` on the loggers ``names`` (idempotent)."""
+    limit = shared_limit()
     for name in names:
         logger = logging.getLogger(name)
         if limit not in logger.filters:
