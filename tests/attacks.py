@@ -36,7 +36,8 @@ def dag_pickle(depth: int, wrap: str = "plain", prefix: bytes = b"") -> bytes:
 def dag_frame(depth: int, wrap: str, method: str = "register") -> bytes:
     """A ZEO frame ``(1, False, method, (DAG,))``, body only."""
     name = method.encode()
-    body = dag_pickle(depth, wrap, prefix=b"(K\x01\x89\x8c" + bytes([len(name)]) + name)
+    # BINUNICODE: ZEO unpickles with zodbpickle, which knows protocol 3 opcodes only.
+    body = dag_pickle(depth, wrap, prefix=b"(K\x01\x89X" + len(name).to_bytes(4, "little") + name)
     return body + b"\x85t."  # TUPLE1 (the args), TUPLE (msgid, async, method, args) from the MARK
 
 
