@@ -33,6 +33,7 @@ from .model import (
     ChatSession,
     SendPolicy,
     check_author,
+    room_names,
 )
 from .pickles import RECORD, PicklePolicy, RefusedPickle, check_record
 from .ratelog import rate_limit
@@ -113,7 +114,7 @@ class _WakingClientStorage(ClientStorage):
 
     def registerDB(self, db: Any) -> None:
         super().registerDB(db)
-        untransform = self._crs_untransform_record_data
+        untransform: Callable[[bytes], bytes] = getattr(self, "_crs_untransform_record_data")  # noqa: B009
 
         def checked(data: bytes) -> bytes:  # conflict states, if a server ever asks us to resolve
             data = untransform(data)
@@ -306,8 +307,7 @@ class ChatClient:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
         tm.begin()
-        rooms = conn.root().get(ROOMS_KEY)
-        return list(rooms.keys()) if rooms is not None else []
+        return room_names(conn.root().get(ROOMS_KEY))
 
     def widget(self, room: str = "general", **kwargs: Any) -> Any:
         """A :class:`zchat_nb.ChatWidget` on ``room`` (needs ipywidgets)."""

@@ -302,8 +302,10 @@ class GuardedServerProtocol(ServerProtocol):
             return
         self._peer_counted = True
         meter = _FrameMeter(self.limits.max_frame_bytes)
-        receive = self.data_received
-        pause, resume = self.pause_writing, self.resume_writing
+        # ZEO's base protocol puts its sized-message protocol's methods on the instance.
+        receive: Any = getattr(self, "data_received")  # noqa: B009 (instance attributes, untyped)
+        pause: Any = getattr(self, "pause_writing")  # noqa: B009
+        resume: Any = getattr(self, "resume_writing")  # noqa: B009
 
         def data_received(data: bytes) -> None:
             size = meter.feed(data)
@@ -315,7 +317,7 @@ class GuardedServerProtocol(ServerProtocol):
         # A peer that does not read its replies stops being read: its requests wait in the kernel.
         # If it still reads nothing after unread_timeout, it goes.
         paused: list[asyncio.TimerHandle] = []
-        write = self.write_message
+        write: Any = getattr(self, "write_message")  # noqa: B009
 
         def write_message(message: bytes) -> None:
             if paused:  # ZEO queues it in a list of its own, outside the transport's buffer
@@ -339,9 +341,9 @@ class GuardedServerProtocol(ServerProtocol):
                 paused.pop().cancel()
 
         self.write_message = write_message
-        self.data_received = data_received  # type: ignore[method-assign]
-        self.pause_writing = pause_writing  # type: ignore[method-assign]
-        self.resume_writing = resume_writing  # type: ignore[method-assign]
+        self.data_received = data_received
+        self.pause_writing = pause_writing
+        self.resume_writing = resume_writing
         self.loop.call_later(self.limits.register_timeout, self._check_registered)
 
     def _check_registered(self) -> None:

@@ -19,15 +19,18 @@ its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatCl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
+import itertools
 import logging
 import math
 import random
+import reprlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,6 +66,15 @@ MAX_AUTHOR_CHARS = 64
 MAX_ROOM_CHARS = 64
 _ID_CHARS = 32
 ROOMS_KEY = "zchat_nb.rooms"
+#: Most messages one ``new_messages()`` call returns; the rest come with the next calls.
+MAX_PER_CALL = 1000
+#: Most writers' heads one ``new_messages()`` call examines; the next call goes on from there.
+MAX_HEADS_PER_CALL = 5000
+#: Most entries of ``skipped`` kept (the newest), and the longest reason kept.
+MAX_SKIPPED = 100
+_MAX_REASON = 300
+#: Skips logged per session; the rest are only counted in ``skipped``.
+_LOGGED_SKIPS = 10
 
 Record = tuple[str, str, str, float]
 
@@ -208,9 +220,14 @@ class Room(Persistent):
         self.presence[user] = when
 
     def present(self, since: float) -> list[str]:
+        """Users whose heartbeat is at least ``since``; entries that are not (str, float) are ignored."""
         if self.presence is None:
             return []
-        return sorted(user for user, when in self.presence.items() if when >= since)
+        return sorted(
+            user
+            for user, when in itertools.islice(self.presence.items(), MAX_HEADS_PER_CALL)
+            if type(user) is str and type(when) is float and math.isfinite(when) and when >= since
+        )
 
     def clear(self) -> None:
         """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
@@ -239,11 +256,30 @@ class _Head:
         if not (isinstance(value, tuple) and len(value) == 4):
             raise ValueError(f"head is not a 4-tuple: {type(value).__name__}")
         count, first, last, last_id = value
-        if not (isinstance(count, int) and count > 0 and isinstance(last_id, str)):
-            raise ValueError(f"bad head {value!r:.80}")
-        if not (isinstance(first, float) and isinstance(last, float) and math.isfinite(last)):
-            raise ValueError(f"bad head times {value!r:.80}")
+        if not (type(count) is int and count > 0 and type(last_id) is str and len(last_id) <= _ID_CHARS):
+            raise ValueError(f"bad head {_capped(value)}")
+        if not (
+            type(first) is float and type(last) is float and math.isfinite(first) and math.isfinite(last)
+        ):
+            raise ValueError(f"bad head times {_capped(value)}")
+        if first > last:
+            raise ValueError(f"head's first time is after its last {_capped(value)}")
         return cls(count, first, last, last_id)
+
+
+def _capped(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a repr that fails (too deep, crafted) says so."""
+    try:
+        text = reprlib.repr(value)
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+    return text[:limit]
+
+
+def _epoch_of(room: Room) -> int | str:
+    """The room's epoch if it is an int; anything else (NaN never equals itself) as a stable str."""
+    epoch = room.epoch
+    return epoch if type(epoch) is int else f"bad epoch {_capped(epoch)}"
 
 
 def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None:
@@ -270,6 +306,34 @@ def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None
         nodes = children
 
 
+def _is_key(key: object) -> bool:
+    """Whether ``key`` is a stream key ``(time, id)`` as writers store them."""
+    return type(key) is tuple and len(key) == 2 and type(key[0]) is float and type(key[1]) is str
+
+
+def _count_of(room: Room) -> int:
+    try:
+        count = room.count() if room.count is not None else 0
+    except Exception:  # not a Length after all
+        return -1
+    return count if type(count) is int else -1
+
+
+def find_room(rooms: object, name: str) -> Room | None:
+    """``rooms[name]`` or None; a tree another client filled with keys of other types is searched."""
+    if rooms is None:
+        return None
+    if not isinstance(rooms, OOBTree):
+        raise TypeError(f"the rooms tree is a {type(rooms).__name__}, not an OOBTree")
+    try:
+        return rooms.get(name)
+    except TypeError:  # a key that does not compare with str: look at the str keys one by one
+        for key, room in itertools.islice(rooms.items(), 10 * MAX_HEADS_PER_CALL):
+            if type(key) is str and key == name:
+                return room
+        return None
+
+
 def rooms_of(conn: Connection) -> OOBTree:
     """The ``name -> Room`` tree of a database, or a new one (the caller commits)."""
     root = conn.root()
@@ -277,6 +341,17 @@ def rooms_of(conn: Connection) -> OOBTree:
     if rooms is None:
         rooms = root[ROOMS_KEY] = OOBTree()
     return rooms
+
+
+def room_names(rooms: object) -> list[str]:
+    """The names in a rooms tree, skipping keys that are not room names (another client's doing)."""
+    if not isinstance(rooms, OOBTree):
+        return []
+    return [
+        key
+        for key in itertools.islice(rooms.keys(), 10 * MAX_HEADS_PER_CALL)
+        if type(key) is str and 0 < len(key) <= MAX_ROOM_CHARS
+    ]
 
 
 @dataclass(frozen=True)
@@ -340,25 +415,45 @@ class ChatSession:
         #: ``writer -> (messages delivered, key of the last one)``; plain memory, never persisted.
         self._cursor: dict[str, tuple[int, tuple[float, str] | None]] = {}
         self._bad_heads: set[str] = set()
-        self._epoch: int | None = None
+        self._epoch: int | str | None = None
         self._backlog = backlog
         self._lock = threading.RLock()
-        #: Records that failed validation or could not be loaded, as ``(where, reason)``.
-        self.skipped: list[tuple[str, str]] = []
+        #: Records that failed validation or could not be loaded, as ``(where, reason)``: the
+        #: newest :data:`MAX_SKIPPED`, reasons cut to a few hundred characters.
+        self.skipped: collections.deque[tuple[str, str]] = collections.deque(maxlen=MAX_SKIPPED)
+        self._skips = 0
+        self._reported: set[str] = set()
+        #: Where the next call starts examining heads: ``(writer, inclusive)``, None: the beginning.
+        self._heads_from: tuple[str, bool] | None = None
 
     # -- reading -------------------------------------------------------------------------
 
-    def _room(self) -> Room:
-        """Begin a transaction on this thread's connection and return the room, creating it."""
+    def _room(self) -> Room | None:
+        """Begin a transaction on this thread's connection and return the room, creating it.
+
+        A room whose record cannot be loaded or is not a Room is reported in ``skipped`` (once)
+        and gives None: a broken room must not break its readers, nor the other rooms.
+        """
         tm, conn = self._host.connection()
         tm.begin()
-        rooms = conn.root().get(ROOMS_KEY)
-        room = rooms.get(self.room) if rooms is not None else None
-        if room is None:
-            self._create_room()
-            tm.begin()
-            room = conn.root()[ROOMS_KEY][self.room]
-        return room
+        try:
+            room = find_room(conn.root().get(ROOMS_KEY), self.room)
+            if room is None:
+                self._create_room()
+                tm.begin()
+                room = find_room(conn.root().get(ROOMS_KEY), self.room)
+            if not isinstance(room, Room):
+                raise TypeError(f"the room's record is a {type(room).__name__}, not a Room")
+            if not (isinstance(room.streams, OOBTree) and isinstance(room.heads, OOBTree)):
+                raise TypeError("the room's streams or heads are not BTrees")
+            if not isinstance(room.count, Length):
+                raise TypeError("the room's count is not a Length")
+            return room
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:
+            self._skip(f"room {self.room!r}", exc, once=True)
+            return None
 
     def _create_room(self) -> None:
         self._commit(self._room_in, what=f"creating room {self.room!r}")
@@ -366,7 +461,7 @@ class ChatSession:
     def _room_in(self, conn: Connection) -> Room:
         """The room in ``conn``'s current transaction, added to it if missing (the caller commits)."""
         rooms = rooms_of(conn)
-        room = rooms.get(self.room)
+        room = find_room(rooms, self.room)
         if room is None:
             room = rooms[self.room] = Room(self.room, created=float(self._host.clock()))
         return room
@@ -415,79 +510,156 @@ class ChatSession:
     def _collect(self) -> list[Message]:
         with self._lock:
             room = self._room()
-            assert room.count is not None and room.heads is not None
-            if self._epoch != room.epoch:
+            if room is None:
+                return []
+            epoch = _epoch_of(room)
+            if self._epoch != epoch:
+                if isinstance(epoch, str):
+                    self._skip(f"epoch of room {self.room!r}", ValueError(epoch), once=True)
                 self._cursor.clear()
-                self._epoch = room.epoch
+                self._epoch = epoch
+                self._heads_from = None
                 if self._backlog is not None:
                     for writer, head in self._heads(room):
                         self._cursor[writer] = (head.count, head.last_key)
                     backlog, self._backlog = self._backlog, None
                     return self._history(room, backlog, None)
-            if room.count() == sum(seen for seen, _ in self._cursor.values()):
+            if _count_of(room) == sum(seen for seen, _ in self._cursor.values()):
                 return []
             found: list[Message] = []
             cursor = dict(self._cursor)
-            for writer, head in self._heads(room):
+            heads, resume = self._heads_slice(room)
+            for writer, head in heads:
                 seen, seen_key = cursor.get(writer, (0, None))
-                if head.count > seen:
-                    found.extend(self._read_stream(room, writer, seen_key, head.last_key))
-                    cursor[writer] = (head.count, head.last_key)
+                if head.count <= seen:
+                    continue
+                messages, consumed, last_key = self._read_stream(
+                    room, writer, seen_key, head.last_key, MAX_PER_CALL - len(found)
+                )
+                found.extend(messages)
+                cursor[writer] = (
+                    (head.count, head.last_key) if last_key is None else (seen + consumed, last_key)
+                )
+                if len(found) >= MAX_PER_CALL:  # the rest with the next call, from this writer on
+                    resume = (writer, True)
+                    break
+            self._heads_from = resume
             self._cursor = cursor  # only now: an outage mid-read must not skip anything
             found.sort(key=lambda m: m.key)
             return found
 
-    def _heads(self, room: Room) -> list[tuple[str, _Head]]:
-        """The room's writers and their heads, checked (another client may have written anything)."""
+    def _heads(self, room: Room, limit: int = MAX_HEADS_PER_CALL) -> list[tuple[str, _Head]]:
+        """The room's writers and their heads (the first ``limit``), checked."""
         assert room.heads is not None
+        return self._checked_heads(itertools.islice(room.heads.items(), limit))
+
+    def _heads_slice(self, room: Room) -> tuple[list[tuple[str, _Head]], tuple[str, bool] | None]:
+        """Up to MAX_HEADS_PER_CALL heads, from where the last call stopped, wrapping around.
+
+        Returns the heads and where the next call should start (None: from the beginning).
+        """
+        assert room.heads is not None
+        heads, cap = room.heads, MAX_HEADS_PER_CALL
+        try:
+            if self._heads_from is None:
+                entries = list(itertools.islice(heads.items(), cap))
+            else:
+                start, inclusive = self._heads_from
+                entries = list(itertools.islice(heads.items(start, excludemin=not inclusive), cap))
+                if len(entries) < cap:  # wrap around
+                    entries += itertools.islice(
+                        heads.items(None, start, excludemax=inclusive), cap - len(entries)
+                    )
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # keys another client made incomparable: start over
+            self._skip(f"heads of room {self.room!r}", exc, once=True)
+            entries = list(itertools.islice(room.heads.items(), MAX_HEADS_PER_CALL))
+        last = entries[-1][0] if entries else None
+        resume = (last, False) if len(entries) == cap and type(last) is str else None
+        return self._checked_heads(entries), resume
+
+    def _checked_heads(self, entries: Iterable[tuple[object, object]]) -> list[tuple[str, _Head]]:
         heads = []
-        for writer, value in room.heads.items():
-            try:
-                heads.append((writer, _Head.check(value)))
-            except ValueError as exc:
-                if writer not in self._bad_heads:
-                    self._bad_heads.add(writer)
-                    self._skip(f"head of writer {writer!r:.40}", exc)
+        try:
+            for writer, value in entries:
+                try:
+                    if not (type(writer) is str and 0 < len(writer) <= _ID_CHARS):
+                        raise ValueError("the writer's key is not a short str")
+                    heads.append((writer, _Head.check(value)))
+                except Exception as exc:
+                    self._skip(f"head of writer {_capped(writer, 40)}", exc, once=True)
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # a heads bucket that does not load
+            self._skip(f"heads of room {self.room!r}", exc, once=True)
         return heads
 
     def _read_stream(
-        self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str]
-    ) -> list[Message]:
+        self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str], limit: int
+    ) -> tuple[list[Message], int, tuple[float, str] | None]:
+        """At most ``limit`` messages of ``writer`` after ``after`` up to ``upto``.
+
+        Returns the messages, how many entries were consumed, and the key of the last one if the
+        stream has more up to ``upto`` (None if it was read to the end).
+        """
         assert room.streams is not None
         try:
-            stream = room.streams[writer]
-            entries = list(stream.items(after, upto, excludemin=after is not None))
+            stream = room.streams.get(writer)
+            if not isinstance(stream, OOBTree):
+                raise TypeError(f"the stream is a {type(stream).__name__}, not an OOBTree")
+            part = stream.items(after, upto, excludemin=after is not None)
+            entries = list(itertools.islice(part, limit + 1))
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
-            self._skip(f"stream {writer!r:.40} after {after}", exc)
-            return []
-        found = (self._check(record, where=f"{writer}@{key!r:.60}") for key, record in entries)
-        return [m for m in found if m is not None]
+            self._skip(f"stream {writer!r:.40} after {_capped(after)}", exc)
+            return [], 0, None
+        more = len(entries) > limit
+        entries = entries[:limit]
+        found = (self._check(record, where=f"{writer}@{_capped(key, 60)}") for key, record in entries)
+        messages = [m for m in found if m is not None]
+        return messages, len(entries), (entries[-1][0] if more and entries else None)
 
     def _check(self, record: object, where: str) -> Message | None:
         try:
             return Message.from_record(record, self._host.max_text_bytes)
-        except ValueError as exc:
+        except Exception as exc:  # any type: a crafted record may raise anything when inspected
             self._skip(where, exc)
             return None
 
-    def _skip(self, where: str, exc: BaseException) -> None:
+    def _skip(self, where: str, exc: BaseException, *, once: bool = False) -> None:
+        """Report an unreadable record in ``skipped`` (capped) and, for the first few, in the log."""
+        if once:
+            if where in self._reported:
+                return
+            if len(self._reported) > 10 * MAX_SKIPPED:
+                self._reported.clear()
+            self._reported.add(where)
         while exc.__cause__ is not None and not str(exc):  # StateLoadError says nothing itself
             exc = exc.__cause__
-        reason = f"{type(exc).__name__}: {exc}"
-        log.warning("room %r: skipped unreadable record %s (%s)", self.room, where, reason)
-        self.skipped.append((where, reason))
+        try:
+            reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+        except Exception:
+            reason = type(exc).__name__
+        self._skips += 1
+        if self._skips <= _LOGGED_SKIPS:
+            log.warning("room %r: skipped unreadable record %s (%s)", self.room, where[:200], reason)
+            if self._skips == _LOGGED_SKIPS:
+                log.warning("room %r: further unreadable records are only listed in .skipped", self.room)
+        self.skipped.append((where[:200], reason))
 
     def history(self, n: int = 200, before: Message | None = None) -> list[Message]:
         """The last ``n`` messages by time (before ``before``, if given), oldest first.
 
-        Reads O(log N + n) of the tree, not all of it. Does not move the cursor.
+        Reads O(log N + n) of the tree, not all of it. Does not move the cursor. Looks at the
+        first :data:`MAX_HEADS_PER_CALL` writers of the room.
         """
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
         with self._lock:
-            return self._history(self._room(), n, before)
+            room = self._room()
+            return [] if room is None else self._history(room, n, before)
 
     def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
         heads = self._heads(room)
@@ -500,27 +672,47 @@ class ChatSession:
             start = min(start, top[0])
         oldest = min(head.first for _, head in heads)
         _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
-        window = 1.0
-        while True:
-            # Only the streams that have messages between low and top; each read is O(log N).
+        # The window [start - window, top) grows until it holds n messages, and shrinks while one
+        # stream alone has more than n in it (ascending reads of n + 1 then miss its newest). The
+        # bounds met so far make it a bisection, so it ends; a crafted stream (many messages at one
+        # time) may still overflow after the last round: then it is cut, and reported.
+        window, too_small, too_big = 1.0, 0.0, math.inf
+        overflowing: list[str] = []
+        items: list[tuple[Any, Any]] = []
+        for _round in range(64):
             low = start - window
-            items: list[tuple[Any, Any]] = []
+            items, overflowing = [], []
             for writer, head in heads:
                 if head.last < low or (top is not None and head.first > top[0]):
                     continue
                 try:
                     stream = room.streams[writer]
-                    items.extend(stream.items((low,), top, excludemax=top is not None))
+                    part = stream.items((low,), top, excludemax=top is not None)
+                    entries = list(itertools.islice(part, n + 1))
                 except transaction.interfaces.TransientError:
                     raise
                 except Exception as exc:
-                    self._skip(f"history of {writer!r:.40}", exc)
-            if len(items) >= n or low < oldest:
+                    self._skip(f"history of {writer!r:.40}", exc, once=True)
+                    continue
+                if len(entries) > n:
+                    overflowing.append(writer)
+                items.extend(entries)
+            if overflowing:
+                too_big = window
+            elif len(items) >= n or low < oldest:
                 break
-            # Widen the window to where n messages should be at the density just seen.
-            window *= max(2.0, 1.2 * n / len(items)) if items else 4.0
-        items.sort(key=lambda item: item[0])
-        found = [self._check(record, where=f"{key!r:.60}") for key, record in items[-n:]]
+            else:
+                too_small = window
+            if overflowing:
+                window = (too_small + too_big) / 2 if too_small else window / 4
+            else:  # widen to where n messages should be at the density just seen
+                wider = window * (max(2.0, 1.2 * n / len(items)) if items else 4.0)
+                window = min(wider, (too_small + too_big) / 2) if too_big < math.inf else wider
+        for writer in overflowing:
+            self._skip(f"history of {writer!r:.40}", ValueError("too many messages at one time"), once=True)
+        keyed = [item for item in items if _is_key(item[0])]
+        keyed.sort(key=lambda item: item[0])
+        found = [self._check(record, where=_capped(key, 60)) for key, record in keyed[-n:]]
         return [m for m in found if m is not None]
 
     # -- writing -------------------------------------------------------------------------
@@ -607,7 +799,8 @@ class ChatSession:
     def present(self, within: float = 90.0) -> list[str]:
         """Users whose last heartbeat in this room is at most ``within`` seconds old."""
         with self._lock:
-            return self._room().present(float(self._host.clock()) - within)
+            room = self._room()
+            return [] if room is None else room.present(float(self._host.clock()) - within)
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"

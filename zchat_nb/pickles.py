@@ -165,14 +165,11 @@ class _Ops:
                 second = data.find(b"\n", first + 1, first + 257) if first >= 0 else -1
                 if second < 0:
                     raise self.refuse("GLOBAL without two lines")
-                arg = (
-                    data[pos:first].decode("ascii", "replace")
-                    + " "
-                    + data[first + 1 : second].decode("ascii", "replace")
-                )
+                module = data[pos:first].decode("ascii", "replace")
+                qualname = data[first + 1 : second].decode("ascii", "replace")
                 pos = second + 1
                 self.pos = pos
-                yield "GLOBAL", arg
+                yield "GLOBAL", f"{module} {qualname}"
                 continue
             raise self.refuse(f"opcode {bytes([code])!r} at {pos - 1} is not allowed here")
         raise self.refuse("it is truncated (no STOP)")

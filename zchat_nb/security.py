@@ -150,7 +150,7 @@ def harden_client_process() -> None:
     if _client_protocol is not None:
         return
 
-    class GuardedClientProtocol(zeo_client.Protocol):  # type: ignore[misc,name-defined]
+    class GuardedClientProtocol(zeo_client.Protocol):
         """ZEO's client connection, refusing a frame before unpickling it; a refusal closes it."""
 
         def finish_connection(self, protocol_version: bytes) -> None:
