@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import socket
@@ -35,7 +37,7 @@ from ZEO.asyncio.server import Acceptor, ServerProtocol
 from ZEO.StorageServer import StorageServer, ZEOStorage
 from ZODB.POSException import StorageTransactionError
 
-from .pickles import SERVER_WIRE, RefusedPickle, check_pickle, check_record
+from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle, check_record
 from .ratelog import rate_limit
 
 __all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits"]
@@ -91,11 +93,14 @@ def _refuse_globals(module: str, name: str) -> Any:
     raise RefusedPickle(f"refused global {module}.{name} in a ZEO frame")
 
 
+@functools.lru_cache(maxsize=8)
+def _wire_policy(max_bytes: int) -> PicklePolicy:
+    return dataclasses.replace(SERVER_WIRE, max_bytes=max_bytes)
+
+
 def decode_frame(frame: bytes, limits: ServerLimits) -> tuple[Any, int, str, tuple[Any, ...]]:
     """Check and unpickle one client frame into ``(msgid, async, method, args)``, or raise RefusedPickle."""
-    if len(frame) > limits.max_frame_bytes:
-        raise RefusedPickle(f"refused a ZEO frame of {len(frame)} bytes (limit {limits.max_frame_bytes})")
-    check_pickle(frame, SERVER_WIRE)
+    check_pickle(frame, _wire_policy(limits.max_frame_bytes))
     unpickler = Unpickler(BytesIO(frame))
     unpickler.find_global = unpickler.find_class = _refuse_globals
     try:

@@ -671,7 +671,12 @@ class ChatSession:
         if top is not None:
             start = min(start, top[0])
         oldest = min(head.first for _, head in heads)
-        _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
+        try:
+            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # only a speed-up: the reads below report what does not load
+            log.debug("prefetching the recent ends of the streams failed", exc_info=True)
         # The window [start - window, top) grows until it holds n messages, and shrinks while one
         # stream alone has more than n in it (ascending reads of n + 1 then miss its newest). The
         # bounds met so far make it a bisection, so it ends; a crafted stream (many messages at one

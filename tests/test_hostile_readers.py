@@ -1,0 +1,242 @@
+"""Records another client wrote through the raw storage API: every reader returns, skips, goes on.
+
+The attacker here is a certificate holder (or any local user of a TLS-less server): it can store
+any bytes as any object. Readers (sessions, ``rooms()``, ``present()``, ``history()``) must return
+in time bounded by what they return, report what they skip, and keep the other rooms and writers.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable, Iterator
+
+import pytest
+import transaction
+import ZEO
+import ZODB
+from BTrees.OOBTree import OOBTree
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import load_current
+
+import zchat_nb
+from zchat_nb import model
+from zchat_nb.guard import ServerLimits
+from zchat_nb.model import ROOMS_KEY, Message, Room
+
+from .attacks import dag_pickle, honest_pair_works
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lenient_server() -> Iterator[zchat_nb.Server]:
+    """A server that lets big records through: the readers must hold on their own."""
+    limits = ServerLimits(max_frame_bytes=64 * 1024 * 1024, max_transaction_bytes=64 * 1024 * 1024)
+    with zchat_nb.serve(limits=limits) as server:
+        yield server
+
+
+def as_attacker(address: object, change: Callable[[ZODB.Connection.Connection], None]) -> None:
+    """Open the database with plain ZODB (no zchat_nb checks) and commit ``change``."""
+    db = ZODB.DB(ZEO.client(address, wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        with tm:
+            change(conn)
+        conn.close()
+    finally:
+        db.close()
+
+
+def overwrite(address: object, oid: bytes, data: bytes) -> None:
+    storage = ZEO.client(address, wait_timeout=10)
+    try:
+        serial = load_current(storage, oid)[1]
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.store(oid, serial, data, "", txn)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+    finally:
+        storage.close()
+
+
+def stream_oid(client: zchat_nb.ChatClient, room: str = "general") -> tuple[bytes, tuple[float, str]]:
+    tm, conn = client.connection()
+    tm.begin()
+    stream = conn.root()[ROOMS_KEY][room].streams[client.writer]
+    oid, key = stream._p_oid, stream.maxKey()
+    tm.abort()
+    return oid, key
+
+
+def bucket_record(items: bytes) -> bytes:
+    """An OOBTree record whose state is one inline bucket: ``(((items),),)``, items pickled by the caller."""
+    return pickle.dumps(OOBTree, 3) + b"\x80\x03(" + items + b"t\x85\x85\x85."
+
+
+def mixed_tree(tree: OOBTree, extra: list[tuple[object, object]]) -> OOBTree:
+    """A copy of ``tree`` with keys BTrees would refuse (they do not compare with str), set by state."""
+    flat: list[object] = []
+    for key, value in [*tree.items(), *extra]:
+        flat += [key, value]
+    crafted = OOBTree()
+    crafted.__setstate__((((tuple(flat),),),))
+    return crafted
+
+
+def reader_gets(address: object, expected: list[str], room: str = "general") -> model.ChatSession:
+    """A fresh reader: gets exactly the texts ``expected`` (in some calls), and returns every time."""
+    with zchat_nb.connect(address, user="reader") as client:
+        chat = client.session(room)
+        got: list[str] = []
+        for _ in range(50):
+            batch = chat.new_messages()
+            if not batch:
+                break
+            got += [m.text for m in batch]
+        assert sorted(got) == sorted(expected)
+        assert chat.new_messages() == []  # and nothing is delivered again
+        chat.history(10)
+        chat.present()
+        client.rooms()
+        return chat
+
+
+def test_bucket_record_builds_what_btrees_store() -> None:
+    data = bucket_record(pickle.dumps("k", 3)[2:-1] + pickle.dumps("v", 3)[2:-1])
+    stream = pickle.loads(data[len(pickle.dumps(OOBTree, 3)) :])
+    assert stream == OOBTree({"k": "v"}).__getstate__()
+
+
+@pytest.mark.parametrize(
+    "how, why", [("dag value", "traverses"), ("deep id", "nests deeper"), ("huge record", "byte limit")]
+)
+def test_a_crafted_stream_record_is_skipped(lenient_server: zchat_nb.Server, how: str, why: str) -> None:
+    address = lenient_server.address
+    with zchat_nb.connect(address, user="mallory") as mallory, zchat_nb.connect(address, user="alice") as alice:
+        mallory.session().add_message("to be overwritten")
+        alice.session().add_message("honest")
+        oid, key = stream_oid(mallory)
+    key_pickle = pickle.dumps(key, 3)[2:-1]
+    if how == "dag value":
+        value = dag_pickle(64, "plain")[2:]
+        crafted = bucket_record(key_pickle + value)
+    elif how == "deep id":
+        deep = b")" + b"\x85" * 200_000  # ((((...(),),),)...) 200k deep
+        crafted = bucket_record(key_pickle + deep)
+    else:
+        crafted = bucket_record(key_pickle + pickle.dumps("x" * (20 * 1024 * 1024), 3)[2:-1])
+    overwrite(address, oid, crafted)
+    chat = reader_gets(address, ["honest"])
+    assert chat.skipped and why in chat.skipped[0][1], chat.skipped
+    assert all(len(reason) <= 300 for _, reason in chat.skipped)
+    honest_pair_works(address)
+
+
+def test_bad_heads_epoch_presence_and_room_keys_are_skipped(lenient_server: zchat_nb.Server) -> None:
+    address = lenient_server.address
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session("general").add_message("hello")
+        alice.session("other").add_message("in another room")
+        alice.session("general").heartbeat()
+
+    def vandalise(conn: ZODB.Connection.Connection) -> None:
+        rooms = conn.root()[ROOMS_KEY]
+        room = rooms["general"]
+        room.heads["w-inf"] = (1, -math.inf, 5.0, "x")
+        room.heads["w-nan"] = (1, math.nan, math.nan, "x")
+        room.heads = mixed_tree(room.heads, [(("not", "a str"), (1, 1.0, 2.0, "x"))])
+        room.epoch = math.nan
+        room.presence["eve"] = "not a time"
+        room.presence = mixed_tree(room.presence, [(("tuple",), 3.0)])
+        conn.root()[ROOMS_KEY] = mixed_tree(rooms, [(("a", "tuple"), Room("bad"))])
+
+    as_attacker(address, vandalise)
+    with zchat_nb.connect(address, user="reader") as client:
+        assert sorted(client.rooms()) == ["general", "other"]
+        chat = client.session("general")
+        assert [m.text for m in chat.new_messages()] == ["hello"]
+        for _ in range(3):  # NaN != NaN: no re-delivery on every poll
+            assert chat.new_messages() == []
+        assert [m.text for m in chat.history(10)] == ["hello"]
+        assert chat.present() == ["alice"]
+        assert [m.text for m in client.session("other").new_messages()] == ["in another room"]
+        places = " ".join(where for where, _ in chat.skipped)
+        assert "w-inf" in places and "w-nan" in places and "epoch" in places
+    honest_pair_works(address)
+
+
+def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.Server) -> None:
+    address = lenient_server.address
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session("general").add_message("fine")
+        alice.session("broken").add_message("gone")
+
+    def vandalise(conn: ZODB.Connection.Connection) -> None:
+        conn.root()[ROOMS_KEY]["broken"] = OOBTree()
+
+    as_attacker(address, vandalise)
+    with zchat_nb.connect(address, user="reader") as client:
+        broken = client.session("broken")
+        assert broken.new_messages() == []
+        assert broken.history() == []
+        assert broken.skipped and "broken" in broken.skipped[0][0]
+        assert [m.text for m in client.session("general").new_messages()] == ["fine"]
+
+
+def test_a_huge_stream_is_delivered_in_bounded_calls_without_skip_or_repeat(
+    lenient_server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = lenient_server.address
+    monkeypatch.setattr(model, "MAX_PER_CALL", 100)
+    total = 1050
+
+    def flood(conn: ZODB.Connection.Connection) -> None:
+        rooms = model.rooms_of(conn)
+        room = rooms["general"] = Room("general", 1.0)
+        assert room.streams is not None and room.heads is not None and room.count is not None
+        stream = room.streams["flooder"] = OOBTree()
+        for i in range(total):
+            message = Message(f"id{i:06d}", "flooder", f"m{i}", 1000.0 + i * 1e-3)
+            stream[message.key] = message.to_record()
+        room.heads["flooder"] = (total, 1000.0, message.time, message.id)
+        room.count.change(total)
+
+    as_attacker(address, flood)
+    with zchat_nb.connect(address, user="reader") as client:
+        chat = client.session("general")
+        seen: list[str] = []
+        while batch := chat.new_messages():
+            assert len(batch) <= 100
+            seen += [m.id for m in batch]
+        assert len(seen) == total and len(set(seen)) == total
+        assert len(chat.history(5000)) == total
+        assert not chat.skipped
+
+
+def test_many_writers_in_heads_are_read_a_slice_per_call(
+    lenient_server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = lenient_server.address
+    monkeypatch.setattr(model, "MAX_HEADS_PER_CALL", 500)
+    writers = 2000
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session().add_message("honest")
+
+    def flood(conn: ZODB.Connection.Connection) -> None:
+        room = conn.root()[ROOMS_KEY]["general"]
+        for i in range(writers):  # heads with no stream behind them
+            room.heads[f"ghost{i:05d}"] = (1, 5.0, 5.0, "x")
+        room.count.change(writers)
+
+    as_attacker(address, flood)
+    with zchat_nb.connect(address, user="reader") as client:
+        chat = client.session("general")
+        got: list[str] = []
+        for _ in range(2 * writers // 500 + 2):
+            got += [m.text for m in chat.new_messages()]
+        assert got == ["honest"]
+        assert len(chat.skipped) <= model.MAX_SKIPPED
