@@ -116,7 +116,10 @@ def test_bucket_record_builds_what_btrees_store() -> None:
 )
 def test_a_crafted_stream_record_is_skipped(lenient_server: zchat_nb.Server, how: str, why: str) -> None:
     address = lenient_server.address
-    with zchat_nb.connect(address, user="mallory") as mallory, zchat_nb.connect(address, user="alice") as alice:
+    with (
+        zchat_nb.connect(address, user="mallory") as mallory,
+        zchat_nb.connect(address, user="alice") as alice,
+    ):
         mallory.session().add_message("to be overwritten")
         alice.session().add_message("honest")
         oid, key = stream_oid(mallory)
