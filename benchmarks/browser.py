@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/browser.py                 # 30 messages, one after the other
-    python benchmarks/browser.py --messages 100
+    python -m benchmarks.browser                 # from the repository root: 30 messages, one after the other
+    python -m benchmarks.browser --messages 100
 
 The harness of ``tests/test_browser.py`` (``tests/browser.py``): a hardened ZEO server in this
 process (in memory), ``jupyter lab`` headless, Debian's Chromium through Playwright, two pages,
@@ -42,7 +42,6 @@ TARGET_P95_MS = 250.0
 
 def measure(messages: int) -> dict[str, Any]:
     """Start server, JupyterLab and Chromium; send ``messages`` from A to B; return the timings."""
-    sys.path.insert(0, str(ROOT))
     import zchat_nb
     from tests.browser import TwoNotebooks, measure_delivery
 
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="the RESULTS.md to update")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     args = parser.parse_args(argv)
-    command = "python benchmarks/browser.py" + (f" --messages {args.messages}" if args.messages != 30 else "")
+    command = "python -m benchmarks.browser" + (f" --messages {args.messages}" if args.messages != 30 else "")
 
     load = os.getloadavg()[0]
     result = measure(args.messages)

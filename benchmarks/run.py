@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/run.py            # full sizes (1M messages), a few minutes
-    python benchmarks/run.py --quick    # smaller sizes (100k), under two minutes
+    python -m benchmarks.run            # from the repository root: full sizes (1M messages), a few minutes
+    python -m benchmarks.run --quick    # smaller sizes (100k), under two minutes
 
 Every server is a separate process on 127.0.0.1 with a FileStorage in a temporary directory:
 ``python -m ZEO.runzeo -a 127.0.0.1:PORT -f FILE`` for the seed, ``python -m zchat_nb serve --path
@@ -23,13 +23,10 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
-import math
 import multiprocessing
 import os
 import platform
 import random
-import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +39,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from tests.helpers import ServerProcess, percentile
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 #: Text of a timed message: "... sent=<time.time() just before add_message>".
 SENT = "sent="
-SERVER_START_TIMEOUT = 30.0
 #: This script's section of RESULTS.md (other scripts write other sections of it).
 MARK_START, MARK_END = "<!-- run:start -->", "<!-- run:end -->"
 WORKER_TIMEOUT = 600.0
@@ -111,21 +109,8 @@ def _seed() -> ModuleType:
     return seed
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (``p`` in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def human(n: int) -> str:
@@ -155,65 +140,6 @@ def message_times(n: int, mean_gap: float, rng: random.Random, start: float = 1.
 
 
 # -- servers -----------------------------------------------------------------------------------
-
-
-class ServerProcess:
-    """A ZEO server in a child process: ``runzeo`` (seed) or ``zchat-nb serve`` (zchat_nb)."""
-
-    def __init__(self, kind: str, path: Path, log_path: Path) -> None:
-        self.kind = kind
-        if kind == "runzeo":
-            port = free_port()
-            cmd = [sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{port}", "-f", str(path)]
-            self.address: tuple[str, int] = ("127.0.0.1", port)
-        elif kind == "zchat":
-            cmd = [sys.executable, "-m", "zchat_nb", "serve", "--path", str(path), "--port", "0"]
-        else:
-            raise ValueError(f"unknown server kind {kind!r}")
-        self.log_path = log_path
-        self._ready = threading.Event()
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
-        )
-        self._drain = threading.Thread(target=self._read_output, daemon=True)
-        self._drain.start()
-        if not self._ready.wait(SERVER_START_TIMEOUT):
-            self.stop()
-            raise RuntimeError(
-                f"{' '.join(cmd)} did not report listening within {SERVER_START_TIMEOUT:g} s; "
-                f"see {log_path}:\n{log_path.read_text()[-2000:]}"
-            )
-
-    def _read_output(self) -> None:
-        # Drains the pipe for the server's whole life (a full pipe would block its logging).
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-            if not self._ready.is_set() and "listening on" in line:
-                if self.kind == "zchat":
-                    found = re.search(r"listening on (\S+):(\d+)", line)
-                    assert found, line
-                    self.address = (found.group(1), int(found.group(2)))
-                self._ready.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._drain.join(5)
-        self._log.close()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def server_stats(address: tuple[str, int]) -> dict[str, Any]:
@@ -790,8 +716,8 @@ def measure_big(ctx: Any, sizes: Sizes, tmp: Path, rep: Report) -> None:
     )
     big, seed_big = max(sizes.ours_sizes), max(sizes.seed_sizes)
     with (
-        ServerProcess("runzeo", seed_fs, tmp / "seed-big.log") as seed_srv,
-        ServerProcess("zchat", ours_fs, tmp / "ours-big.log") as ours_srv,
+        ServerProcess(seed_fs, kind="runzeo", log_path=tmp / "seed-big.log") as seed_srv,
+        ServerProcess(ours_fs, log_path=tmp / "ours-big.log") as ours_srv,
     ):
         idle_ours = {
             n: spawn(ctx, w_ours_idle, ours_srv.address, f"r{human(n)}", sizes.idle_calls).result()
@@ -867,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="where to write the table")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     ctx = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -878,8 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop("ZCHAT_ADDRESS", None)
         print("Live servers: delivery, raw commits, concurrent writers")
         with (
-            ServerProcess("runzeo", tmp / "seed.fs", tmp / "seed.log") as seed_srv,
-            ServerProcess("zchat", tmp / "ours.fs", tmp / "ours.log") as ours_srv,
+            ServerProcess(tmp / "seed.fs", kind="runzeo", log_path=tmp / "seed.log") as seed_srv,
+            ServerProcess(tmp / "ours.fs", log_path=tmp / "ours.log") as ours_srv,
         ):
             measure_delivery(ctx, sizes, seed_srv, ours_srv, rep)
             measure_writers(ctx, sizes, seed_srv, ours_srv, rep)

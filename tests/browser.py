@@ -1,9 +1,10 @@
 """Real-browser harness: headless JupyterLab, Notebook 7 or Voilà, Debian's Chromium through Playwright.
 
 Used by ``tests/test_browser.py``, ``tests/test_voila.py``, ``tests/test_notebook7.py`` and
-``benchmarks/browser.py``. Nothing here runs at import time. Every process started here is stopped
-by the object that started it (``with JupyterLab(...)``, ``with Notebook7(...)``, ``with
-Voila(...)``), kernels included, even when a test fails.
+``benchmarks/browser.py``; ports and percentiles come from ``tests/helpers.py``. Nothing here runs at
+import time. Every process started here is stopped by the object that started it (``with
+JupyterLab(...)``, ``with Notebook7(...)``, ``with Voila(...)``), kernels included, even when a test
+fails.
 
 The two-notebook chat (:class:`TwoNotebooks`): one JupyterLab, two pages in one Chromium, each page
 opening its own notebook (and its own workspace, so neither page restores the other's tabs) on its
@@ -19,13 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from types import TracebackType
 from typing import Any
 
 import nbformat
+
+from .helpers import free_port, percentile
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -64,13 +65,6 @@ _LAB_SETTINGS = {
         "checkForUpdates": False,
     },
 }
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def chromium_available() -> str | None:
@@ -451,13 +445,6 @@ def wait_for_message(page: Any, text: str, timeout_ms: float = DELIVERY_TIMEOUT_
     )
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest-rank."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))
-    return float(ordered[rank - 1])
-
-
 def measure_delivery(sender: Any, receiver: Any, count: int = 30, tag: str = "delivery") -> dict[str, Any]:
     """Send ``count`` messages from ``sender`` one after the other; return per-message latencies (ms).
 
@@ -487,8 +474,8 @@ def measure_delivery(sender: Any, receiver: Any, count: int = 30, tag: str = "de
     }
     if latencies:
         result.update(
-            p50_ms=percentile(latencies, 0.50),
-            p95_ms=percentile(latencies, 0.95),
+            p50_ms=percentile(latencies, 50),
+            p95_ms=percentile(latencies, 95),
             max_ms=float(max(latencies)),
             min_ms=float(min(latencies)),
             mean_ms=sum(latencies) / len(latencies),

@@ -1,16 +1,22 @@
-"""Shared fixtures: an isolated data directory, in-thread and out-of-process ZEO servers."""
+"""Shared fixtures: an isolated data directory, ZEO servers in a thread or a child process, clients,
+free ports.
+
+The helpers behind them (shared with the benchmarks) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ZODB
 
 import zchat_nb
-from zchat_nb.server import spawn_server
+from zchat_nb import ChatClient
+
+from . import helpers
+from .helpers import MakeClient, ServerProcess
 
 
 @pytest.fixture(autouse=True)
@@ -36,42 +42,44 @@ def file_server(tmp_path: Path) -> Iterator[zchat_nb.Server]:
         yield srv
 
 
+@pytest.fixture
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """``zchat-nb serve`` in a child process, so that tests can SIGKILL it and start it again."""
-
-    def __init__(self, path: Path, port: int) -> None:
-        self.path = path
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    def start(self, timeout: float = 30.0) -> None:
-        args = ["--path", str(self.path), "--port", str(self.port)]
-        self.proc, line = spawn_server(args, timeout=timeout)
-        if not line:
-            self.kill()
-            raise RuntimeError(f"zchat-nb serve did not start on port {self.port}")
-
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, as when a machine or process dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return helpers.free_port()
 
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "chat.fs", free_port())
+    """``zchat-nb serve`` on a FileStorage in a child process: tests can SIGKILL it and start it again."""
+    proc = ServerProcess(tmp_path / "chat.fs", helpers.free_port())
     proc.start()
     yield proc
     proc.kill()
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """``make_client(where, user, **options)``: a client, closed after the test.
+
+    ``where`` is a ``ZODB.DB`` (a unit test's in-memory database: ``ChatClient(db, ...)``) or a
+    server's address (``zchat_nb.connect(where, ...)``).
+    """
+    made: list[ChatClient] = []
+
+    def make(where: object, user: str, **options: object) -> ChatClient:
+        if isinstance(where, ZODB.DB):
+            client = ChatClient(where, user=user, **options)
+        else:
+            client = zchat_nb.connect(where, user=user, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> ChatClient:
+    """alice, on an in-memory database of her own (``ZODB.DB(None)``): for unit tests."""
+    return make_client(ZODB.DB(None), "alice")

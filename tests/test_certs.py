@@ -16,7 +16,8 @@ import pytest
 import zchat_nb
 from zchat_nb import certs
 from zchat_nb.cli import main
-from zchat_nb.server import _read_line, public_notice
+from zchat_nb.local import _read_line, public_notice
+from zchat_nb.net import parse_address
 
 
 @pytest.fixture
@@ -226,7 +227,7 @@ class ServeCommand:
         if not line:
             self.stop()
             raise AssertionError(f"zchat-nb serve {' '.join(args)} did not start: {self.proc.stderr}")
-        self.announced = zchat_nb.server.parse_address(line)
+        self.announced = parse_address(line)
 
     def stop(self) -> str:
         """Stop it (SIGTERM) and return what it printed."""

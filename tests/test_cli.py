@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 import zchat_nb
-from zchat_nb.server import stop_local_server
-
-from .conftest import free_port
+from zchat_nb.local import stop_local_server
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +32,8 @@ def get_when_listening(url: str, timeout: float = 30.0) -> bytes:
             time.sleep(0.1)  # nothing to wait on but the socket itself
 
 
-def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Path) -> None:
-    port, token = free_port(), "zchat-test-token"
+def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Path, free_port: int) -> None:
+    port, token = free_port, "zchat-test-token"
     lab_args = ["--no-browser", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0"]
     lab_args += [f"--IdentityProvider.token={token}", f"--LabApp.workspaces_dir={zchat_home / 'ws'}"]
     if os.geteuid() == 0:

@@ -20,6 +20,8 @@ from ZODB.utils import load_current
 import zchat_nb
 from zchat_nb.model import ROOMS_KEY
 
+from .helpers import ServerProcess
+
 pytestmark = pytest.mark.integration
 
 
@@ -194,31 +196,13 @@ def test_concurrent_inserts_still_merge_on_a_hardened_server(file_server: zchat_
 
 def test_a_stock_zeo_server_would_have_run_it(tmp_path: Path) -> None:
     """The control for the test above: plain runzeo decodes the same frame and runs the payload."""
-    import subprocess
-    import sys
-
-    from .conftest import free_port
-
     marker = tmp_path / "stock-pwned"
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{port}", "-f", str(tmp_path / "stock.fs")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # runzeo logs "listening on ..." once it accepts connections
-            if "listening on" in line:
-                break
-        sock = zeo_handshake(("127.0.0.1", port))
+    with ServerProcess(tmp_path / "stock.fs", kind="runzeo") as stock:
+        sock = zeo_handshake(stock.address)
         payload = Payload(eval, f"open({str(marker)!r}, 'w').close()")
         send_frame(sock, pickle.dumps((1, False, "register", (payload,)), 3))
         sock.settimeout(10)
         with contextlib.suppress(ConnectionError, TimeoutError):
             sock.recv(1024)
         sock.close()
-        assert marker.exists()
-    finally:
-        proc.kill()
-        proc.wait(10)
+    assert marker.exists()

@@ -117,13 +117,6 @@ def comms(monkeypatch: pytest.MonkeyPatch) -> list[RecordingComm]:
 
 
 @pytest.fixture
-def client() -> Iterator[ChatClient]:
-    chat_client = ChatClient(ZODB.DB(None), user="alice")
-    yield chat_client
-    chat_client.close()
-
-
-@pytest.fixture
 def make_widget(comms: list[RecordingComm], client: ChatClient) -> Iterator[Callable[..., ChatWidget]]:
     widgets: list[ChatWidget] = []
 
@@ -462,8 +455,8 @@ def test_closing_the_client_stops_the_poller(comms: list) -> None:
     assert threading.active_count() == threads_before
 
 
-def test_client_widget_makes_a_chat_widget(client: ChatClient, comms: list) -> None:
-    widget = client.widget("lab", poll_interval=0.05)
+def test_a_widget_shows_the_given_room_as_the_clients_user(client: ChatClient, comms: list) -> None:
+    widget = ChatWidget(client, "lab", poll_interval=0.05)
     try:
         assert isinstance(widget, ChatWidget)
         assert (widget.room, widget.user) == ("lab", "alice")

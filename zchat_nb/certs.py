@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ZChatConnectionError, ZChatError
+from .exceptions import ZChatError
+from .net import outward_ip
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -40,14 +41,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Bundle",
     "Classroom",
-    "check_tls",
     "client_context",
     "describe_classroom",
     "load_bundle",
     "make_classroom",
     "read_names",
     "server_context",
-    "speaks_tls",
     "this_machine_names",
 ]
 
@@ -329,8 +328,6 @@ def make_classroom(
 
 def this_machine_names() -> list[str]:
     """Names students may type for this machine: its outward IP address and its host name."""
-    from .server import outward_ip
-
     names = []
     for candidate in (outward_ip(), socket.gethostname()):
         with contextlib.suppress(ZChatError):  # a host name that is no DNS name: leave it out
@@ -437,115 +434,3 @@ def load_bundle(directory: str | os.PathLike[str], student: str | None = None) -
 def client_context(directory: str | os.PathLike[str], student: str | None = None) -> ssl.SSLContext:
     """The TLS context of ``student``'s client (see :func:`load_bundle` for ``directory``)."""
     return load_bundle(directory, student).client_context()
-
-
-# -- telling what went wrong -----------------------------------------------------------------
-
-_REFUSED_REASONS = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate and none was given",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused this client certificate",
-    "TLSV1_ALERT_UNKNOWN_CA": "the server refused this client certificate: another CA issued it",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server refused this client certificate: it has expired",
-    "TLSV1_ALERT_DECRYPT_ERROR": "the server refused this client certificate",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the server refused the TLS handshake (no or wrong client certificate?)",
-}
-
-
-def check_tls(
-    address: tuple[str, int],
-    context: ssl.SSLContext,
-    *,
-    server_hostname: str | None = None,
-    timeout: float = 5.0,
-) -> None:
-    """Open one TLS connection as a client with ``context`` would; raise what is wrong in words.
-
-    Raises :class:`ZChatConnectionError` if nothing listens, the server does not speak TLS, its
-    certificate is not trusted, or it refuses ours (TLS 1.3 tells a client that only after the
-    handshake, so this waits for the server's first ZEO message).
-    """
-    host, port = address
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        raw = socket.create_connection(address, timeout=timeout)
-    except OSError as exc:
-        raise ZChatConnectionError(
-            f"no ZEO server answers at {where}; check the address and that the teacher's "
-            "`zchat-nb serve --tls DIR` runs"
-        ) from exc
-    try:
-        with context.wrap_socket(raw, server_hostname=server_hostname or host) as tls:
-            tls.settimeout(timeout)
-            greeting = _read_greeting(tls)
-    except ssl.SSLCertVerificationError as exc:
-        if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-            why = (
-                f"the server's certificate does not name {host!r}; connect with a name it has, or remake "
-                f"the certificates with `zchat-nb certs DIR --server-name {host}`"
-            )
-        else:
-            why = (
-                f"the server's certificate is not signed by your ca.pem ({exc.verify_message}); "
-                "use the folder your teacher made for this server"
-            )
-        raise ZChatConnectionError(f"TLS to {where} failed: {why}") from exc
-    except ssl.SSLError as exc:
-        reason = exc.reason or ""
-        if reason in _REFUSED_REASONS:
-            why = _REFUSED_REASONS[reason]
-        elif reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
-            why = "the server does not speak TLS; connect without tls"
-        else:
-            why = f"{reason or exc}"
-        raise ZChatConnectionError(f"TLS to {where} failed: {why}") from exc
-    except TimeoutError as exc:
-        raise ZChatConnectionError(
-            f"TLS to {where} failed: no answer within {timeout:g} s (is it a zchat_nb server?)"
-        ) from exc
-    except OSError as exc:  # reset or closed mid-handshake
-        raise ZChatConnectionError(
-            f"TLS to {where} failed: the server closed the connection ({exc}); "
-            "it refused this client certificate, or does not speak TLS"
-        ) from exc
-    finally:
-        raw.close()
-    if not greeting:
-        raise ZChatConnectionError(
-            f"TLS to {where} failed: the server closed the connection after the handshake; "
-            "it refused this client certificate"
-        )
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _read_greeting(sock: socket.socket) -> bytes:
-    """Read ZEO's first message (length-prefixed) whole: closing with it unread would reset the
-    connection, which the server logs as an error."""
-    header = _read_exactly(sock, 4)
-    size = int.from_bytes(header, "big") if len(header) == 4 else 0
-    return header + (_read_exactly(sock, size) if size <= 64 else b"")
-
-
-def speaks_tls(address: tuple[str, int], timeout: float = 2.0) -> bool:
-    """Whether the server at ``address`` answers a TLS handshake (checks no certificate)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=address[0]),
-        ):
-            return True
-    except ssl.SSLError as exc:
-        return "ALERT" in (exc.reason or "")  # it speaks TLS, and refused us in it
-    except OSError:
-        return False

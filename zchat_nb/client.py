@@ -26,7 +26,8 @@ import ZODB
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
-from .exceptions import ZChatConnectionError
+from .exceptions import ZChatConnectionError, server_boundary
+from .local import ENV_ADDRESS, resolve_address
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -35,15 +36,19 @@ from .model import (
     check_author,
     room_names,
 )
+from .net import Address, check_tls, format_address, probe, speaks_tls
+from .pgwake import DEFAULT_FALLBACK
 from .pickles import RECORD, PicklePolicy, RefusedPickle, check_record
 from .ratelog import rate_limit
 from .security import CONFLICT_STATE, class_factory, harden_client_process
-from .server import Address, format_address, probe, resolve_address
+from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
 
-__all__ = ["ChatClient", "ClientEvent", "connect", "default_user"]
+    from .pgwake import PostgresLink
+
+__all__ = ["ChatClient", "ClientEvent", "ClientEvents", "connect", "default_user"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,9 @@ def default_user() -> str:
 class ClientEvent:
     """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
 
-    #: "invalidation", "connected", "disconnected" (from ZEO's thread, these wake readers), or
-    #: "commit", "poll", "resolved" (from the thread that did it: for inspectors, they wake nobody).
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (from the thread
+    #: whose commit finished): these wake readers; or "commit", "poll", "resolved" (from the thread
+    #: that did it: for inspectors, they wake nobody).
     kind: str
     time: float
     tid: bytes | None = None
@@ -75,21 +81,88 @@ class ClientEvent:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: Events from ZEO's networking thread; each also wakes readers waiting in ``new_messages``.
-WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected"})
+#: Events that wake readers waiting in ``new_messages``: the server's invalidations and
+#: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
+WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
 #: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 
 
-class _WakingClientStorage(ClientStorage):
-    """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
+class ClientEvents:
+    """The wake-ups and the subscribers of one client.
 
-    These run on ZEO's networking thread: they must never make storage calls.
+    Made before the client's storage, which gets it when it is built (so nothing it says while it
+    connects is lost); the :class:`ChatClient` shares it. Readers wait in :meth:`wait_for_change`,
+    subscribers hear the events. :meth:`tell` runs on ZEO's networking thread or a committing one:
+    it makes no storage calls, and neither may the subscribers.
     """
 
-    _zchat_notify: Callable[[ClientEvent], None] | None = None
-    _zchat_report: Callable[..., None] | None = None
-    _zchat_wake: Callable[[], None] | None = None
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+
+    def generation(self) -> int:
+        """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
+        return self._generation
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+
+    def tell(self, event: ClientEvent) -> None:
+        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
+        with self._changed:
+            if event.kind in WAKE_KINDS:
+                self._generation += 1
+                self._changed.notify_all()
+            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("zchat_nb subscriber %r failed", callback)
+
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
+        self.tell(ClientEvent(kind, time.time(), details=details))
+
+    def subscribe(
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+    ) -> Callable[[], None]:
+        """See :meth:`ChatClient.subscribe`."""
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
+        with self._changed:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._changed:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        """Wake every waiting reader, for good."""
+        with self._changed:
+            self._closed = True
+            self._generation += 1
+            self._changed.notify_all()
+
+
+class _WakingClientStorage(ClientStorage):
+    """ClientStorage that tells a :class:`ClientEvents` of invalidations, (dis)connections and commits.
+
+    The events are given at construction: ZEO starts connecting, and calls ``notify_connected`` on
+    its networking thread, before ``__init__`` returns. They run on that thread (or, for commits,
+    on the committing one): they must never make storage calls.
+    """
+
+    def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
+        self.zchat_events = events
+        super().__init__(addr, **kwargs)
+
     #: How records are checked before ZODB unpickles them (connect() scales it to max_text_bytes).
     _zchat_record_policy: PicklePolicy = RECORD
     #: ``(oid, serial)`` of records already checked: the ZEO cache hands out the same bytes again.
@@ -126,34 +199,34 @@ class _WakingClientStorage(ClientStorage):
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+        self.zchat_events.tell(ClientEvent("invalidation", time.time(), tid, oids))
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
-        # The server sends no invalidation to the client that committed: wake this client's own
-        # readers (other threads waiting in new_messages) as an invalidation would.
-        if self._zchat_wake is not None:
-            self._zchat_wake()
+        # The server sends no invalidation to the client that committed: tell this client's own
+        # readers and subscribers (other threads, a widget's poller) as an invalidation would.
+        self.zchat_events.tell(ClientEvent("committed", time.time(), tid))
         return tid
 
     def tpc_vote(self, txn: Any) -> Any:
         result = super().tpc_vote(txn)
         buffer = txn.data(self)
         resolved = len(buffer.server_resolved) + len(buffer.client_resolved)
-        if resolved and self._zchat_report is not None:
-            self._zchat_report("resolved", count=resolved)
+        if resolved:
+            self.zchat_events.report("resolved", count=resolved)
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
+        # Object ids pre-fetched from the server before a restart may be handed out again by the
+        # restarted storage (it starts after the largest oid it stored): creating an object with
+        # one would collide ("A different object already has the same oid"). Ask afresh.
+        del self._oids[:]
         super().notify_connected(conn, info)
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("connected", time.time()))
+        self.zchat_events.tell(ClientEvent("connected", time.time()))
 
     def notify_disconnected(self) -> None:
         super().notify_disconnected()
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("disconnected", time.time()))
+        self.zchat_events.tell(ClientEvent("disconnected", time.time()))
 
 
 class ChatClient:
@@ -171,6 +244,8 @@ class ChatClient:
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        events: ClientEvents | None = None,
+        link: PostgresLink | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -180,17 +255,17 @@ class ChatClient:
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
-        self._changed = threading.Condition()
-        self._generation = 0
+        #: What wakes readers and what subscribers hear; :func:`connect` gives its storage the same.
+        self.events = events if events is not None else ClientEvents()
+        self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
-        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
         self._closed = False
-        storage = db.storage
-        if isinstance(storage, _WakingClientStorage):
-            storage._zchat_notify = self._notify
-            storage._zchat_report = self.report
-            storage._zchat_wake = self._wake_readers
+        # PostgreSQL (RelStorage) instead of ZEO: the link's LISTEN thread tells ``events`` of
+        # commits and says whether the database answers.
+        self._link = link
+        if link is not None:
+            link.start(self.events)
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -203,7 +278,7 @@ class ChatClient:
             tm = transaction.TransactionManager()
             pair = (tm, self.db.open(transaction_manager=tm))
             self._local.pair = pair
-            with self._changed:
+            with self._lock:
                 self._connections.append(pair)
         return pair
 
@@ -213,7 +288,7 @@ class ChatClient:
         if pair is None:
             return
         del self._local.pair
-        with self._changed:
+        with self._lock:
             if pair not in self._connections:  # close() got there first
                 return
             self._connections.remove(pair)
@@ -222,13 +297,14 @@ class ChatClient:
         conn.close()
 
     def generation(self) -> int:
-        return self._generation
+        return self.events.generation()
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+        return self.events.wait_for_change(generation, timeout)
 
     def is_connected(self) -> bool:
+        if self._link is not None:
+            return self._link.is_connected()
         storage = self.db.storage
         return bool(storage.is_connected()) if hasattr(storage, "is_connected") else True
 
@@ -236,6 +312,8 @@ class ChatClient:
         storage = self.db.storage
         if self._closed:
             return False
+        if self._link is not None:
+            return self._link.wait_connected(timeout)
         if self.is_connected():
             return True
         try:
@@ -246,52 +324,45 @@ class ChatClient:
 
     @property
     def address_text(self) -> str:
+        if self._link is not None:
+            return self._link.target.display  # never shows the password
         return format_address(self.address) if self.address else "(in-process storage)"
+
+    @property
+    def target(self) -> Address | PostgresTarget | None:
+        """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
+        return self._link.target if self._link is not None else self.address
+
+    @property
+    def storage_text(self) -> str:
+        """Which storage this client uses, in words (no password)."""
+        if self._link is not None:
+            return self._link.target.description
+        return f"ZEO server at {format_address(self.address)}" if self.address else "in-process storage"
+
+    def server_status(self) -> dict[str, Any]:
+        """The server's statistics (ZEO), or the PostgreSQL link's (storage, notifications, polls)."""
+        if self._link is not None:
+            return self._link.status()
+        return dict(self.db.storage.server_status())
 
     # -- events --------------------------------------------------------------------------
 
-    def _notify(self, event: ClientEvent) -> None:
-        self._wake_readers()
-        self._dispatch(event)
-
-    def _wake_readers(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
-
     def report(self, kind: str, **details: Any) -> None:
         """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
-        self._dispatch(ClientEvent(kind, time.time(), details=details))
-
-    def _dispatch(self, event: ClientEvent) -> None:
-        with self._changed:
-            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
-        for callback in subscribers:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("zchat_nb subscriber %r failed", callback)
+        self.events.report(kind, **details)
 
     def subscribe(
         self, callback: Callable[[ClientEvent], None], *, activity: bool = False
     ) -> Callable[[], None]:
-        """Call ``callback(event)`` on each invalidation and (dis)connection; returns an unsubscribe.
+        """Call ``callback(event)`` on each event of :data:`WAKE_KINDS`; returns an unsubscribe.
 
         With ``activity=True`` the callback also hears this client's own "commit", "poll" and
         "resolved" events (an inspector wants them; a poller must not wake on its own polls).
         The callback runs on ZEO's networking thread or the acting thread: it must be quick and
         make no storage calls.
         """
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
-        with self._changed:
-            self._subscribers.append(entry)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if entry in self._subscribers:
-                    self._subscribers.remove(entry)
-
-        return unsubscribe
+        return self.events.subscribe(callback, activity=activity)
 
     # -- rooms ---------------------------------------------------------------------------
 
@@ -306,14 +377,9 @@ class ChatClient:
     def rooms(self) -> list[str]:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
-        tm.begin()
-        return room_names(conn.root().get(ROOMS_KEY))
-
-    def widget(self, room: str = "general", **kwargs: Any) -> Any:
-        """A :class:`zchat_nb.ChatWidget` on ``room`` (needs ipywidgets)."""
-        from .widget import ChatWidget
-
-        return ChatWidget(client=self, room=room, **kwargs)
+        with server_boundary(self.address_text):
+            tm.begin()
+            return room_names(conn.root().get(ROOMS_KEY))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -323,19 +389,20 @@ class ChatClient:
 
     def close(self) -> None:
         """Close every connection and the database; wakes and ends any waiting reader."""
-        with self._changed:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._generation += 1
-            self._changed.notify_all()
             pairs, self._connections = self._connections, []
+        self.events.close()
         for tm, conn in pairs:
             try:
                 tm.abort()
                 conn.close()
             except Exception:  # a connection still in use by another thread
                 log.debug("closing a zchat_nb connection failed", exc_info=True)
+        if self._link is not None:
+            self._link.close()
         self.db.close()
 
     def __enter__(self) -> ChatClient:
@@ -361,14 +428,17 @@ def connect(
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
     clock: Callable[[], float] = time.time,
+    fallback: float = DEFAULT_FALLBACK,
 ) -> ChatClient:
     """Connect to a chat server.
 
     Parameters
     ----------
     address
-        ``(host, port)``, ``"host:port"`` or None: ``$ZCHAT_ADDRESS``, else the embedded default
-        (the local server recorded in the user data directory, started if none answers).
+        ``(host, port)``, ``"host:port"``, a PostgreSQL URI
+        (``"postgresql://user:password@host:port/dbname"``, see :mod:`zchat_nb.storage`) or None:
+        ``$ZCHAT_ADDRESS``, else the embedded default (the local server recorded in the user data
+        directory, started if none answers).
     user
         The name shown with this client's messages; default: JupyterHub user or login name.
     timeout
@@ -388,7 +458,26 @@ def connect(
         Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
     clock
         Where message times come from (tests pass a slow clock).
+    fallback
+        PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    target = address if address is not None else os.environ.get(ENV_ADDRESS)
+    if is_storage_uri(target):
+        if ssl is not None or tls is not None:
+            raise ZChatConnectionError(
+                "ssl=/tls= are for ZEO servers; for PostgreSQL put sslmode=verify-full (and "
+                "sslrootcert=...) in the URI's query"
+            )
+        return _connect_postgres(
+            parse_storage_uri(str(target)),
+            user,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_text_bytes=max_text_bytes,
+            allow=allow,
+            clock=clock,
+            fallback=fallback,
+        )
     if tls is not None:
         from .certs import load_bundle
 
@@ -401,16 +490,17 @@ def connect(
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
-        from .certs import check_tls
-
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
         raise ZChatConnectionError(
             f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
         )
+    events = ClientEvents()
     try:
-        storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+        storage = _WakingClientStorage(
+            addr, events=events, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl
+        )
         # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
         record_bytes = max(RECORD.max_bytes, 40 * max_text_bytes)
         storage._zchat_record_policy = dataclasses.replace(RECORD, max_bytes=record_bytes)
@@ -420,8 +510,6 @@ def connect(
         try:
             storage._wait(connect_timeout)
         except ClientDisconnected as exc:
-            from .certs import speaks_tls
-
             if ssl is None and speaks_tls(addr):
                 raise ZChatConnectionError(
                     f"the ZEO server at {where} requires TLS with a client certificate; connect with "
@@ -443,7 +531,64 @@ def connect(
             max_text_bytes=max_text_bytes,
             policy=SendPolicy(timeout=timeout),
             clock=clock,
+            events=events,
         )
     except BaseException:
         db.close()
         raise
+
+
+def _connect_postgres(
+    target: PostgresTarget,
+    user: str | None,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_text_bytes: int,
+    allow: Iterable[tuple[str, str]],
+    clock: Callable[[], float],
+    fallback: float,
+) -> ChatClient:
+    """A ChatClient on RelStorage: same model and allow-lists, wake-ups by LISTEN/NOTIFY."""
+    from .pgwake import PostgresLink
+    from .security import harden_conflict_resolution
+    from .server import _ensure_root
+    from .storage import install_notify_trigger, open_relstorage
+
+    # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
+    harden_conflict_resolution()
+    storage = open_relstorage(target, connect_timeout=connect_timeout)
+    try:
+        _ensure_root(storage)  # two first clients at once must not both create the root
+        link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))
+        # Set before ZODB.DB makes the per-connection instances, which copy them.
+        storage._zchat_on_lost = link.lost
+        storage._zchat_after_commit = link.committed
+        db = ZODB.DB(storage, class_factory=class_factory(allow))
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        client = ChatClient(
+            db,
+            user=user,
+            max_text_bytes=max_text_bytes,
+            policy=SendPolicy(timeout=timeout),
+            clock=clock,
+            link=link,
+        )
+    except BaseException:
+        link.close()
+        db.close()
+        raise
+    if link.trigger_problem is not None:
+        log.warning(
+            "zchat_nb: commits to %s send no notification (%s); readers learn of them every %g s",
+            target.display,
+            link.trigger_problem,
+            fallback,
+        )
+    if not link.wait_connected(connect_timeout):
+        client.close()
+        raise ZChatConnectionError(f"{target.description} does not answer: {link.last_error}")
+    return client

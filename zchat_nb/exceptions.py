@@ -5,18 +5,26 @@ Everything derives from :class:`ZChatError`, so ``except ZChatError`` catches al
     ZChatError
     ├── ZChatConnectionError        no server answers / connection refused (address named)
     │   └── ZChatDisconnected       the server went away; also a transaction TransientError
-    ├── ZChatSendError              a message could not be committed in time (it was not sent)
+    ├── ZChatSendError              a message (or a teacher's clear) could not be committed in time
     ├── InvalidMessageError         bad input: empty, not str, too long (also a ValueError)
     ├── UnsafeRecordError           a stored record names a global outside the allow-list
     └── ZChatServerError            a server could not be started, found or stopped
 
 A message that raised :class:`ZChatSendError` or :class:`ZChatDisconnected` was not committed:
 sending it again cannot duplicate it, because retries reuse the message id.
+
+:func:`server_boundary` is the one place where a foreign error of a server that went away (ZEO's
+``ClientDisconnected``, raised by any load or commit while it is away) becomes
+:class:`ZChatDisconnected`; every public read and write goes through it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from transaction.interfaces import TransientError
+from ZODB.POSException import ConflictError
 
 __all__ = [
     "InvalidMessageError",
@@ -26,6 +34,8 @@ __all__ = [
     "ZChatError",
     "ZChatSendError",
     "ZChatServerError",
+    "disconnected",
+    "server_boundary",
 ]
 
 
@@ -42,7 +52,7 @@ class ZChatDisconnected(ZChatConnectionError, TransientError):
 
 
 class ZChatSendError(ZChatError):
-    """A message could not be committed within the send timeout; it was not sent."""
+    """A message (or another change) could not be committed within the send timeout; it was not made."""
 
 
 class InvalidMessageError(ZChatError, ValueError):
@@ -55,3 +65,27 @@ class UnsafeRecordError(ZChatError):
 
 class ZChatServerError(ZChatError):
     """A ZEO server could not be started, found or stopped."""
+
+
+def disconnected(where: str) -> ZChatDisconnected:
+    """The error of a call made while the server at ``where`` is away, with the way out."""
+    return ZChatDisconnected(
+        f"not connected to the ZEO server at {where}; the client reconnects by itself when the "
+        "server is back (check it with `zchat-nb status`, start it with `zchat-nb serve`)"
+    )
+
+
+@contextlib.contextmanager
+def server_boundary(where: str) -> Iterator[None]:
+    """Turn a server that went away, mid-call, into :class:`ZChatDisconnected` naming ``where``.
+
+    ZEO's ``ClientDisconnected`` is a ``transaction.interfaces.TransientError``, which is caught here
+    without importing ZEO. A ``ConflictError`` is transient too but says nothing about the server,
+    and our own errors are already ours: both pass unchanged.
+    """
+    try:
+        yield
+    except (ZChatError, ConflictError):
+        raise
+    except TransientError as exc:
+        raise disconnected(where) from exc

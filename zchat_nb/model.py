@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import transaction
 from BTrees.Length import Length
@@ -45,6 +45,8 @@ from .exceptions import (
     ZChatConnectionError,
     ZChatDisconnected,
     ZChatSendError,
+    disconnected,
+    server_boundary,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ __all__ = [
     "Room",
     "SendPolicy",
     "SessionHost",
+    "commit",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ _MAX_REASON = 300
 _LOGGED_SKIPS = 10
 
 Record = tuple[str, str, str, float]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +385,7 @@ class SessionHost(Protocol):
         """This thread's transaction manager and connection."""
 
     def generation(self) -> int:
-        """A counter bumped on every invalidation and every (dis)connect."""
+        """A counter bumped on every invalidation, (dis)connect and commit of this client."""
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
         """Block until :meth:`generation` differs from ``generation``, or ``timeout`` passes."""
@@ -480,13 +484,14 @@ class ChatSession:
             if not self._host.is_connected():
                 remaining = 0.0 if deadline is None else deadline - time.monotonic()
                 if not self._host.wait_connected(remaining):
-                    raise self._disconnected()
+                    raise disconnected(self._host.address_text)
             generation = self._host.generation()
             try:
-                messages = self._poll()
-            except transaction.interfaces.TransientError as exc:  # the server went away mid-read
+                with server_boundary(self._host.address_text):
+                    messages = self._poll()
+            except ZChatDisconnected:  # the server went away mid-read: wait for it, if there is time
                 if deadline is None or time.monotonic() >= deadline:
-                    raise self._disconnected() from exc
+                    raise
                 continue
             if messages or deadline is None:
                 return messages
@@ -494,12 +499,6 @@ class ChatSession:
             if remaining <= 0:
                 return []
             self._host.wait_for_change(generation, remaining)
-
-    def _disconnected(self) -> ZChatDisconnected:
-        return ZChatDisconnected(
-            f"not connected to the ZEO server at {self._host.address_text}; the client reconnects "
-            "by itself when the server is back (start it with `zchat-nb serve`)"
-        )
 
     def _poll(self) -> list[Message]:
         started = time.perf_counter()
@@ -657,7 +656,7 @@ class ChatSession:
         """
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
-        with self._lock:
+        with self._lock, server_boundary(self._host.address_text):
             room = self._room()
             return [] if room is None else self._history(room, n, before)
 
@@ -672,7 +671,8 @@ class ChatSession:
             start = min(start, top[0])
         oldest = min(head.first for _, head in heads)
         try:
-            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
+            if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
+                _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
         except transaction.interfaces.TransientError:
             raise
         except Exception:  # only a speed-up: the reads below report what does not load
@@ -748,47 +748,7 @@ class ChatSession:
         return stored[0]
 
     def _commit(self, change: Callable[[Connection], object], what: str) -> None:
-        """Run ``change`` in a transaction and commit it, retrying conflicts and outages."""
-        policy = self._host.policy
-        deadline = time.monotonic() + policy.timeout
-        tm, conn = self._host.connection()
-        conflicts = 0
-        last_error: BaseException | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._host.wait_connected(remaining):
-                raise ZChatSendError(
-                    f"{what} failed: no answer from the ZEO server at {self._host.address_text} "
-                    f"within {policy.timeout:g} s; the message was not sent. Check the server "
-                    "(`zchat-nb status`) and send again"
-                ) from last_error
-            try:
-                started = time.perf_counter()
-                tm.begin()
-                change(conn)
-                tm.commit()
-                latency = time.perf_counter() - started
-                self._host.report("commit", room=self.room, what=what, latency=latency, conflicts=conflicts)
-                return
-            except ConflictError as exc:
-                tm.abort()
-                conflicts += 1
-                last_error = exc
-                if conflicts > policy.max_conflicts:
-                    raise ZChatSendError(
-                        f"{what} failed: {conflicts} write conflicts in a row; the message was not "
-                        "sent. Send it again"
-                    ) from exc
-                pause = random.uniform(0, min(policy.backoff, policy.backoff * 2**conflicts / 32))
-                time.sleep(pause)  # a random pause so that conflicting writers stop colliding
-            except transaction.interfaces.TransientError as exc:
-                # ClientDisconnected: the commit may or may not have happened; retrying is safe
-                # because `change` leaves an already stored message alone.
-                tm.abort()
-                last_error = exc
-            except BaseException:
-                tm.abort()
-                raise
+        commit(self._host, change, what=what, room=self.room)
 
     # -- presence ------------------------------------------------------------------------
 
@@ -803,9 +763,65 @@ class ChatSession:
 
     def present(self, within: float = 90.0) -> list[str]:
         """Users whose last heartbeat in this room is at most ``within`` seconds old."""
-        with self._lock:
+        with self._lock, server_boundary(self._host.address_text):
             room = self._room()
             return [] if room is None else room.present(float(self._host.clock()) - within)
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
+
+
+def commit(
+    host: SessionHost,
+    change: Callable[[Connection], _T],
+    *,
+    what: str,
+    room: str = "",
+    undone: str = "the message was not sent",
+) -> _T:
+    """Run ``change(conn)`` in a fresh transaction of this thread and commit it; return its result.
+
+    The one retry loop of every write: conflicts are retried with a random pause, and a server
+    that is away is waited for, within ``host.policy``; then :class:`ZChatSendError` says ``what``
+    failed and ``undone``. ``change`` must be safe to run again: after an outage the first commit
+    may or may not have happened.
+    """
+    policy = host.policy
+    deadline = time.monotonic() + policy.timeout
+    tm, conn = host.connection()
+    conflicts = 0
+    last_error: BaseException | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not host.wait_connected(remaining):
+            raise ZChatSendError(
+                f"{what} failed: no answer from the ZEO server at {host.address_text} "
+                f"within {policy.timeout:g} s; {undone}. Check the server (`zchat-nb status`) "
+                "and try again"
+            ) from last_error
+        try:
+            started = time.perf_counter()
+            tm.begin()
+            result = change(conn)
+            tm.commit()
+            latency = time.perf_counter() - started
+            host.report("commit", room=room, what=what, latency=latency, conflicts=conflicts)
+            return result
+        except ConflictError as exc:
+            tm.abort()
+            conflicts += 1
+            last_error = exc
+            if conflicts > policy.max_conflicts:
+                raise ZChatSendError(
+                    f"{what} failed: {conflicts} write conflicts in a row; {undone}. Try again"
+                ) from exc
+            pause = random.uniform(0, min(policy.backoff, policy.backoff * 2**conflicts / 32))
+            time.sleep(pause)  # a random pause so that conflicting writers stop colliding
+        except transaction.interfaces.TransientError as exc:
+            # ClientDisconnected: the commit may or may not have happened; retrying is safe
+            # because `change` is.
+            tm.abort()
+            last_error = exc
+        except BaseException:
+            tm.abort()
+            raise

@@ -1,4 +1,5 @@
-"""Turning chat messages into what a browser may show: sanitised HTML, a colour and initials per user.
+"""Turning chat messages into what a browser may show (sanitised HTML, a colour and initials per user)
+or a terminal prints (:func:`format_line`).
 
 Message text comes from other people's kernels, and a view that assigns ``innerHTML`` runs whatever
 event handlers the HTML carries, so every message goes through two gates:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import unicodedata
 from datetime import datetime, timezone
 from typing import Any
@@ -27,6 +29,7 @@ from .model import Message
 
 __all__ = [
     "ALLOWED_TAGS",
+    "format_line",
     "initials",
     "message_payload",
     "render_markdown",
@@ -130,3 +133,9 @@ def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
         "html": render_markdown(message.text),
         "own": own,
     }
+
+
+def format_line(message: Message) -> str:
+    """One message as a terminal line: ``[HH:MM] author: text`` in local time."""
+    stamp = time.strftime("%H:%M", time.localtime(message.time))
+    return f"[{stamp}] {message.author}: {message.text}"

@@ -35,6 +35,7 @@ __all__ = [
     "WIRE_GLOBALS",
     "class_factory",
     "harden_client_process",
+    "harden_conflict_resolution",
     "harden_server_process",
 ]
 
@@ -123,6 +124,16 @@ def harden_server_process() -> None:
     import ZODB.ConflictResolution as cr
 
     marshal.server_find_global = _wire_find_global
+    cr.find_global = _conflict_find_global
+
+
+def harden_conflict_resolution() -> None:
+    """Put the conflict allow-list into ZODB's conflict resolution in this process (idempotent).
+
+    RelStorage resolves conflicts in the client, unpickling states other clients wrote.
+    """
+    import ZODB.ConflictResolution as cr
+
     cr.find_global = _conflict_find_global
 
 

@@ -27,12 +27,12 @@ import re
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import transaction
-
-from .exceptions import ZChatDisconnected, ZChatError
-from .model import ROOMS_KEY, Message, Room
+from .exceptions import ZChatError, server_boundary
+from .model import ROOMS_KEY, Message, Room, commit
 
 if TYPE_CHECKING:
+    from ZODB.Connection import Connection
+
     from .client import ChatClient
 
 __all__ = [
@@ -55,28 +55,15 @@ _T = TypeVar("_T")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _with_room(client: ChatClient, name: str, action: Callable[[Room], _T], *, commit: bool = False) -> _T:
-    """Run ``action(room)`` in a fresh transaction of this thread; commit it if asked.
-
-    Conflicts and a server away for a moment are retried a few times.
-    """
+def _read_room(client: ChatClient, name: str, action: Callable[[Room], _T]) -> _T:
+    """Run ``action(room)`` on a fresh snapshot of this thread's connection: all that was committed."""
     tm, conn = client.connection()
-    try:
-        if not commit:
-            tm.begin()  # a fresh snapshot: everything committed before now
-            try:
-                return action(_find_room(client, conn, name))
-            finally:
-                tm.abort()
-        for attempt in tm.attempts(5):
-            with attempt:
-                result = action(_find_room(client, conn, name))
-        return result
-    except transaction.interfaces.TransientError as exc:
-        raise ZChatDisconnected(
-            f"the ZEO server at {client.address_text} did not answer; check it (`zchat-nb status`) "
-            "and try again"
-        ) from exc
+    with server_boundary(client.address_text):
+        tm.begin()
+        try:
+            return action(_find_room(client, conn, name))
+        finally:
+            tm.abort()
 
 
 def _find_room(client: ChatClient, conn: Any, name: str) -> Room:
@@ -100,7 +87,7 @@ def messages(client: ChatClient, room: str) -> list[Message]:
                 log.warning("room %r: skipped unreadable record %r (%s)", room, key, exc)
         return result
 
-    return _with_room(client, room, read)
+    return _read_room(client, room, read)
 
 
 def _utc(when: float) -> datetime.datetime:
@@ -234,16 +221,18 @@ def clear_room(client: ChatClient, room: str) -> int:
     """Delete every message of ``room`` for everyone; returns how many there were.
 
     Each reader notices the room's new epoch and starts its cursor afresh. The data stays in the
-    storage until :func:`pack`.
+    storage until :func:`pack`. Conflicts and a server away are retried within the client's
+    ``timeout``, as sends are (the same commit loop); then :class:`ZChatSendError` says so.
     """
 
-    def clear(found: Room) -> int:
+    def clear(conn: Connection) -> int:
+        found = _find_room(client, conn, room)
         assert found.count is not None
         count = found.count()
         found.clear()
         return int(count)
 
-    return _with_room(client, room, clear, commit=True)
+    return commit(client, clear, what=f"clearing room {room!r}", room=room, undone="the room was not cleared")
 
 
 def pack(client: ChatClient, days: float = 0.0) -> None:
@@ -253,9 +242,5 @@ def pack(client: ChatClient, days: float = 0.0) -> None:
     """
     if days < 0:
         raise ZChatError(f"pack(days={days}) needs days >= 0")
-    try:
+    with server_boundary(client.address_text):
         client.db.pack(days=days)
-    except transaction.interfaces.TransientError as exc:
-        raise ZChatDisconnected(
-            f"the ZEO server at {client.address_text} did not answer the pack; check it and try again"
-        ) from exc
