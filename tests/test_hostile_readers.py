@@ -7,8 +7,13 @@ in time bounded by what they return, report what they skip, and keep the other r
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import pickle
+import signal
+import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -25,6 +30,7 @@ from zchat_nb.guard import ServerLimits
 from zchat_nb.model import ROOMS_KEY, Message, Room
 
 from .attacks import dag_pickle, honest_pair_works
+from .conftest import ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +249,47 @@ def test_many_writers_in_heads_are_read_a_slice_per_call(
             got += [m.text for m in chat.new_messages()]
         assert got == ["honest"]
         assert len(chat.skipped) <= model.MAX_SKIPPED
+
+
+def test_a_lost_answer_says_the_message_may_have_been_sent_and_a_retry_stores_it_once(
+    server_process: ServerProcess,
+) -> None:
+    address = server_process.address
+    assert server_process.proc is not None
+    with zchat_nb.connect(address, user="alice", timeout=3) as alice:
+        chat = alice.session()
+        chat.add_message("before")
+        message = Message(uuid.uuid4().hex, "alice", "the answer to this one is lost", time.time())
+        os.kill(server_process.proc.pid, signal.SIGSTOP)  # a stalled server: nothing is answered
+        try:
+            with pytest.raises(zchat_nb.ZChatSendError, match="may have been sent"):
+                chat.post(message)
+        finally:
+            os.kill(server_process.proc.pid, signal.SIGCONT)
+        chat.add_message("after")
+        stored = chat.post(message)  # the retry
+        assert stored.id == message.id
+        chat.post(message)  # and once more, with "after" in between
+        texts = [m.text for m in chat.history(10)]
+        assert texts.count("the answer to this one is lost") == 1
+    honest_pair_works(address)
+
+
+def test_a_storage_error_on_the_server_is_a_send_error_saying_so(file_server: zchat_nb.Server) -> None:
+    storage = file_server._server.storages["1"]
+    with zchat_nb.connect(file_server.address, user="alice") as alice:
+        chat = alice.session()
+        chat.add_message("fits")
+        vote = storage.tpc_vote
+
+        def disk_full(txn: object) -> object:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        storage.tpc_vote = disk_full
+        try:
+            with pytest.raises(zchat_nb.ZChatSendError, match=r"could not store.*No space left.*disk space"):
+                chat.add_message("does not fit")
+        finally:
+            storage.tpc_vote = vote
+        chat.add_message("fits again")
+        assert [m.text for m in chat.history(10)] == ["fits", "fits again"]

@@ -9,6 +9,7 @@ of a commit in milliseconds without polling the server.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import getpass
 import logging
@@ -159,9 +160,26 @@ class _WakingClientStorage(ClientStorage):
     on the committing one): they must never make storage calls.
     """
 
-    def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
+    def __init__(
+        self, addr: Any, *, events: ClientEvents, answer_timeout: float | None = None, **kwargs: Any
+    ) -> None:
         self.zchat_events = events
         super().__init__(addr, **kwargs)
+        self._zchat_answer_timeout = answer_timeout
+        self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
+        self._call = self._zchat_call
+
+    def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
+        """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a
+        dead network), so a commit's vote could block a send far past its timeout."""
+        timeout = self._zchat_answer_timeout
+        if timeout is None or method == "pack" or kw.get("wait") is False:
+            return self._zchat_raw_call(method, *args, **kw)
+        future = self._zchat_raw_call(method, *args, wait=False, **kw)
+        try:
+            return future.result(timeout)
+        except asyncio.TimeoutError:
+            raise ClientDisconnected(f"no answer to {method} from the server within {timeout:g} s") from None
 
     #: How records are checked before ZODB unpickles them (connect() scales it to max_text_bytes).
     _zchat_record_policy: PicklePolicy = RECORD
@@ -499,7 +517,13 @@ def connect(
     events = ClientEvents()
     try:
         storage = _WakingClientStorage(
-            addr, events=events, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl
+            addr,
+            events=events,
+            answer_timeout=timeout,
+            wait=False,
+            wait_timeout=timeout,
+            cache_size=cache_size,
+            ssl=ssl,
         )
         # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
         record_bytes = max(RECORD.max_bytes, 40 * max_text_bytes)

@@ -38,7 +38,7 @@ import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from ZODB.POSException import ConflictError
+from ZODB.POSException import ConflictError, StorageError
 
 from .exceptions import (
     InvalidMessageError,
@@ -206,6 +206,11 @@ class Room(Persistent):
         count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
         if last_id == message.id:
             return Message.from_record(stream[(last, last_id)])
+        # A retry whose first commit did happen, with messages sent after it: stored at its time or
+        # (moved past a clock that went back) later; retries come within seconds.
+        for key, record in itertools.islice(stream.items((message.time,)), 1000):
+            if type(key) is tuple and len(key) == 2 and key[1] == message.id:
+                return Message.from_record(record)
         if message.time <= last:
             message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
         stream[message.key] = message.to_record()
@@ -778,26 +783,32 @@ def commit(
     what: str,
     room: str = "",
     undone: str = "the message was not sent",
+    maybe: str = "it may have been sent; send the same Message again (ChatSession.post): it is never doubled",
 ) -> _T:
     """Run ``change(conn)`` in a fresh transaction of this thread and commit it; return its result.
 
     The one retry loop of every write: conflicts are retried with a random pause, and a server
     that is away is waited for, within ``host.policy``; then :class:`ZChatSendError` says ``what``
-    failed and ``undone``. ``change`` must be safe to run again: after an outage the first commit
-    may or may not have happened.
+    failed and ``undone`` or, when an attempt's answer was lost (it may have been committed),
+    ``maybe``. A storage error on the server (disk full...) is a ZChatSendError saying so.
+    ``change`` must be safe to run again: after an outage the first commit may or may not have
+    happened.
     """
     policy = host.policy
     deadline = time.monotonic() + policy.timeout
     tm, conn = host.connection()
     conflicts = 0
     last_error: BaseException | None = None
+    answer_lost = False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not host.wait_connected(remaining):
+            outcome = (
+                maybe if answer_lost else f"{undone}. Check the server (`zchat-nb status`) and try again"
+            )
             raise ZChatSendError(
                 f"{what} failed: no answer from the ZEO server at {host.address_text} "
-                f"within {policy.timeout:g} s; {undone}. Check the server (`zchat-nb status`) "
-                "and try again"
+                f"within {policy.timeout:g} s; {outcome}"
             ) from last_error
         try:
             started = time.perf_counter()
@@ -822,6 +833,13 @@ def commit(
             # because `change` is.
             tm.abort()
             last_error = exc
+            answer_lost = True
+        except StorageError as exc:  # the server's storage failed (disk full, read-only...)
+            tm.abort()
+            raise ZChatSendError(
+                f"{what} failed: the server could not store it ({str(exc)[:200]}); {undone}. "
+                "Check the server's disk space and its log"
+            ) from exc
         except BaseException:
             tm.abort()
             raise

@@ -232,7 +232,14 @@ def clear_room(client: ChatClient, room: str) -> int:
         found.clear()
         return int(count)
 
-    return commit(client, clear, what=f"clearing room {room!r}", room=room, undone="the room was not cleared")
+    return commit(
+        client,
+        clear,
+        what=f"clearing room {room!r}",
+        room=room,
+        undone="the room was not cleared",
+        maybe="it may have been cleared; look before clearing again",
+    )
 
 
 def pack(client: ChatClient, days: float = 0.0) -> None:
