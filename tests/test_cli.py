@@ -54,7 +54,7 @@ def test_demo_starts_the_local_server_and_jupyterlab_on_the_demo(zchat_home: Pat
                 break
         else:
             pytest.fail("JupyterLab never served:\n" + "".join(seen))
-        assert "chat server at 127.0.0.1:" in "".join(seen)
+        assert "chat server at unix:" in "".join(seen)  # the local default: a private Unix socket
         url = f"http://127.0.0.1:{port}/api/contents/chat_demo.ipynb?token={token}&content=0"
         assert json.loads(get_when_listening(url))["type"] == "notebook"
         assert (zchat_home / "notebooks" / "chat_demo.ipynb").exists()

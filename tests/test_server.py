@@ -12,6 +12,7 @@ import pytest
 
 import zchat_nb
 from zchat_nb.local import local_status, read_state, stop_local_server
+from zchat_nb.net import format_address
 
 integration = pytest.mark.integration
 
@@ -73,10 +74,10 @@ def test_zchat_address_names_the_server(monkeypatch: pytest.MonkeyPatch, server:
 def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
     """Two clients (here: two processes) calling connect() with no address share one local server."""
     code = (
-        "import sys, zchat_nb\n"
+        "import sys, zchat_nb, zchat_nb.net\n"
         "c = zchat_nb.connect(user=sys.argv[1])\n"
         "c.session('general').add_message('from ' + sys.argv[1])\n"
-        "print('%s:%d' % c.address)\n"
+        "print(zchat_nb.net.format_address(c.address))\n"
         "c.close()\n"
     )
     env = {**os.environ, "ZCHAT_HOME": str(zchat_home)}
@@ -89,7 +90,7 @@ def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
         assert all(p.returncode == 0 for p in procs)
         assert len(addresses) == 1
         state = read_state()
-        assert state is not None and "{}:{}".format(*state.address) in addresses
+        assert state is not None and format_address(state.address) in addresses
         assert Path(state.path).parent == zchat_home
         with zchat_nb.connect(user="cat") as client:
             got = sorted(m.text for m in client.session("general").new_messages())

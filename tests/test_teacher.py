@@ -209,4 +209,4 @@ def test_export_clear_and_pack_commands(
 
 def test_teacher_commands_do_not_start_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "general"]) == 1
-    assert "no local zchat server is recorded" in capsys.readouterr().err
+    assert "no local zchat server is running" in capsys.readouterr().err

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         "students type (give --port 8100 for one that stays the same)",
     )
     serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    serve.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help="listen on a Unix socket at PATH instead of TCP (only who may open PATH can connect)",
+    )
     serve.add_argument("--path", default=None, help="FileStorage file (default: keep data in memory)")
     serve.add_argument(
         "--storage",
@@ -128,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         ssl=ssl,
         storage=args.storage,
+        unix=args.socket,
     )
     return 0
 

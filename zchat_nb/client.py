@@ -511,7 +511,8 @@ def connect(
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
         raise ZChatConnectionError(
-            f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
+            f"no ZEO server answers at {where}; start one with `zchat-nb serve"
+            f"{'' if isinstance(addr, str) else f' --port {addr[1]}'}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
         )
     events = ClientEvents()

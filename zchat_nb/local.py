@@ -1,21 +1,28 @@
 """The embedded default: one local ZEO server per user, in a process of its own.
 
 Its state file (``server.json``: address, pid, data file) and lock live in the user data directory
-(``$ZCHAT_HOME`` or platformdirs' ``user_data_dir("zchat-nb")``). :func:`ensure_local_server` finds
-the recorded server, or starts it as a detached ``zchat-nb serve`` process with a FileStorage in that
-directory; :func:`resolve_address` picks the address a client uses; :func:`run_foreground` is what
-``zchat-nb serve`` runs.
+(``$ZCHAT_HOME`` or platformdirs' ``user_data_dir("zchat-nb")``), which is private to its user: the
+directory ``0700``, its files ``0600``, opened without following symlinks, and the server listens on
+a Unix socket in it (``server.sock``), so no other local user can connect (loopback TCP would let
+every local user read the chat). A recorded pid is trusted only if it is this user's
+``zchat-nb serve`` for this directory: ``zchat-nb stop`` never signals another process.
+
+:func:`ensure_local_server` finds the recorded server, or starts it as a detached ``zchat-nb serve``
+process with a FileStorage in that directory; :func:`resolve_address` picks the address a client
+uses; :func:`run_foreground` is what ``zchat-nb serve`` runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import select
 import signal
 import ssl as ssl_module
+import stat
 import subprocess
 import sys
 import time
@@ -46,10 +53,11 @@ ENV_ADDRESS = "ZCHAT_ADDRESS"
 ENV_HOME = "ZCHAT_HOME"
 STATE_FILE = "server.json"
 DATA_FILE = "chat.fs"
+SOCKET_FILE = "server.sock"
 START_TIMEOUT = 20.0
 
 
-def public_notice(address: Address, *, tls: bool) -> str:
+def public_notice(address: tuple[str, int], *, tls: bool) -> str:
     """What ``zchat-nb serve`` prints when it listens beyond this machine: the address, and a warning."""
     host, port = address
     shown = format_address((outward_ip() if host in ("0.0.0.0", "::", "") else host, port))
@@ -85,8 +93,29 @@ def data_dir() -> Path:
         import platformdirs
 
         path = Path(platformdirs.user_data_dir("zchat-nb", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid():
+        raise ZChatServerError(
+            f"the zchat data directory {path} is not a directory of yours (a symlink, or another "
+            f"user's); remove it or set {ENV_HOME} to a directory of your own"
+        )
+    if info.st_mode & 0o077:  # made by an older version, or by hand: make it private
+        path.chmod(0o700)
     return path
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open a file of the data directory: created ``0600``, never through a symlink."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ZChatServerError(f"{path} is a symlink (planted?); remove it") from exc
+        raise
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -97,25 +126,52 @@ class LocalState:
     port: int
     pid: int
     path: str
+    #: The Unix socket the server listens on ("" for an older TCP state file).
+    socket: str = ""
 
     @property
     def address(self) -> Address:
-        return (self.host, self.port)
+        return self.socket if self.socket else (self.host, self.port)
 
 
 def read_state() -> LocalState | None:
     try:
-        raw = json.loads((data_dir() / STATE_FILE).read_text())
-        return LocalState(str(raw["host"]), int(raw["port"]), int(raw["pid"]), str(raw["path"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        fd = _open_private(data_dir() / STATE_FILE, os.O_RDONLY)
+        with os.fdopen(fd) as file:
+            raw = json.loads(file.read(65536))
+        return LocalState(
+            str(raw["host"]), int(raw["port"]), int(raw["pid"]), str(raw["path"]), str(raw.get("socket", ""))
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def write_state(state: LocalState) -> None:
     target = data_dir() / STATE_FILE
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.__dict__))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # whatever it is (a planted symlink): replaced, not followed
+    fd = _open_private(tmp, os.O_WRONLY | os.O_EXCL)
+    with os.fdopen(fd, "w") as file:
+        file.write(json.dumps(state.__dict__))
     tmp.replace(target)
+
+
+def is_our_server(pid: int, directory: Path | None = None) -> bool:
+    """Whether ``pid`` is this user's ``zchat-nb serve`` of the local default in ``directory``.
+
+    A state file outlives its server: after a crash or a reboot its pid may be anyone's process.
+    """
+    directory = directory or data_dir()
+    try:
+        proc = Path(f"/proc/{pid}")
+        if proc.stat().st_uid != os.getuid():
+            return False
+        args = (proc / "cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    expected = os.fsencode(directory / DATA_FILE)
+    return b"zchat_nb" in args and b"serve" in args and b"--state-file" in args and expected in args
 
 
 def clear_state(pid: int) -> None:
@@ -129,33 +185,23 @@ def clear_state(pid: int) -> None:
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     """Serialise find-or-start between processes, so two kernels never start two servers."""
-    with open(data_dir() / "server.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    # Not open(..., "w"): a planted symlink would truncate its target.
+    fd = _open_private(data_dir() / "server.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def ensure_local_server(timeout: float = START_TIMEOUT) -> Address:
     """The embedded default's address: the recorded server if it answers, else a new one."""
     with _locked():
         state = read_state()
-        # Its process must be alive too: after a reboot the port may belong to something else.
-        if state is not None and _alive(state.pid) and probe(state.address, timeout=1.0):
+        # Its process must be ours and alive: after a reboot the pid and port may be anyone's.
+        if state is not None and is_our_server(state.pid) and probe(state.address, timeout=1.0):
             return state.address
-        port = state.port if state is not None else 0
-        return _start_detached(port, timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
+        return _start_detached(timeout)
 
 
 def spawn_server(
@@ -186,10 +232,10 @@ def spawn_server(
         os.close(read_fd)
 
 
-def _start_detached(port: int, timeout: float) -> Address:
+def _start_detached(timeout: float) -> Address:
     directory = data_dir()
-    args = ["--path", str(directory / DATA_FILE), "--port", str(port), "--state-file"]
-    with open(directory / "server.log", "ab") as logfile:
+    args = ["--path", str(directory / DATA_FILE), "--socket", str(directory / SOCKET_FILE), "--state-file"]
+    with os.fdopen(_open_private(directory / "server.log", os.O_WRONLY | os.O_APPEND), "ab") as logfile:
         proc, line = spawn_server(args, timeout=timeout, detached=True, output=logfile)
     if not line:
         code = proc.poll()
@@ -201,6 +247,21 @@ def _start_detached(port: int, timeout: float) -> Address:
             f"its log {directory / 'server.log'} ends with:\n{tail}"
         )
     return parse_address(line)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a server that died; refuse to replace anything else, or a live one."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+        raise ZChatServerError(
+            f"{path} exists and is not a socket of yours; remove it, or choose another path"
+        )
+    if probe(str(path), timeout=1.0):
+        raise ZChatServerError(f"a server already listens on {path}; stop it with `zchat-nb stop`")
+    path.unlink()
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -231,7 +292,7 @@ def local_status() -> dict[str, Any]:
     if state is None:
         return {"running": False, "data_dir": str(data_dir())}
     return {
-        "running": probe(state.address, timeout=1.0),
+        "running": is_our_server(state.pid) and probe(state.address, timeout=1.0),
         "address": format_address(state.address),
         "pid": state.pid,
         "path": state.path,
@@ -242,8 +303,8 @@ def local_status() -> dict[str, Any]:
 def stop_local_server(timeout: float = 10.0) -> bool:
     """Stop the embedded default; returns whether a running server was stopped."""
     state = read_state()
-    if state is None or not probe(state.address, timeout=1.0):
-        if state is not None:
+    if state is None or not is_our_server(state.pid) or not probe(state.address, timeout=1.0):
+        if state is not None:  # stale: its pid may be anyone's process now, which we never signal
             clear_state(state.pid)
         return False
     try:
@@ -281,9 +342,9 @@ def resolve_address(address: object = None, *, start: bool = True) -> Address:
         return parse_address(env)
     if not start:
         state = read_state()
-        if state is None:
+        if state is None or not is_our_server(state.pid):
             raise ZChatConnectionError(
-                "no local zchat server is recorded; start one with `zchat-nb serve` "
+                "no local zchat server is running; start one with `zchat-nb serve` "
                 f"or set {ENV_ADDRESS}=host:port"
             )
         return state.address
@@ -300,23 +361,37 @@ def run_foreground(
     ssl: ssl_module.SSLContext | None = None,
     announce: bool = True,
     storage: str | None = None,
+    unix: str | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT (``zchat-nb serve``); optionally record the embedded state."""
-    try:
-        server = serve(path, host, port, ssl=ssl, storage=storage)
-    except ZChatServerError:
-        if port and state_file:  # the recorded port is taken: any free one will do
-            server = serve(path, host, 0, ssl=ssl, storage=storage)
-        else:
-            raise
+    """Serve until SIGTERM or SIGINT (``zchat-nb serve``); optionally record the embedded state.
+
+    ``unix``: listen on a Unix socket at that path instead of TCP.
+    """
+    if state_file:
+        os.umask(0o077)  # the local default's files (chat.fs, its index and lock) are private
+        if path is not None:
+            for name in (path, f"{path}.index", f"{path}.lock", f"{path}.tmp"):
+                with contextlib.suppress(OSError):
+                    if Path(name).lstat().st_mode & 0o077 and not Path(name).is_symlink():
+                        Path(name).chmod(0o600)
+    if unix is not None:
+        _remove_stale_socket(Path(unix))
+    server = serve(path, host, port, ssl=ssl, storage=storage, unix=unix)
     text = format_address(server.address)
     if state_file:
-        write_state(LocalState(server.address[0], server.address[1], os.getpid(), str(path)))
+        where = server.address
+        host_text, port_number = ("", 0) if isinstance(where, str) else where
+        socket_text = where if isinstance(where, str) else ""
+        write_state(LocalState(host_text, port_number, os.getpid(), str(path), socket_text))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     if announce:
         print(f"zchat_nb: ZEO server listening on {text} ({server.storage_text})", flush=True)
-        if host != "localhost" and not host.startswith("127.") and host != "::1":
+        if (
+            not isinstance(server.address, str)
+            and host not in ("localhost", "::1")
+            and not host.startswith("127.")
+        ):
             print(public_notice(server.address, tls=ssl is not None), flush=True)
     if ready_fd is not None:
         os.write(ready_fd, f"{text}\n".encode())

@@ -1,5 +1,9 @@
 """Addresses and sockets: parse and print ``host:port``, probe a server, tell why TLS to it fails.
 
+An address is ``(host, port)`` for TCP, or a path (a ``str``) for a Unix socket: ZEO serves and
+connects to both. The local default listens on a Unix socket in its ``0700`` data directory, where
+only its user can connect; written, a socket address is ``unix:PATH``.
+
 Everything here works on plain sockets, below ZEO: :func:`probe` and :func:`check_tls` connect once,
 read the server's greeting (ZEO's first, length-prefixed message) and close, so that a client can
 say in words what is wrong before ZEO's ``ClientStorage`` starts retrying in the background.
@@ -8,6 +12,7 @@ say in words what is wrong before ZEO's ``ClientStorage`` starts retrying in the
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 
@@ -17,6 +22,7 @@ __all__ = [
     "Address",
     "check_tls",
     "format_address",
+    "open_socket",
     "outward_ip",
     "parse_address",
     "probe",
@@ -24,14 +30,23 @@ __all__ = [
     "speaks_tls",
 ]
 
-Address = tuple[str, int]
+Address = tuple[str, int] | str
+UNIX_PREFIX = "unix:"
 #: Longest greeting read whole; ZEO's is its protocol version, a few bytes.
 _MAX_GREETING = 64
 
 
 def parse_address(address: object) -> Address:
-    """Turn ``(host, port)``, ``"host:port"`` or ``"port"`` into ``(host, port)``."""
-    how = 'give ("127.0.0.1", 8100) or "127.0.0.1:8100"'
+    """Turn ``(host, port)``, ``"host:port"`` or ``"port"`` into ``(host, port)``; ``"unix:PATH"``
+    (or an absolute path) into the path of a Unix socket."""
+    how = 'give ("127.0.0.1", 8100), "127.0.0.1:8100" or "unix:/path/to/socket"'
+    if isinstance(address, os.PathLike):
+        address = os.fspath(address)
+    if isinstance(address, str) and (address.startswith(UNIX_PREFIX) or address.startswith("/")):
+        path = address[len(UNIX_PREFIX) :] if address.startswith(UNIX_PREFIX) else address
+        if not path.startswith("/"):
+            raise ZChatConnectionError(f"bad socket address {address!r}: give an absolute path")
+        return path
     if isinstance(address, str):
         host, sep, port_text = address.strip().rpartition(":")
         if not sep:
@@ -53,7 +68,9 @@ def parse_address(address: object) -> Address:
 
 
 def format_address(address: Address) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
+    """``host:port``, with an IPv6 host in brackets; ``unix:PATH`` for a Unix socket."""
+    if isinstance(address, str):
+        return UNIX_PREFIX + address
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -79,10 +96,24 @@ def read_greeting(sock: socket.socket) -> bytes:
     return header + (_read_exactly(sock, size) if size <= _MAX_GREETING else b"")
 
 
+def open_socket(address: Address, timeout: float) -> socket.socket:
+    """A connected socket to ``address`` (TCP or Unix)."""
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection(address, timeout=timeout)
+
+
 def probe(address: Address, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at ``address``."""
+    """Whether something accepts connections at ``address``."""
     try:
-        with socket.create_connection(address, timeout=timeout) as sock:
+        with open_socket(address, timeout) as sock:
             sock.settimeout(min(timeout, 0.5))  # a TLS server says nothing first: do not wait long
             with contextlib.suppress(OSError):
                 read_greeting(sock)
@@ -131,10 +162,10 @@ def check_tls(
     certificate is not trusted, or it refuses ours (TLS 1.3 tells a client that only after the
     handshake, so this waits for the server's first ZEO message).
     """
-    host = address[0]
+    host = "localhost" if isinstance(address, str) else address[0]
     where = format_address(address)
     try:
-        raw = socket.create_connection(address, timeout=timeout)
+        raw = open_socket(address, timeout)
     except OSError as exc:
         raise ZChatConnectionError(
             f"no ZEO server answers at {where}; check the address and that the teacher's "
@@ -190,8 +221,8 @@ def speaks_tls(address: Address, timeout: float = 2.0) -> bool:
     context.verify_mode = ssl.CERT_NONE
     try:
         with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=address[0]),
+            open_socket(address, timeout) as raw,
+            context.wrap_socket(raw, server_hostname="localhost" if isinstance(address, str) else address[0]),
         ):
             return True
     except ssl.SSLError as exc:

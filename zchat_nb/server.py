@@ -107,6 +107,7 @@ class Server:
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
         limits: ServerLimits | None = None,
+        unix: str | os.PathLike[str] | None = None,
     ) -> None:
         from ZODB.FileStorage import FileStorage
 
@@ -128,24 +129,25 @@ class Server:
             storage = MemoryStorage()
         else:
             storage = FileStorage(str(self.path), pack_keep_old=False)
+        where: Address = os.fspath(unix) if unix is not None else (host, port)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 self._server = pool.submit(
-                    GuardedStorageServer, (host, port), {"1": storage}, ssl=ssl, limits=limits
+                    GuardedStorageServer, where, {"1": storage}, ssl=ssl, limits=limits
                 ).result()
         except OSError as exc:
             storage.close()
             raise ZChatServerError(
-                f"cannot listen on {format_address((host, port))}: {exc.strerror}; "
+                f"cannot listen on {format_address(where)}: {exc.strerror}; "
                 "choose another port (--port 0 picks a free one)"
             ) from exc
         except BaseException:
             storage.close()
             raise
-        self.address: Address = (host, self._server.addr[1])
+        self.address: Address = where if isinstance(where, str) else (host, self._server.addr[1])
         self.tls = ssl is not None
         self._stopped = threading.Event()
         self._server.start_thread(daemon=True)
@@ -217,6 +219,7 @@ def serve(
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     limits: ServerLimits | None = None,
+    unix: str | os.PathLike[str] | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
 
@@ -226,7 +229,8 @@ def serve(
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
     need a certificate from it (:mod:`zchat_nb.certs`). ``limits``: what one connection may
-    cost the server (:class:`zchat_nb.guard.ServerLimits`).
+    cost the server (:class:`zchat_nb.guard.ServerLimits`). ``unix``: listen on a Unix socket at
+    that path instead of TCP (whoever may open the path may connect: put it in a ``0700`` folder).
     """
     if tls is not None:
         from .certs import server_context
@@ -234,4 +238,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage, limits=limits)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage, limits=limits, unix=unix)
