@@ -142,8 +142,8 @@ def read_state() -> LocalState | None:
         return LocalState(
             str(raw["host"]), int(raw["port"]), int(raw["pid"]), str(raw["path"]), str(raw.get("socket", ""))
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZChatServerError):
+        return None  # missing, unreadable or planted: no server is recorded
 
 
 def write_state(state: LocalState) -> None:
