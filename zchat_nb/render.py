@@ -11,11 +11,16 @@ event handlers the HTML carries, so every message goes through two gates:
    tab with ``rel="noopener noreferrer nofollow"``.
 
 Escaped markup stays readable: ``<img src=x onerror=...>`` shows as that text.
+
+Markdown parsing is superlinear on some inputs (64 KiB of ``[`` took seconds): a text longer than
+:data:`MAX_MARKDOWN_CHARS`, or with more markup characters than the budget, is shown as plain
+escaped text instead. :func:`terminal_safe` makes names and texts safe to print on a terminal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 import time
 import unicodedata
@@ -33,6 +38,8 @@ __all__ = [
     "initials",
     "message_payload",
     "render_markdown",
+    "render_plain",
+    "terminal_safe",
     "user_color",
     "user_hue",
 ]
@@ -76,11 +83,35 @@ _LINK_REL = "noopener noreferrer nofollow"
 _markdown = MarkdownIt("js-default", {"breaks": True}).disable("image")
 
 
+#: Longest text rendered as Markdown; longer texts are shown as plain text.
+MAX_MARKDOWN_CHARS = 16 * 1024
+#: Most ``[`` (links nest and backtrack) and most markup characters in all, for Markdown.
+MAX_BRACKETS = 256
+MAX_MARKUP = 2048
+_MARKUP = re.compile(r"[\[\]()*_`<>~|]")
+
+
+def _over_budget(text: str) -> bool:
+    if len(text) > MAX_MARKDOWN_CHARS or text.count("[") > MAX_BRACKETS:
+        return True
+    return len(_MARKUP.findall(text, 0, MAX_MARKDOWN_CHARS)) > MAX_MARKUP
+
+
+def render_plain(text: str) -> str:
+    """``text`` as escaped HTML, line breaks kept: costs time linear in its length."""
+    return "<p>" + html.escape(text).replace("\n", "<br>\n") + "</p>"
+
+
 def render_markdown(text: str) -> str:
-    """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``."""
-    html = _markdown.render(text)
+    """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``.
+
+    Past the cost budget (see the module's docstring) the text is shown plain.
+    """
+    if _over_budget(text):
+        return render_plain(text)
+    rendered = _markdown.render(text)
     return nh3.clean(
-        html,
+        rendered,
         tags=set(ALLOWED_TAGS),
         attributes=_ATTRIBUTES,
         url_schemes=_URL_SCHEMES,
@@ -135,7 +166,29 @@ def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
     }
 
 
+#: C0 and C1 controls, DEL, and the Unicode format characters that reorder or hide text.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"^{chr(code + 64)}" if code < 32 else f"\\u{code:04x}" if code > 0x7F else "^?"
+
+
+def terminal_safe(text: str, *, newlines: bool = True) -> str:
+    """``text`` with control characters shown (``ESC`` as ``^[``) instead of acted on by a terminal.
+
+    Another person's name or message must not clear the screen, forge lines (carriage return),
+    set the window title or write the clipboard (OSC 52). ``newlines=False`` also shows newlines
+    and tabs (for names).
+    """
+    text = _CONTROLS.sub(_shown, text)
+    if not newlines:
+        text = text.replace("\n", "^J").replace("\t", "^I")
+    return text
+
+
 def format_line(message: Message) -> str:
-    """One message as a terminal line: ``[HH:MM] author: text`` in local time."""
+    """One message as a terminal line: ``[HH:MM] author: text`` in local time, controls made visible."""
     stamp = time.strftime("%H:%M", time.localtime(message.time))
-    return f"[{stamp}] {message.author}: {message.text}"
+    return f"[{stamp}] {terminal_safe(message.author, newlines=False)}: {terminal_safe(message.text)}"

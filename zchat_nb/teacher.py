@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import html
 import io
 import logging
 import os
@@ -173,8 +174,10 @@ def _markdown(room: str, found: list[Message], tz: datetime.tzinfo | None, sourc
             day = when.date()
             lines += ["", f"## {day:%A %d %B %Y}"]
         lines += ["", f"**{_md_escape(m.author)}** · {when:%H:%M:%S}", ""]
-        # A quote keeps the message's own Markdown (lists, code) inside its block.
-        lines += [f"> {line}" if line.strip() else ">" for line in m.text.splitlines() or [""]]
+        # A quote keeps the message's own Markdown (lists, code) inside its block; its HTML is
+        # escaped: a viewer of the transcript must not run <script> or <img onerror> someone typed.
+        text = html.escape(m.text, quote=False)
+        lines += [f"> {line}" if line.strip() else ">" for line in text.splitlines() or [""]]
     return "\n".join(lines) + "\n"
 
 
