@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .exceptions import ZChatError
 
@@ -23,7 +25,7 @@ EPILOG = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zchat-nb",
         description="A chat shared by notebook kernels through one ZEO server.",
         epilog=EPILOG,
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         help="listen on every interface (0.0.0.0) so that other machines can join; prints the address "
         "students type (give --port 8100 for one that stays the same)",
     )
-    serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    serve.add_argument("--port", type=_port, default=0, help="port (default 0: any free port)")
     serve.add_argument(
         "--socket",
         default=None,
@@ -96,10 +98,42 @@ def _parser() -> argparse.ArgumentParser:
         help="your certificate folder from the teacher (ca.pem, NAME.pem, NAME.key) for a TLS server",
     )
     chat.add_argument(
-        "--backlog", type=int, default=20, help="messages of history to show first (default 20)"
+        "--backlog",
+        type=_number(int, 0, "a count of messages, 0 or more"),
+        default=20,
+        help="messages of history to show first (default 20)",
     )
     _add_classroom_commands(sub)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line that names the fix (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type[int] | type[float], low: float, what: str) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` at least ``low``; the error says what to give."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: give {what}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {what}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    port = int(_number(int, 0, "a port from 1 to 65535 (0: any free port)")(text))
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: give 1 to 65535 (0: any free port)")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,6 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .local import run_foreground
 
+    if args.path:
+        folder = Path(args.path).resolve().parent
+        if not folder.is_dir():
+            raise ZChatError(f"--path {args.path}: the folder {folder} does not exist; create it first")
+        existed = Path(args.path).exists()
+        try:  # try it: permission bits do not tell (root, read-only mounts, /proc)
+            os.close(os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+            if not existed:
+                os.unlink(args.path)
+        except OSError as exc:
+            raise ZChatError(
+                f"--path {args.path} is not writable ({exc.strerror}); give a file in a folder of yours"
+            ) from exc
     ssl = None
     if args.tls:
         from .certs import server_context
@@ -140,8 +187,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import os
-
     from .local import ENV_ADDRESS, local_status
     from .net import parse_address, probe
     from .storage import is_storage_uri, parse_storage_uri, postgres_status
@@ -199,7 +244,7 @@ A bundle for the teacher (students/teacher) is made too. Run it again to add stu
 """
 
 
-def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_classroom_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     certs = sub.add_parser(
         "certs",
         help="make TLS certificates for a class: a CA, the server's, one per student",
@@ -217,12 +262,18 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         help="a host name or IP address students type to reach the server (repeat); localhost and "
         "this machine's address are always included",
     )
-    certs.add_argument("--days", type=int, default=365, help="validity of new certificates (default 365)")
+    certs.add_argument(
+        "--days",
+        type=_number(int, 1, "a number of days, 1 or more"),
+        default=365,
+        help="validity of new certificates (default 365)",
+    )
 
     export = sub.add_parser("export", help="write a room's messages as CSV or a Markdown transcript")
     export.add_argument("room", help="the room to export")
     export.add_argument("--format", choices=("csv", "md"), default="csv", help="csv (default) or md")
     export.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    export.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     _connect_options(export)
 
     clear = sub.add_parser("clear", help="delete every message of a room, for everyone (export it first)")
@@ -232,7 +283,10 @@ def _add_classroom_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
     pack = sub.add_parser("pack", help="pack the server's storage: free the space of old and cleared data")
     pack.add_argument(
-        "--days", type=float, default=0.0, help="keep undo history younger than this (default 0)"
+        "--days",
+        type=_number(float, 0, "a number of days, 0 or more"),
+        default=0.0,
+        help="keep undo history younger than this (default 0)",
     )
     _connect_options(pack)
 
@@ -253,8 +307,6 @@ def _connect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _teacher_client(args: argparse.Namespace) -> ChatClient:
-    import os
-
     from .client import connect
     from .local import ENV_ADDRESS, resolve_address
 
@@ -268,7 +320,14 @@ def _certs(args: argparse.Namespace) -> int:
 
     names = list(args.student)
     if args.students_file:
-        names += read_names(args.students_file)
+        try:
+            names += read_names(args.students_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ZChatError(
+                f"cannot read --students-file {args.students_file}: {reason}; give a text file "
+                "with one student name a line"
+            ) from exc
     if not names:
         print("zchat-nb: no students named (--student NAME or --students-file FILE); making the CA, "
               "the server's certificate and the teacher's", file=sys.stderr)  # fmt: skip
@@ -280,6 +339,16 @@ def _certs(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .teacher import export
 
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise ZChatError(
+                f"-o {out} is a folder; give a file name, e.g. -o {out / (args.room + '.' + args.format)}"
+            )
+        if not out.parent.is_dir():
+            raise ZChatError(f"-o {out}: the folder {out.parent} does not exist; create it first")
+        if out.exists() and not args.force:
+            raise ZChatError(f"-o {out} exists; add --force to overwrite it, or give another name")
     with _teacher_client(args) as client:
         count = export(client, args.room, args.output or sys.stdout, format=args.format)
     if args.output:
