@@ -18,8 +18,8 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"exceptions", "seed"},
-    {"model", "security", "net"},
-    {"server", "render", "certs", "treeview", "frames"},
+    {"model", "security", "net", "pickles", "ratelog"},
+    {"server", "render", "certs", "treeview", "frames", "guard"},
     {"local", "client"},
     {"widget", "inspector", "teacher"},
     {"cli"},
