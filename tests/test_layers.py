@@ -20,8 +20,8 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"exceptions", "seed", "amend"},
-    {"model", "security", "net", "events", "storage", "media"},
-    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing", "blobguard"},
+    {"model", "security", "net", "events", "storage", "media", "pickles", "ratelog"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing", "blobguard", "guard"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},

@@ -385,7 +385,7 @@ def test_the_server_refuses_a_blob_over_its_limit_and_serves_the_others_on(tmp_p
         greedy = zchat_nb.connect(srv.address, user="greedy", max_attachment_bytes=10**7, timeout=3)
         honest = zchat_nb.connect(srv.address, user="honest")
         try:
-            with pytest.raises(ZChatSendError, match="was not sent"):
+            with pytest.raises(ZChatSendError, match="may have been sent"):
                 greedy.session("cap").share(PNG + b"\x00" * 300_000)
             fits = honest.session("cap").share(PNG + b"\x00" * 90_000)
             (seen,) = [m for m in _read(greedy.session("cap"), 1)]

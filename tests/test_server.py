@@ -74,7 +74,7 @@ def test_zchat_address_names_the_server(monkeypatch: pytest.MonkeyPatch, server:
 def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
     """Two clients (here: two processes) calling connect() with no address share one local server."""
     code = (
-        "import sys, zchat_nb\n"
+        "import sys, zchat_nb, zchat_nb.net\n"
         "c = zchat_nb.connect(user=sys.argv[1])\n"
         "c.session('general').add_message('from ' + sys.argv[1])\n"
         "print(c.address_text)\n"

@@ -3,7 +3,8 @@
 ZEO's server streams an uploaded blob into a temporary file chunk by chunk (``storeBlobStart``,
 ``storeBlobChunk``..., ``storeBlobEnd``) and never asks how big it is getting: one client could
 fill the server's disk, and every reader that opens such a blob would download all of it into its
-blob cache before it could check the size. :class:`BlobLimitedStorageServer` counts the bytes:
+blob cache before it could check the size. :class:`BlobLimitedZEOStorage`, the per-client handler
+of :class:`zchat_nb.guard.GuardedStorageServer`, counts the bytes:
 
 - a blob over ``max_blob_bytes``, or a transaction whose blobs add up to more than
   ``MAX_BLOBS_PER_TRANSACTION`` times that, closes the offender's connection (its temporary file
@@ -22,10 +23,10 @@ import logging
 import os
 from typing import Any
 
-from ZEO.StorageServer import StorageServer, ZEOStorage
+from ZEO.StorageServer import ZEOStorage
 from ZODB.POSException import StorageTransactionError
 
-__all__ = ["MAX_BLOBS_PER_TRANSACTION", "MAX_BLOB_BYTES", "BlobLimitedStorageServer"]
+__all__ = ["MAX_BLOBS_PER_TRANSACTION", "MAX_BLOB_BYTES", "BlobLimitedZEOStorage"]
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ MAX_BLOB_BYTES = 64 * 1024 * 1024
 MAX_BLOBS_PER_TRANSACTION = 4
 
 
-class _BlobLimitedZEOStorage(ZEOStorage):
+class BlobLimitedZEOStorage(ZEOStorage):
     """One client's view of the storage, with its blob uploads counted."""
 
-    server: BlobLimitedStorageServer
+    #: The server; it has ``max_blob_bytes`` (:class:`zchat_nb.guard.GuardedStorageServer`).
+    server: Any
     blob_tempfile: tuple[int, str] | None = None
     _blob_bytes = 0
     _transaction_blob_bytes = 0
@@ -87,12 +89,3 @@ class _BlobLimitedZEOStorage(ZEOStorage):
             os.close(fd)
         with contextlib.suppress(OSError):
             os.remove(name)
-
-
-class BlobLimitedStorageServer(StorageServer):
-    """``ZEO.StorageServer`` whose clients' blob uploads are bounded (see the module docstring)."""
-
-    max_blob_bytes = MAX_BLOB_BYTES
-
-    def create_client_handler(self) -> ZEOStorage:
-        return _BlobLimitedZEOStorage(self, self.read_only)

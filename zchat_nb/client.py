@@ -9,6 +9,8 @@ of a commit in milliseconds without polling the server.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import getpass
 import logging
 import os
@@ -40,10 +42,13 @@ from .model import (
     Verifier,
     check_author,
     read_attachment,
+    room_names,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .pgwake import DEFAULT_FALLBACK
-from .security import class_factory
+from .pickles import RECORD, PicklePolicy, RefusedPickle, check_record
+from .ratelog import rate_limit
+from .security import CONFLICT_STATE, class_factory, harden_client_process
 from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
@@ -80,9 +85,59 @@ class _WakingClientStorage(ClientStorage):
     #: This client's private blob cache directory, removed when the client closes.
     _zchat_blob_cache: str | None = None
 
-    def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
+    def __init__(
+        self, addr: Any, *, events: ClientEvents, answer_timeout: float | None = None, **kwargs: Any
+    ) -> None:
         self.zchat_events = events
         super().__init__(addr, **kwargs)
+        self._zchat_answer_timeout = answer_timeout
+        self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
+        self._call = self._zchat_call
+
+    def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
+        """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a
+        dead network), so a commit's vote could block a send far past its timeout."""
+        timeout = self._zchat_answer_timeout
+        if timeout is None or method == "pack" or kw.get("wait") is False:
+            return self._zchat_raw_call(method, *args, **kw)
+        future = self._zchat_raw_call(method, *args, wait=False, **kw)
+        try:
+            return future.result(timeout)
+        except asyncio.TimeoutError:
+            raise ClientDisconnected(f"no answer to {method} from the server within {timeout:g} s") from None
+
+    #: How records are checked before ZODB unpickles them (connect() scales it to max_text_bytes).
+    _zchat_record_policy: PicklePolicy = RECORD
+    #: ``(oid, serial)`` of records already checked: the ZEO cache hands out the same bytes again.
+    _zchat_checked: set[tuple[bytes, bytes]] | None = None
+
+    def loadBefore(self, oid: bytes, tid: bytes) -> Any:
+        result = super().loadBefore(oid, tid)
+        if result is not None:
+            data, serial = result[0], result[1]
+            checked = self._zchat_checked
+            if checked is None:
+                checked = self._zchat_checked = set()
+            if (oid, serial) not in checked:
+                try:
+                    check_record(data, self._zchat_record_policy)
+                except RefusedPickle as exc:
+                    raise RefusedPickle(f"object {oid.hex()}: {exc}") from None
+                if len(checked) > 100_000:
+                    checked.clear()
+                checked.add((oid, serial))
+        return result
+
+    def registerDB(self, db: Any) -> None:
+        super().registerDB(db)
+        untransform: Callable[[bytes], bytes] = getattr(self, "_crs_untransform_record_data")  # noqa: B009
+
+        def checked(data: bytes) -> bytes:  # conflict states, if a server ever asks us to resolve
+            data = untransform(data)
+            check_record(data, CONFLICT_STATE)
+            return data
+
+        self._crs_untransform_record_data = checked
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
@@ -278,8 +333,7 @@ class ChatClient:
         tm, conn = self.connection()
         with server_boundary(self.address_text, self.restart_hint):
             tm.begin()
-            rooms = conn.root().get(ROOMS_KEY)
-            return list(rooms.keys()) if rooms is not None else []
+            return room_names(conn.root().get(ROOMS_KEY))
 
     # -- attachments -----------------------------------------------------------------------
 
@@ -419,6 +473,8 @@ def connect(
         bundle = load_bundle(tls, user)
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
         signer, verifier = _signing(bundle)
+    harden_client_process()
+    rate_limit("ZODB.Connection", "ZEO.asyncio.client", "zchat_nb.security")
     addr = resolve_address(address)
     where = format_address(addr)
     if ssl is not None:
@@ -433,6 +489,7 @@ def connect(
         storage = _WakingClientStorage(
             addr,
             events=events,
+            answer_timeout=timeout,
             wait=False,
             wait_timeout=timeout,
             cache_size=cache_size,
@@ -442,6 +499,9 @@ def connect(
             blob_cache_size=blob_cache_size,
         )
         storage._zchat_blob_cache = blob_cache
+        # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
+        record_bytes = max(RECORD.max_bytes, 40 * max_text_bytes)
+        storage._zchat_record_policy = dataclasses.replace(RECORD, max_bytes=record_bytes)
     except Exception as exc:
         shutil.rmtree(blob_cache, ignore_errors=True)
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc

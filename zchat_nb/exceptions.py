@@ -12,8 +12,9 @@ Everything derives from :class:`ZChatError`, so ``except ZChatError`` catches al
     ├── UnsafeRecordError           a stored record names a global outside the allow-list
     └── ZChatServerError            a server could not be started, found or stopped
 
-A message that raised :class:`ZChatSendError` or :class:`ZChatDisconnected` was not committed:
-sending it again cannot duplicate it, because retries reuse the message id.
+A :class:`ZChatSendError` says whether the message was not stored, or (its answer lost) may have
+been: ``ChatSession.post()`` of the same :class:`~zchat_nb.model.Message` again stores it at most
+once, because the message id is made by the sender and checked.
 
 :func:`server_boundary` is the one place where a foreign error of a server that went away (ZEO's
 ``ClientDisconnected``, raised by any load or commit while it is away) becomes
@@ -56,7 +57,7 @@ class ZChatDisconnected(ZChatConnectionError, TransientError):
 
 
 class ZChatSendError(ZChatError):
-    """A message (or another change) could not be committed within the send timeout; it was not made."""
+    """A message (or another change) could not be committed: not stored, or unknown; the text says which."""
 
 
 class InvalidMessageError(ZChatError, ValueError):

@@ -19,6 +19,7 @@ its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatCl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import heapq
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import random
+import reprlib
 import threading
 import time
 import uuid
@@ -37,7 +39,7 @@ import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from ZODB.POSException import ConflictError, POSKeyError, Unsupported
+from ZODB.POSException import ConflictError, POSKeyError, StorageError, Unsupported
 
 from .amend import (
     DELETE,
@@ -92,6 +94,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TEXT_BYTES = 64 * 1024
 MAX_AUTHOR_CHARS = 64
 MAX_ROOM_CHARS = 64
+#: Unreadable records a session keeps in ``skipped`` (the newest), and how many it logs.
+MAX_SKIPPED = 100
+_LOGGED_SKIPS = 10
+_MAX_REASON = 300
+#: Rounds of history's window search (the window at least doubles each round).
+_MAX_WINDOW_ROUNDS = 200
 _ID_CHARS = 32
 _ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 ROOMS_KEY = "zchat_nb.rooms"
@@ -428,9 +436,14 @@ class Room(Persistent):
         self.presence[user] = when
 
     def present(self, since: float) -> list[str]:
+        """Users whose heartbeat is at least ``since``; entries that are not (str, float) are ignored."""
         if self.presence is None:
             return []
-        return sorted(user for user, when in self.presence.items() if when >= since)
+        return sorted(
+            user
+            for user, when in self.presence.items()
+            if type(user) is str and type(when) is float and math.isfinite(when) and when >= since
+        )
 
     def clear(self) -> None:
         """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
@@ -481,9 +494,15 @@ class _Head:
             raise ValueError(f"head is not a 4-tuple: {type(value).__name__}")
         count, first, last, last_id = value
         if not (isinstance(count, int) and count > 0 and isinstance(last_id, str)):
-            raise ValueError(f"bad head {value!r:.80}")
-        if not (isinstance(first, float) and isinstance(last, float) and math.isfinite(last)):
-            raise ValueError(f"bad head times {value!r:.80}")
+            raise ValueError(f"bad head {_capped(value)}")
+        if not (
+            isinstance(first, float)
+            and isinstance(last, float)
+            and math.isfinite(first)
+            and math.isfinite(last)
+            and first <= last
+        ):  # an infinite or NaN time would make history's window search run for ever
+            raise ValueError(f"bad head times {_capped(value)}")
         return cls(count, first, last, last_id)
 
 
@@ -509,6 +528,43 @@ def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None
             if state and len(state) == 2 and isinstance(state[0][-1], Persistent):  # an inner node
                 children.append(state[0][-1])
         nodes = children
+
+
+def _capped(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a repr that fails (too deep, crafted) says so."""
+    try:
+        text = reprlib.repr(value)
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+    return text[:limit]
+
+
+def _epoch_of(room: Room) -> int | str:
+    """The room's epoch if it is an int; anything else (NaN never equals itself) as a stable str."""
+    epoch = room.epoch
+    return epoch if type(epoch) is int else f"bad epoch {_capped(epoch)}"
+
+
+def find_room(rooms: object, name: str) -> Room | None:
+    """``rooms[name]`` or None; a tree another client filled with keys of other types is searched."""
+    if rooms is None:
+        return None
+    if not isinstance(rooms, OOBTree):
+        raise TypeError(f"the rooms tree is a {type(rooms).__name__}, not an OOBTree")
+    try:
+        return rooms.get(name)
+    except TypeError:  # a key that does not compare with str: look at the str keys one by one
+        for key, room in rooms.items():
+            if type(key) is str and key == name:
+                return room
+        return None
+
+
+def room_names(rooms: object) -> list[str]:
+    """The names in a rooms tree, skipping keys that are not room names (another client's doing)."""
+    if not isinstance(rooms, OOBTree):
+        return []
+    return [key for key in rooms if type(key) is str and 0 < len(key) <= MAX_ROOM_CHARS]
 
 
 def rooms_of(conn: Connection) -> OOBTree:
@@ -609,12 +665,15 @@ class ChatSession:
         #: ``writer -> (messages delivered, key of the last one)``; plain memory, never persisted.
         self._cursor: dict[str, tuple[int, tuple[float, str] | None]] = {}
         self._bad_heads: set[str] = set()
-        self._epoch: int | None = None
+        #: The room's epoch as last seen; a bad one (NaN...) as a stable str, so it is seen once.
+        self._epoch: int | str | None = None
+        self._reported: set[str] = set()
         self._backlog = backlog
         self._lock = threading.RLock()
         #: Records that failed validation or could not be loaded, as ``(where, reason)``; also
         #: edits and deletes refused because their author may not make them.
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: collections.deque[tuple[str, str]] = collections.deque(maxlen=MAX_SKIPPED)
+        self._skips = 0
         #: Messages collected by :meth:`updated_messages`'s poll, for the next :meth:`new_messages`.
         self._fresh: list[Message] = []
         #: ``id -> current state`` of returned messages changed since; insertion-ordered.
@@ -627,17 +686,32 @@ class ChatSession:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _room(self) -> Room:
-        """Begin a transaction on this thread's connection and return the room, creating it."""
+    def _room(self) -> Room | None:
+        """Begin a transaction on this thread's connection and return the room, creating it.
+
+        A room whose record cannot be loaded or is not a Room is reported in ``skipped`` (once)
+        and gives None: a broken room must not break its readers, nor the other rooms.
+        """
         tm, conn = self._host.connection()
         tm.begin()
-        rooms = conn.root().get(ROOMS_KEY)
-        room = rooms.get(self.room) if rooms is not None else None
-        if room is None:
-            self._create_room()
-            tm.begin()
-            room = conn.root()[ROOMS_KEY][self.room]
-        return room
+        try:
+            room = find_room(conn.root().get(ROOMS_KEY), self.room)
+            if room is None:
+                self._create_room()
+                tm.begin()
+                room = find_room(conn.root().get(ROOMS_KEY), self.room)
+            if not isinstance(room, Room):
+                raise TypeError(f"the room's record is a {type(room).__name__}, not a Room")
+            if not (isinstance(room.streams, OOBTree) and isinstance(room.heads, OOBTree)):
+                raise TypeError("the room's streams or heads are not BTrees")
+            if not isinstance(room.count, Length):
+                raise TypeError("the room's count is not a Length")
+            return room
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:
+            self._skip(f"room {self.room!r}", exc, once=True)
+            return None
 
     def _create_room(self) -> None:
         self._commit(self._room_in, what=f"creating room {self.room!r}")
@@ -692,11 +766,16 @@ class ChatSession:
     def _collect(self) -> list[Message]:
         with self._lock:
             room = self._room()
+            if room is None:
+                return []
             assert room.count is not None and room.heads is not None
-            if self._epoch != room.epoch:
+            epoch = _epoch_of(room)
+            if self._epoch != epoch:
+                if isinstance(epoch, str):
+                    self._skip(f"epoch of room {self.room!r}", ValueError(epoch), once=True)
                 self._cursor.clear()
                 self._reset_amendments()
-                self._epoch = room.epoch
+                self._epoch = epoch
                 if self._backlog is not None:
                     for writer, head in self._heads(room):
                         self._cursor[writer] = (head.count, head.last_key)
@@ -751,16 +830,34 @@ class ChatSession:
     def _check(self, record: object, where: str, writer: str) -> Message | Event | None:
         try:
             item = parse_record(record, self._host.max_text_bytes)
-        except ValueError as exc:
+        except Exception as exc:  # any type: a crafted record may raise anything when inspected
             self._skip(where, exc)
             return None
         return dataclasses.replace(item, writer=writer) if isinstance(item, Message) else item
 
-    def _skip(self, where: str, exc: BaseException) -> None:
+    def _skip(self, where: str, exc: BaseException, *, once: bool = False) -> None:
+        """Report an unreadable record in ``skipped`` (capped) and, for the first few, in the log.
+
+        ``once``: report ``where`` only the first time (a broken room or epoch is met on every poll).
+        """
+        if once:
+            if where in self._reported:
+                return
+            if len(self._reported) > 10 * MAX_SKIPPED:
+                self._reported.clear()
+            self._reported.add(where)
         while exc.__cause__ is not None and not str(exc):  # StateLoadError says nothing itself
             exc = exc.__cause__
-        reason = f"{type(exc).__name__}: {exc}"
-        log.warning("room %r: skipped unreadable record %s (%s)", self.room, where, reason)
+        try:
+            reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+        except Exception:  # a crafted value whose str() fails (too deep, ...)
+            reason = type(exc).__name__
+        where = where[:200]
+        self._skips += 1
+        if self._skips <= _LOGGED_SKIPS:
+            log.warning("room %r: skipped unreadable record %s (%s)", self.room, where, reason)
+            if self._skips == _LOGGED_SKIPS:
+                log.warning("room %r: further unreadable records are only listed in .skipped", self.room)
         self.skipped.append((where, reason))
 
     def history(self, n: int = 200, before: Message | None = None) -> list[Message]:
@@ -771,7 +868,8 @@ class ChatSession:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
         with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
-            return self._history(self._room(), n, before)
+            room = self._room()
+            return [] if room is None else self._history(room, n, before)
 
     def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
         heads = self._heads(room)
@@ -783,11 +881,16 @@ class ChatSession:
         if top is not None:
             start = min(start, top[0])
         oldest = min(head.first for _, head in heads)
-        if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
-            indexes = list(room.amends.values()) if room.amends is not None else []
-            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads] + indexes)
+        try:
+            if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
+                indexes = list(room.amends.values()) if room.amends is not None else []
+                _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads] + indexes)
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # only a speed-up: the reads below report what does not load
+            log.debug("prefetching the recent ends of the streams failed", exc_info=True)
         window = 1.0
-        while True:
+        for _round in range(_MAX_WINDOW_ROUNDS):  # finite heads end it far sooner; a cap all the same
             # Only the streams that have messages between low and top; each read is O(log N).
             low = start - window
             items: list[tuple[Any, str, Any]] = []
@@ -938,7 +1041,8 @@ class ChatSession:
     def present(self, within: float = 90.0) -> list[str]:
         """Users whose last heartbeat in this room is at most ``within`` seconds old."""
         with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
-            return self._room().present(float(self._host.clock()) - within)
+            room = self._room()
+            return [] if room is None else room.present(float(self._host.clock()) - within)
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
@@ -984,6 +1088,8 @@ class ChatSession:
         """Every message of the room in time order, in its current state (reads it all: for exports)."""
         with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
             room = self._room()
+            if room is None:
+                return []
             assert room.streams is not None
             found: list[Message] = []
             for writer, stream in room.streams.items():
@@ -1270,31 +1376,38 @@ def commit(
     what: str,
     room: str = "",
     undone: str = "the message was not sent",
+    maybe: str = "it may have been sent; send the same Message again (ChatSession.post): it is never doubled",
 ) -> _T:
     """Run ``change(conn)`` in a fresh transaction of this thread and commit it; return its result.
 
     The one retry loop of every write: conflicts are retried with a random pause, and a server
     that is away is waited for, within ``host.policy``; then :class:`ZChatSendError` says ``what``
-    failed and ``undone``. ``change`` must be safe to run again: after an outage the first commit
-    may or may not have happened.
+    failed and ``undone`` or, when an attempt's answer was lost (it may have been committed),
+    ``maybe``. A storage error on the server (disk full...) is a ZChatSendError saying so.
+    ``change`` must be safe to run again: after an outage the first commit may or may not have
+    happened.
     """
     policy = host.policy
     deadline = time.monotonic() + policy.timeout
     tm, conn = host.connection()
     conflicts = 0
     last_error: BaseException | None = None
+    answer_lost = False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not host.wait_connected(remaining):
+            way_out = _capital(host.restart_hint) or "Check the server (`zchat-nb status`)"
+            outcome = f"{maybe}. {way_out}" if answer_lost else f"{undone}. {way_out}, then try again"
             raise ZChatSendError(
                 f"{what} failed: no answer from the server at {host.address_text} "
-                f"within {policy.timeout:g} s; {undone}. "
-                f"{_capital(host.restart_hint) or 'Check the server (`zchat-nb status`)'}, then try again"
+                f"within {policy.timeout:g} s; {outcome}"
             ) from last_error
         try:
             started = time.perf_counter()
+            committing = False
             tm.begin()
             result = change(conn)
+            committing = True  # from here on, a lost answer may hide a commit that happened
             tm.commit()
             latency = time.perf_counter() - started
             host.report("commit", room=room, what=what, latency=latency, conflicts=conflicts)
@@ -1314,6 +1427,13 @@ def commit(
             # because `change` is.
             tm.abort()
             last_error = exc
+            answer_lost = answer_lost or committing
+        except StorageError as exc:  # the server's storage failed (disk full, read-only...)
+            tm.abort()
+            raise ZChatSendError(
+                f"{what} failed: the server could not store it ({str(exc)[:200]}); {undone}. "
+                "Check the server's disk space and its log"
+            ) from exc
         except BaseException:
             tm.abort()
             raise

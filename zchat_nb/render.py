@@ -20,11 +20,16 @@ pass the same scheme rules as Markdown links.
 A terminal obeys control characters instead of showing them, so every line printed for a terminal
 (``zchat-nb chat``, ``%zchat history``) goes through :func:`format_line`, which passes what other
 people wrote through :func:`terminal_safe`.
+
+Markdown parsing is superlinear on some inputs (64 KiB of ``[`` took seconds): a text longer than
+:data:`MAX_MARKDOWN_CHARS`, or with more markup characters than the budget, is shown as plain
+escaped text instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 import time
 import unicodedata
@@ -51,6 +56,7 @@ __all__ = [
     "initials",
     "message_payload",
     "render_markdown",
+    "render_plain",
     "terminal_safe",
     "user_color",
     "user_hue",
@@ -138,11 +144,35 @@ def code_blocks(text: str) -> list[str]:
     return [token.content for token in _markdown.parse(text) if token.type in ("fence", "code_block")]
 
 
+#: Longest text rendered as Markdown; longer texts are shown as plain text.
+MAX_MARKDOWN_CHARS = 16 * 1024
+#: Most ``[`` (links nest and backtrack) and most markup characters in all, for Markdown.
+MAX_BRACKETS = 256
+MAX_MARKUP = 2048
+_MARKUP = re.compile(r"[\[\]()*_`<>~|]")
+
+
+def _over_budget(text: str) -> bool:
+    if len(text) > MAX_MARKDOWN_CHARS or text.count("[") > MAX_BRACKETS:
+        return True
+    return len(_MARKUP.findall(text, 0, MAX_MARKDOWN_CHARS)) > MAX_MARKUP
+
+
+def render_plain(text: str) -> str:
+    """``text`` as escaped HTML, line breaks kept: costs time linear in its length."""
+    return "<p>" + html.escape(text).replace("\n", "<br>\n") + "</p>"
+
+
 def render_markdown(text: str) -> str:
-    """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``."""
-    html = _markdown.render(text)
+    """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``.
+
+    Past the cost budget (see the module's docstring) the text is shown plain.
+    """
+    if _over_budget(text):
+        return render_plain(text)
+    rendered = _markdown.render(text)
     return nh3.clean(
-        html,
+        rendered,
         tags=set(ALLOWED_TAGS),
         attributes=_ATTRIBUTES,
         url_schemes=_URL_SCHEMES,

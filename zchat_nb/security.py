@@ -9,24 +9,37 @@ Clients unpickle what other clients wrote, and a ZEO server unpickles what any T
   allows every builtin (``eval`` included), and resolves conflicts with
   ``ZODB.ConflictResolution.find_global``, which imports anything. :func:`harden_server_process`
   replaces both, for the whole process, with allow-lists; BTrees still merge concurrent inserts.
+- *client wire*: ZEO's client decodes its server's replies with a ``find_global`` that imports any
+  module the server names. :func:`harden_client_process` makes clients check each frame with
+  :func:`zchat_nb.pickles.check_pickle` and unpickle it with no globals at all; a refused frame
+  closes the connection (ZEO reconnects), instead of hanging the call that waits for it.
+
+Allow-lists stop calls, not size: every pickle is also checked by :mod:`zchat_nb.pickles` first.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Iterable
+from io import BytesIO
 from typing import Any
 
 from .exceptions import UnsafeRecordError
+from .pickles import CLIENT_WIRE, PicklePolicy, RefusedPickle, check_pickle
 
 __all__ = [
     "CLIENT_GLOBALS",
     "CONFLICT_RESOLUTION_GLOBALS",
+    "CONFLICT_STATE",
     "WIRE_GLOBALS",
     "class_factory",
+    "harden_client_process",
     "harden_conflict_resolution",
     "harden_server_process",
 ]
+
+log = logging.getLogger(__name__)
 
 _BTREE_FAMILIES = ("OO", "OI", "IO", "II", "IF", "LO", "OL", "LL", "LF", "QQ", "OQ", "QO")
 _BTREE_CLASSES = frozenset(
@@ -50,6 +63,15 @@ CLIENT_GLOBALS: frozenset[tuple[str, str]] = _BTREE_CLASSES | {
 CONFLICT_RESOLUTION_GLOBALS: frozenset[tuple[str, str]] = _BTREE_CLASSES | {
     ("BTrees.Length", "Length"),
 }
+
+#: States the server unpickles to resolve a conflict: BTree buckets and Length counters only.
+CONFLICT_STATE = PicklePolicy(
+    "conflict state",
+    max_bytes=8 * 1024 * 1024,
+    max_depth=16,
+    persistent_ids=True,
+    globals=CONFLICT_RESOLUTION_GLOBALS,
+)
 
 #: Globals a ZEO 5+ client's protocol messages may name (measured: normally none at all).
 WIRE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -115,3 +137,49 @@ def harden_conflict_resolution() -> None:
     import ZODB.ConflictResolution as cr
 
     cr.find_global = _conflict_find_global
+
+
+def _no_globals(module: str, name: str) -> Any:
+    raise RefusedPickle(f"refused global {module}.{name} in a frame from the ZEO server")
+
+
+def _decode_server_frame(frame: bytes) -> Any:
+    """ZEO's client decoder, with no globals: replies and errors of a ZEO 5 server are plain values."""
+    from ZEO._compat import Unpickler
+
+    unpickler = Unpickler(BytesIO(frame))
+    unpickler.find_global = unpickler.find_class = _no_globals
+    return unpickler.load()
+
+
+_client_protocol: type | None = None
+
+
+def harden_client_process() -> None:
+    """Make every ZEO client of this process check its server's frames (idempotent)."""
+    global _client_protocol
+    import ZEO.asyncio.client as zeo_client
+
+    if _client_protocol is not None:
+        return
+
+    class GuardedClientProtocol(zeo_client.Protocol):
+        """ZEO's client connection, refusing a frame before unpickling it; a refusal closes it."""
+
+        def finish_connection(self, protocol_version: bytes) -> None:
+            super().finish_connection(protocol_version)
+            if protocol_version[:1] == b"Z":
+                self.decode = _decode_server_frame
+
+        def message_received(self, data: bytes) -> None:
+            if self.protocol_version is not None and self.protocol_version[:1] == b"Z":
+                try:
+                    check_pickle(data, CLIENT_WIRE)
+                except RefusedPickle as exc:
+                    log.error("closing the connection to the ZEO server at %s: %s", self.addr, exc)
+                    self.close(exc)
+                    return
+            super().message_received(data)
+
+    _client_protocol = GuardedClientProtocol
+    zeo_client.Protocol = GuardedClientProtocol

@@ -24,6 +24,7 @@ from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.MappingStorage import MappingStorage
 
 from .exceptions import ZChatServerError
+from .guard import ServerLimits
 from .net import Address, format_address
 from .security import harden_server_process
 
@@ -131,10 +132,12 @@ class Server:
         *,
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
+        limits: ServerLimits | None = None,
         unix: str | os.PathLike[str] | None = None,
         max_blob_bytes: int | None = None,
     ) -> None:
-        from .blobguard import MAX_BLOB_BYTES, BlobLimitedStorageServer
+        from .blobguard import MAX_BLOB_BYTES
+        from .guard import GuardedStorageServer
 
         harden_server_process()
         _demote_client_disconnects()
@@ -158,8 +161,14 @@ class Server:
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(BlobLimitedStorageServer, bind, {"1": storage}, ssl=ssl).result()
-            self._server.max_blob_bytes = MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
+                self._server = pool.submit(
+                    GuardedStorageServer,
+                    bind,
+                    {"1": storage},
+                    ssl=ssl,
+                    limits=limits,
+                    max_blob_bytes=MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes,
+                ).result()
         except OSError as exc:
             storage.close()
             self._remove_scratch()
@@ -258,6 +267,7 @@ def serve(
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
+    limits: ServerLimits | None = None,
     unix: str | os.PathLike[str] | None = None,
     max_blob_bytes: int | None = None,
 ) -> Server:
@@ -268,7 +278,8 @@ def serve(
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
-    need a certificate from it (:mod:`zchat_nb.certs`). ``unix``: listen on this Unix socket path
+    need a certificate from it (:mod:`zchat_nb.certs`). ``limits``: what one connection may
+    cost the server (:class:`zchat_nb.guard.ServerLimits`). ``unix``: listen on this Unix socket path
     instead of ``host:port`` (a stale socket file there is replaced; keep it in a directory only
     you can write, as the local default does). ``max_blob_bytes``: the largest shared picture or
     table a client may upload (default 64 MiB, :mod:`zchat_nb.blobguard`; clients have their own
@@ -280,4 +291,13 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage, unix=unix, max_blob_bytes=max_blob_bytes)
+    return Server(
+        path,
+        host,
+        port,
+        ssl=ssl,
+        storage_uri=storage,
+        limits=limits,
+        unix=unix,
+        max_blob_bytes=max_blob_bytes,
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import html
 import io
 import json
 import logging
@@ -207,8 +208,10 @@ def _markdown(room: str, found: list[Message], tz: datetime.tzinfo | None, sourc
         if m.deleted:
             lines.append("> *message deleted*")
             continue
-        # A quote keeps the message's own Markdown (lists, code) inside its block.
-        lines += [f"> {line}" if line.strip() else ">" for line in m.text.splitlines() or [""]]
+        # A quote keeps the message's own Markdown (lists, code) inside its block; its HTML is
+        # escaped: a viewer of the transcript must not run <script> or <img onerror> someone typed.
+        text = html.escape(m.text, quote=False)
+        lines += [f"> {line}" if line.strip() else ">" for line in text.splitlines() or [""]]
         if m.reactions:
             lines += [
                 ">",
@@ -271,7 +274,14 @@ def clear_room(client: ChatClient, room: str) -> int:
         found.clear()
         return int(count)
 
-    return commit(client, clear, what=f"clearing room {room!r}", room=room, undone="the room was not cleared")
+    return commit(
+        client,
+        clear,
+        what=f"clearing room {room!r}",
+        room=room,
+        undone="the room was not cleared",
+        maybe="it may have been cleared; look before clearing again",
+    )
 
 
 def pack(client: ChatClient, days: float = 0.0) -> None:

@@ -1,0 +1,134 @@
+"""What a hostile peer sends: raw ZEO frames, memo DAGs, and the honest pair that must still be served."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import time
+from pathlib import Path
+
+import zchat_nb
+
+
+def dag_pickle(depth: int, wrap: str = "plain", prefix: bytes = b"") -> bytes:
+    """A pickle of ``t_depth`` where ``t_0 = ()`` and ``t_i+1 = (t_i, t_i)`` through the memo.
+
+    ``wrap``: "frozenset" (``frozenset(((t,),))``), "dict" (``{t: None}``) or "plain" (``t``).
+    ``prefix`` is pickled before it (inside a tuple), to put the DAG inside a frame.
+    """
+    out = bytearray(b"\x80\x03" + prefix)
+    if wrap == "frozenset":
+        out += b"cbuiltins\nfrozenset\n"
+    elif wrap == "dict":
+        out += b"}"
+    out += b")q\x000"  # EMPTY_TUPLE, BINPUT 0, POP
+    for i in range(depth):
+        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    out += b"h" + bytes([depth])
+    if wrap == "frozenset":
+        out += b"\x85\x85R"
+    elif wrap == "dict":
+        out += b"Ns"
+    return bytes(out)
+
+
+def dag_frame(depth: int, wrap: str, method: str = "register") -> bytes:
+    """A ZEO frame ``(1, False, method, (DAG,))``, body only."""
+    name = method.encode()
+    # BINUNICODE: ZEO unpickles with zodbpickle, which knows protocol 3 opcodes only.
+    body = dag_pickle(depth, wrap, prefix=b"(K\x01\x89X" + len(name).to_bytes(4, "little") + name)
+    return body + b"\x85t."  # TUPLE1 (the args), TUPLE (msgid, async, method, args) from the MARK
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def call(msgid: int, method: str, *args: object, asynchronous: bool = False) -> bytes:
+    return frame(pickle.dumps((msgid, asynchronous, method, args), 3))
+
+
+class RawPeer:
+    """A TCP peer that speaks ZEO frames by hand."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.greeting = self.read_frame()  # b"Z5"
+
+    def hello(self) -> None:
+        self.sock.sendall(frame(b"Z5"))
+
+    def register(self) -> None:
+        self.hello()
+        self.send(call(1, "register", "1", False))
+        self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            data += chunk
+        return data
+
+    def read_frame(self) -> bytes:
+        (size,) = struct.unpack(">I", self.read_exactly(4))
+        return self.read_exactly(size)
+
+    def reply(self) -> object:
+        """The next frame that is a reply (invalidations and info calls skipped)."""
+        while True:
+            message = pickle.loads(self.read_frame())
+            if message[2] == ".reply":
+                return message[3]
+
+    def closed_by_server(self, timeout: float) -> bool:
+        """Whether the server closes this connection within ``timeout`` (reads and drops data)."""
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def honest_pair_works(address: object, room: str = "general", timeout: float = 10.0) -> None:
+    """Two clients on ``address``: one sends, the other receives it; fails loudly otherwise."""
+    with (
+        zchat_nb.connect(address, user="alice", timeout=timeout) as alice,
+        zchat_nb.connect(address, user="bob", timeout=timeout) as bob,
+    ):
+        reader = bob.session(room, backlog=0)
+        reader.new_messages()
+        sent = alice.session(room).add_message(f"still here {time.time()}")
+        got = reader.new_messages(timeout=timeout)
+        assert [m.id for m in got] == [sent.id], got
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    import os
+
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,206 @@
+"""Records another client wrote through the raw storage API: every reader returns, skips, goes on.
+
+The attacker here is a certificate holder (or any local user of a TLS-less server): it can store
+any bytes as any object. Readers (sessions, ``rooms()``, ``present()``, ``history()``) must return
+in time bounded by what they return, report what they skip, and keep the other rooms and writers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import transaction
+import ZEO
+import ZODB
+from BTrees.OOBTree import OOBTree
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import load_current
+
+import zchat_nb
+from zchat_nb import model
+from zchat_nb.guard import ServerLimits
+from zchat_nb.model import ROOMS_KEY, Message
+
+from .attacks import dag_pickle, honest_pair_works
+from .conftest import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lenient_server() -> Iterator[zchat_nb.Server]:
+    """A server that lets big records through: the readers must hold on their own."""
+    limits = ServerLimits(max_frame_bytes=64 * 1024 * 1024, max_transaction_bytes=64 * 1024 * 1024)
+    with zchat_nb.serve(limits=limits) as server:
+        yield server
+
+
+def as_attacker(address: object, change: Callable[[ZODB.Connection.Connection], None]) -> None:
+    """Open the database with plain ZODB (no zchat_nb checks) and commit ``change``."""
+    db = ZODB.DB(ZEO.client(address, wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        with tm:
+            change(conn)
+        conn.close()
+    finally:
+        db.close()
+
+
+def overwrite(address: object, oid: bytes, data: bytes) -> None:
+    storage = ZEO.client(address, wait_timeout=10)
+    try:
+        serial = load_current(storage, oid)[1]
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.store(oid, serial, data, "", txn)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+    finally:
+        storage.close()
+
+
+def stream_oid(client: zchat_nb.ChatClient, room: str = "general") -> tuple[bytes, tuple[float, str]]:
+    tm, conn = client.connection()
+    tm.begin()
+    stream = conn.root()[ROOMS_KEY][room].streams[client.writer]
+    oid, key = stream._p_oid, stream.maxKey()
+    tm.abort()
+    return oid, key
+
+
+def bucket_record(items: bytes) -> bytes:
+    """An OOBTree record whose state is one inline bucket: ``(((items),),)``, items pickled by the caller."""
+    return pickle.dumps(OOBTree, 3) + b"\x80\x03(" + items + b"t\x85\x85\x85."
+
+
+def mixed_tree(tree: OOBTree, extra: list[tuple[object, object]]) -> OOBTree:
+    """A copy of ``tree`` with keys BTrees would refuse (they do not compare with str), set by state."""
+    flat: list[object] = []
+    for key, value in [*tree.items(), *extra]:
+        flat += [key, value]
+    crafted = OOBTree()
+    crafted.__setstate__((((tuple(flat),),),))
+    return crafted
+
+
+def reader_gets(address: object, expected: list[str], room: str = "general") -> model.ChatSession:
+    """A fresh reader: gets exactly the texts ``expected`` (in some calls), and returns every time."""
+    with zchat_nb.connect(address, user="reader") as client:
+        chat = client.session(room)
+        got: list[str] = []
+        for _ in range(50):
+            batch = chat.new_messages()
+            if not batch:
+                break
+            got += [m.text for m in batch]
+        assert sorted(got) == sorted(expected)
+        assert chat.new_messages() == []  # and nothing is delivered again
+        chat.history(10)
+        chat.present()
+        client.rooms()
+        return chat
+
+
+def test_bucket_record_builds_what_btrees_store() -> None:
+    data = bucket_record(pickle.dumps("k", 3)[2:-1] + pickle.dumps("v", 3)[2:-1])
+    stream = pickle.loads(data[len(pickle.dumps(OOBTree, 3)) :])
+    assert stream == OOBTree({"k": "v"}).__getstate__()
+
+
+@pytest.mark.parametrize(
+    "how, why", [("dag value", "traverses"), ("deep id", "nests deeper"), ("huge record", "byte limit")]
+)
+def test_a_crafted_stream_record_is_skipped(lenient_server: zchat_nb.Server, how: str, why: str) -> None:
+    address = lenient_server.address
+    with (
+        zchat_nb.connect(address, user="mallory") as mallory,
+        zchat_nb.connect(address, user="alice") as alice,
+    ):
+        mallory.session().add_message("to be overwritten")
+        alice.session().add_message("honest")
+        oid, key = stream_oid(mallory)
+    key_pickle = pickle.dumps(key, 3)[2:-1]
+    if how == "dag value":
+        value = dag_pickle(64, "plain")[2:]
+        crafted = bucket_record(key_pickle + value)
+    elif how == "deep id":
+        deep = b")" + b"\x85" * 200_000  # ((((...(),),),)...) 200k deep
+        crafted = bucket_record(key_pickle + deep)
+    else:
+        crafted = bucket_record(key_pickle + pickle.dumps("x" * (20 * 1024 * 1024), 3)[2:-1])
+    overwrite(address, oid, crafted)
+    chat = reader_gets(address, ["honest"])
+    assert chat.skipped and why in chat.skipped[0][1], chat.skipped
+    assert all(len(reason) <= 300 for _, reason in chat.skipped)
+    honest_pair_works(address)
+
+
+def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.Server) -> None:
+    address = lenient_server.address
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session("general").add_message("fine")
+        alice.session("broken").add_message("gone")
+
+    def vandalise(conn: ZODB.Connection.Connection) -> None:
+        conn.root()[ROOMS_KEY]["broken"] = OOBTree()
+
+    as_attacker(address, vandalise)
+    with zchat_nb.connect(address, user="reader") as client:
+        broken = client.session("broken")
+        assert broken.new_messages() == []
+        assert broken.history() == []
+        assert broken.skipped and "broken" in broken.skipped[0][0]
+        assert [m.text for m in client.session("general").new_messages()] == ["fine"]
+
+
+def test_a_lost_answer_says_the_message_may_have_been_sent_and_a_retry_stores_it_once(
+    server_process: ServerProcess,
+) -> None:
+    address = server_process.address
+    assert server_process.proc is not None
+    with zchat_nb.connect(address, user="alice", timeout=3) as alice:
+        chat = alice.session()
+        chat.add_message("before")
+        message = Message(uuid.uuid4().hex, "alice", "the answer to this one is lost", time.time())
+        os.kill(server_process.proc.pid, signal.SIGSTOP)  # a stalled server: nothing is answered
+        try:
+            with pytest.raises(zchat_nb.ZChatSendError, match="may have been sent"):
+                chat.post(message)
+        finally:
+            os.kill(server_process.proc.pid, signal.SIGCONT)
+        chat.add_message("after")
+        stored = chat.post(message)  # the retry
+        assert stored.id == message.id
+        chat.post(message)  # and once more, with "after" in between
+        texts = [m.text for m in chat.history(10)]
+        assert texts.count("the answer to this one is lost") == 1
+    honest_pair_works(address)
+
+
+def test_a_storage_error_on_the_server_is_a_send_error_saying_so(file_server: zchat_nb.Server) -> None:
+    storage = file_server._server.storages["1"]
+    with zchat_nb.connect(file_server.address, user="alice") as alice:
+        chat = alice.session()
+        chat.add_message("fits")
+        vote = storage.tpc_vote
+
+        def disk_full(txn: object) -> object:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        storage.tpc_vote = disk_full
+        try:
+            with pytest.raises(zchat_nb.ZChatSendError, match=r"could not store.*No space left.*disk space"):
+                chat.add_message("does not fit")
+        finally:
+            storage.tpc_vote = vote
+        chat.add_message("fits again")
+        assert [m.text for m in chat.history(10)] == ["fits", "fits again"]

@@ -1,0 +1,512 @@
+"""A ZEO storage server that holds against a hostile peer.
+
+Stock ZEO trusts its clients: it unpickles any frame (memo DAGs included), accepts a client-chosen
+transaction id, offers storage copying and undo, keeps the commit lock for a client that voted and
+went silent, buffers frames of any announced size and replies for peers that never read them, and
+logs without limit. :class:`GuardedStorageServer` is ``ZEO.StorageServer.StorageServer`` with:
+
+- every frame checked by :func:`zchat_nb.pickles.check_pickle` before unpickling, no globals at all,
+  and only the ``Z5`` pickle protocol;
+- only the methods a chat client calls (:data:`CHAT_METHODS`), their arguments type-checked; no
+  client-chosen tid or status in ``tpc_begin``;
+- the commit lock taken back after :attr:`ServerLimits.commit_lock_timeout` seconds: the
+  transaction is aborted, the lock handed on, the offender disconnected;
+- per-connection limits (:class:`ServerLimits`): frame and transaction size, unread output,
+  connections per peer address, time to register; the offender is closed, others go on;
+- conflict states checked before the server unpickles them;
+- its loggers rate-limited (:mod:`zchat_nb.ratelog`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import socket
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import ZODB.POSException
+from ZEO._compat import Unpickler
+from ZEO.asyncio.server import Acceptor, ServerProtocol
+from ZEO.StorageServer import StorageServer
+from ZODB.POSException import StorageTransactionError
+
+from .blobguard import MAX_BLOB_BYTES, BlobLimitedZEOStorage
+from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle, check_record
+from .ratelog import rate_limit
+
+__all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+#: What a chat client (ZODB over ClientStorage) calls after ``register``; teachers also ``pack``.
+#: Shared pictures move as blobs (storeBlobStart/Chunk/End up, sendBlob down), bounded by
+#: :mod:`zchat_nb.blobguard`. Gone: restorea/undo*/iterator_* (storage copying, undo),
+#: storeBlobShared, history/loadSerial/getTid/record_iternext (history), deleteObject.
+CHAT_METHODS = frozenset(
+    {
+        "get_info", "lastTransaction", "getInvalidations", "new_oids", "pack", "loadBefore",
+        "storea", "checkCurrentSerialInTransaction", "tpc_begin", "vote", "tpc_finish",
+        "tpc_abort", "server_status", "set_client_label", "ping",
+        "storeBlobStart", "storeBlobChunk", "storeBlobEnd", "sendBlob",
+    }
+)  # fmt: skip
+
+#: Loggers of ZEO and ZODB that a peer can make speak.
+_PEER_LOGGERS = (
+    "ZEO.asyncio.server",
+    "ZEO.asyncio.base",
+    "ZEO.asyncio.smp",
+    "ZEO.asyncio.marshal",
+    "ZEO.StorageServer",
+    "ZODB.ConflictResolution",
+    __name__,
+)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one connection may cost the server; the offender is disconnected."""
+
+    #: Largest frame (one message: a record plus a few bytes) a client may send.
+    max_frame_bytes: int = 8 * MiB
+    #: Largest total of the records stored in one transaction.
+    max_transaction_bytes: int = 64 * MiB
+    #: Replies queued for a peer that does not read them (past the buffer, it is not read either).
+    max_unread_bytes: int = 16 * MiB
+    #: Seconds a peer may leave its replies unread before it is disconnected.
+    unread_timeout: float = 30.0
+    #: Open connections from one peer address (all local users share 127.0.0.1).
+    max_connections_per_peer: int = 64
+    #: Seconds a connection may take to say hello and register.
+    register_timeout: float = 10.0
+    #: Seconds a client may hold the commit lock (between its vote and its finish).
+    commit_lock_timeout: float = 5.0
+
+
+def _refuse_globals(module: str, name: str) -> Any:
+    raise RefusedPickle(f"refused global {module}.{name} in a ZEO frame")
+
+
+@functools.lru_cache(maxsize=8)
+def _wire_policy(max_bytes: int) -> PicklePolicy:
+    return dataclasses.replace(SERVER_WIRE, max_bytes=max_bytes)
+
+
+def decode_frame(frame: bytes, limits: ServerLimits) -> tuple[Any, int, str, tuple[Any, ...]]:
+    """Check and unpickle one client frame into ``(msgid, async, method, args)``, or raise RefusedPickle."""
+    check_pickle(frame, _wire_policy(limits.max_frame_bytes))
+    unpickler = Unpickler(BytesIO(frame))
+    unpickler.find_global = unpickler.find_class = _refuse_globals
+    try:
+        message = unpickler.load()
+    except RefusedPickle:
+        raise
+    except Exception as exc:
+        raise RefusedPickle(f"refused a ZEO frame that does not unpickle: {exc!r:.200}") from None
+    if not (isinstance(message, tuple) and len(message) == 4):
+        raise RefusedPickle("refused a ZEO frame that is not (msgid, async, method, args)")
+    msgid, async_, name, args = message
+    # Loads are sent with (oid, tid) as their message id, so that ZEO can merge them.
+    if not (isinstance(msgid, int) or (isinstance(msgid, tuple) and all(map(_is_oid, msgid)))):
+        raise RefusedPickle("refused a ZEO frame with a bad message id")
+    if not (isinstance(async_, (bool, int)) and isinstance(name, str)):
+        raise RefusedPickle("refused a ZEO frame with a bad header")
+    if not isinstance(args, tuple):
+        raise RefusedPickle(f"refused a ZEO frame for {name!r:.40}: its arguments are not a tuple")
+    return msgid, int(async_), name, args
+
+
+class _FrameMeter:
+    """Follows the 4-byte length prefixes of the incoming stream, to refuse a frame before it is buffered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.body = 0
+        self.head = b""
+
+    def feed(self, data: bytes) -> int | None:
+        """Account for ``data``; return the announced size of a frame over the limit, if any."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.body:
+                step = min(self.body, end - pos)
+                self.body -= step
+                pos += step
+                continue
+            take = min(4 - len(self.head), end - pos)
+            self.head += bytes(data[pos : pos + take])
+            pos += take
+            if len(self.head) == 4:
+                size = int.from_bytes(self.head, "big")
+                self.head = b""
+                if size > self.limit:
+                    return size
+                self.body = size
+        return None
+
+
+def _is_oid(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == 8
+
+
+class GuardedZEOStorage(BlobLimitedZEOStorage):
+    """One client's view of the storage: chat methods only, arguments checked, blob uploads bounded."""
+
+    server: GuardedStorageServer
+    _txn_bytes = 0
+
+    def setup_delegation(self) -> None:
+        super().setup_delegation()
+        self.connection.methods = CHAT_METHODS
+
+    def register(self, storage_id: object, read_only: object) -> Any:
+        if not isinstance(storage_id, str) or not isinstance(read_only, (bool, int)):
+            raise ValueError("register(storage_id: str, read_only: bool)")
+        return super().register(storage_id, read_only)
+
+    def tpc_begin(
+        self, id: Any, user: Any, description: Any, ext: Any, tid: Any = None, status: Any = " "
+    ) -> None:
+        # A client-chosen tid is meant for copying storages: FF..FF or a past tid breaks every later
+        # commit or read, also after a restart. Status is for the same copying.
+        if tid is not None or status != " ":
+            raise StorageTransactionError(
+                "tpc_begin with a transaction id or status is refused by this server"
+            )
+        if not isinstance(id, int) or not all(isinstance(v, (str, bytes)) for v in (user, description)):
+            raise StorageTransactionError("tpc_begin(id: int, user: str, description: str, ext: dict)")
+        if not isinstance(ext, dict) or len(user) + len(description) > 64 * 1024:
+            raise StorageTransactionError("tpc_begin: extension must be a dict, user and description short")
+        self._txn_bytes = 0
+        super().tpc_begin(id, user, description, ext)
+
+    def storea(self, oid: Any, serial: Any, data: Any, id: Any) -> None:
+        if not (_is_oid(oid) and _is_oid(serial) and isinstance(data, bytes)):
+            raise StorageTransactionError("storea(oid: 8 bytes, serial: 8 bytes, data: bytes, id)")
+        self._txn_bytes += len(data)
+        limit = self.server.limits.max_transaction_bytes
+        if self._txn_bytes > limit:
+            raise StorageTransactionError(f"this transaction stores more than {limit} bytes")
+        super().storea(oid, serial, data, id)
+
+    def storeBlobEnd(self, oid: Any, serial: Any, data: Any, id: Any) -> None:
+        # The record that goes with a blob: the same checks and size budget as storea.
+        if not (_is_oid(oid) and _is_oid(serial) and isinstance(data, bytes)):
+            raise StorageTransactionError("storeBlobEnd(oid: 8 bytes, serial: 8 bytes, data: bytes, id)")
+        self._txn_bytes += len(data)
+        limit = self.server.limits.max_transaction_bytes
+        if self._txn_bytes > limit:
+            raise StorageTransactionError(f"this transaction stores more than {limit} bytes")
+        super().storeBlobEnd(oid, serial, data, id)
+
+    def sendBlob(self, oid: Any, serial: Any) -> Any:
+        if not (_is_oid(oid) and _is_oid(serial)):
+            raise ValueError("sendBlob(oid: 8 bytes, serial: 8 bytes)")
+        return super().sendBlob(oid, serial)
+
+    def checkCurrentSerialInTransaction(self, oid: Any, serial: Any, id: Any) -> None:
+        if not (_is_oid(oid) and _is_oid(serial)):
+            raise StorageTransactionError("checkCurrentSerialInTransaction(oid, serial: 8 bytes each, id)")
+        super().checkCurrentSerialInTransaction(oid, serial, id)
+
+    def loadBefore(self, oid: Any, tid: Any) -> Any:
+        if not (_is_oid(oid) and _is_oid(tid)):
+            raise ValueError("loadBefore(oid: 8 bytes, tid: 8 bytes)")
+        return super().loadBefore(oid, tid)
+
+    def getInvalidations(self, tid: Any) -> Any:
+        if not _is_oid(tid):
+            raise ValueError("getInvalidations(tid: 8 bytes)")
+        return super().getInvalidations(tid)
+
+    def new_oids(self, n: Any = 100) -> Any:
+        if not isinstance(n, int):
+            raise ValueError("new_oids(n: int)")
+        return super().new_oids(n)
+
+    def pack(self, time: Any, wait: Any = 1) -> Any:
+        if not (isinstance(time, (int, float)) and math.isfinite(time) and time > 0):
+            raise ValueError(f"pack(time) needs a finite positive time, not {time!r:.40}")
+        return super().pack(time, wait)
+
+    def set_client_label(self, label: Any) -> None:
+        if isinstance(label, str) and len(label) <= 200:
+            super().set_client_label(label)
+
+
+class LockWatchdog:
+    """Takes the commit lock back from a client that holds it longer than ``seconds``.
+
+    Replaces ZEO's TimeoutThread, which only closes the connection: ZEO's own close leaves the
+    storage registered and the lock held (an honest vote then waited 40 s and more). Runs on the
+    server's event loop (``begin``/``end`` are called there), so it needs no thread.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self, zs: GuardedZEOStorage) -> None:
+        self.end(zs)
+        loop = zs.connection.loop
+        self._timer = loop.call_later(self.seconds, self._expire, zs)
+
+    def end(self, zs: GuardedZEOStorage) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def is_alive(self) -> bool:
+        return True
+
+    def _expire(self, zs: GuardedZEOStorage) -> None:
+        self._timer = None
+        manager = zs.lock_manager
+        if manager.locked is not zs:
+            return
+        log.warning(
+            "%s held the commit lock for %g s without finishing its commit: aborted it, disconnected it",
+            zs.log_label,
+            self.seconds,
+        )
+        connection = zs.connection
+        if connection is not None:
+            connection.close()  # GuardedServerProtocol.close aborts the transaction, releasing the lock
+        if manager.locked is zs:  # the connection was gone already
+            if zs.transaction is not None:
+                zs.storage.tpc_abort(zs.transaction)
+            manager.release(zs)
+
+
+class GuardedServerProtocol(ServerProtocol):
+    """One client connection: checked frames, and the limits of :class:`ServerLimits`."""
+
+    zeo_storage: GuardedZEOStorage | None
+    _peer: str | None = None
+    #: Bytes of replies ZEO holds back while the transport is paused.
+    _queued = 0
+
+    def __init__(
+        self, loop: Any, addr: Any, zeo_storage: GuardedZEOStorage, acceptor: GuardedAcceptor
+    ) -> None:
+        super().__init__(loop, addr, zeo_storage, False)
+        self.acceptor = acceptor
+        self.limits = acceptor.storage_server.limits
+
+    def offend(self, what: str) -> None:
+        """Log (rate-limited) and close this connection; everyone else goes on."""
+        log.warning("closing the connection of %s: %s", self._peer or "a peer", what)
+        transport = self.sm_protocol.transport if self.sm_protocol is not None else None
+        if transport is not None:
+            # Drop its unread replies, also those in the kernel: reset, instead of flushing first.
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(Exception):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+        if transport is not None:
+            transport.abort()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) else "unix socket"
+        if not self.acceptor.admit(self._peer):
+            self._peer_counted = False
+            self.offend(f"more than {self.limits.max_connections_per_peer} connections from this address")
+            return
+        self._peer_counted = True
+        meter = _FrameMeter(self.limits.max_frame_bytes)
+        # ZEO's base protocol puts its sized-message protocol's methods on the instance.
+        receive: Any = getattr(self, "data_received")  # noqa: B009 (instance attributes, untyped)
+        pause: Any = getattr(self, "pause_writing")  # noqa: B009
+        resume: Any = getattr(self, "resume_writing")  # noqa: B009
+
+        def data_received(data: bytes) -> None:
+            size = meter.feed(data)
+            if size is not None:
+                self.offend(f"a frame of {size} bytes announced (limit {self.limits.max_frame_bytes})")
+                return
+            receive(data)
+
+        # A peer that does not read its replies stops being read: its requests wait in the kernel.
+        # If it still reads nothing after unread_timeout, it goes.
+        paused: list[asyncio.TimerHandle] = []
+        write: Any = getattr(self, "write_message")  # noqa: B009
+
+        def write_message(message: bytes) -> None:
+            if paused:  # ZEO queues it in a list of its own, outside the transport's buffer
+                self._queued += len(message)
+            write(message)
+
+        def pause_writing() -> None:
+            pause()
+            with contextlib.suppress(Exception):
+                transport.pause_reading()
+            if not paused:
+                limit = self.limits.unread_timeout
+                paused.append(self.loop.call_later(limit, self.offend, f"replies unread for {limit:g} s"))
+
+        def resume_writing() -> None:
+            self._queued = 0  # handed to the transport now (counted in its buffer)
+            resume()
+            with contextlib.suppress(Exception):
+                transport.resume_reading()
+            while paused:
+                paused.pop().cancel()
+
+        self.write_message = write_message
+        self.data_received = data_received
+        self.pause_writing = pause_writing
+        self.resume_writing = resume_writing
+        self.loop.call_later(self.limits.register_timeout, self._check_registered)
+
+    def _check_registered(self) -> None:
+        zs = self.zeo_storage
+        if self.connected and not self.closed and zs is not None and zs.storage is None:
+            self.offend(f"not registered within {self.limits.register_timeout:g} s")
+
+    def finish_connection(self, protocol_version: bytes) -> None:
+        if protocol_version not in (b"Z5", b"ruok"):
+            self.offend(f"unsupported handshake {protocol_version[:20]!r}")
+            return
+        super().finish_connection(protocol_version)
+        if protocol_version == b"Z5":
+            limits = self.limits
+            self.decode = lambda frame: decode_frame(frame, limits)
+
+    def message_received(self, message: bytes) -> None:
+        transport = self.sm_protocol.transport if self.sm_protocol is not None else None
+        if transport is None or self.closed:
+            return
+        unread = transport.get_write_buffer_size() + self._queued
+        if unread > self.limits.max_unread_bytes:
+            self.offend(f"{unread} bytes of replies unread (limit {self.limits.max_unread_bytes})")
+            return
+        try:
+            message_id, async_, name, args = self.decode(message)
+        except RefusedPickle as exc:
+            self.offend(str(exc))
+            return
+        if message_id == -1:
+            return  # keep-alive
+        if name not in self.methods:
+            self.offend(f"method {name!r:.60} is not offered by this server")
+            return
+        zs = self.zeo_storage
+        assert zs is not None
+        try:
+            result = getattr(zs, name)(*args)
+        except Exception as exc:
+            if not isinstance(
+                exc, (*self.unlogged_exception_types, StorageTransactionError, ValueError, TypeError)
+            ):
+                log.exception("%s%r raised an exception", "async " if async_ else "", name)
+            if async_:
+                self.offend(f"async {name} failed: {exc!r:.200}")
+                return
+            self.send_error(message_id, exc)
+            return
+        if not async_:
+            self.send_reply(message_id, result)
+
+    def close(self) -> Any:
+        zs = self.zeo_storage
+        closing = super().close()
+        # ZEO forgets a connection it closes itself: its transaction stays open, the commit lock
+        # held, and the server keeps sending it invalidations. Do what a client's hang-up does.
+        if zs is not None and zs.connected:
+            try:
+                zs.notify_disconnected()
+            except Exception:
+                log.exception("cleaning up a closed connection failed")
+        return closing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_peer_counted", False):
+            self._peer_counted = False
+            self.acceptor.leave(self._peer or "")
+        super().connection_lost(exc)
+
+
+class GuardedAcceptor(Acceptor):
+    """Makes :class:`GuardedServerProtocol` connections and counts them per peer address."""
+
+    storage_server: GuardedStorageServer
+
+    def __init__(self, storage_server: GuardedStorageServer, addr: Any, ssl: Any, msgpack: bool) -> None:
+        self.peers: dict[str, int] = {}
+        super().__init__(storage_server, addr, ssl, False)
+
+    def factory(self) -> GuardedServerProtocol:
+        zs = self.storage_server.create_client_handler()
+        return GuardedServerProtocol(self.event_loop, self.addr, zs, self)
+
+    def admit(self, peer: str) -> bool:
+        count = self.peers.get(peer, 0)
+        if count >= self.storage_server.limits.max_connections_per_peer:
+            return False
+        self.peers[peer] = count + 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        count = self.peers.get(peer, 0) - 1
+        if count > 0:
+            self.peers[peer] = count
+        else:
+            self.peers.pop(peer, None)
+
+
+def _checked_conflict_states(storage: Any) -> None:
+    """Check every pickle the storage unpickles to resolve a conflict, before it does."""
+    from .security import CONFLICT_STATE
+
+    untransform = getattr(storage, "_crs_untransform_record_data", None)
+    if untransform is None:
+        return
+
+    def checked(data: bytes) -> bytes:
+        data = untransform(data)
+        try:
+            check_record(data, CONFLICT_STATE)
+        except RefusedPickle as exc:
+            # A ConflictError makes tryToResolveConflict give up quietly: the commit stays a conflict.
+            raise ZODB.POSException.ConflictError(str(exc)) from None
+        return data
+
+    storage._crs_untransform_record_data = checked
+
+
+class GuardedStorageServer(StorageServer):
+    """``ZEO.StorageServer.StorageServer`` hardened as described in :mod:`zchat_nb.guard`."""
+
+    def __init__(
+        self,
+        addr: Any,
+        storages: dict[str, Any],
+        *,
+        limits: ServerLimits | None = None,
+        max_blob_bytes: int = MAX_BLOB_BYTES,
+        **kw: Any,
+    ) -> None:
+        self.limits = limits or ServerLimits()
+        self.max_blob_bytes = max_blob_bytes
+        rate_limit(*_PEER_LOGGERS)
+        kw.pop("transaction_timeout", None)
+        kw.pop("msgpack", None)
+        super().__init__(addr, storages, Acceptor=GuardedAcceptor, **kw)
+        for manager in self.lock_managers.values():
+            manager.timeout = LockWatchdog(self.limits.commit_lock_timeout)
+        for storage in storages.values():
+            _checked_conflict_states(storage)
+
+    def create_client_handler(self) -> GuardedZEOStorage:
+        return GuardedZEOStorage(self, self.read_only)
