@@ -12,10 +12,11 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from .helpers import free_port
 
 __all__ = ["PostgresCluster", "find_pg_bin"]
 
@@ -37,12 +38,6 @@ def find_pg_bin() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PostgresCluster:
     """One PostgreSQL server on 127.0.0.1 and a Unix socket, data in a temp dir; ``stop()`` removes it."""
 
@@ -50,7 +45,7 @@ class PostgresCluster:
         self.bin = bin_dir
         self.user = user
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="zchat-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"

@@ -8,6 +8,7 @@ A module may import modules of its own layer or of lower ones. ``treeview`` and 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,13 @@ def test_no_imports_go_in_a_circle() -> None:
 
     for module in sorted(edges):
         visit(module, [])
+
+
+def test_the_readme_layout_names_every_module_in_its_layer() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    rows = {
+        module: int(layer) for layer, module in re.findall(r"^\| (\d) \| `(\w+)`", layout, flags=re.MULTILINE)
+    }
+    expected = {module: level for module, level in LAYER.items() if not module.startswith("__")}
+    assert rows == expected

@@ -10,6 +10,9 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import zchat_nb
+from zchat_nb.net import format_address
+
+from .helpers import MakeClient
 
 integration = pytest.mark.integration
 
@@ -121,6 +124,25 @@ def test_serve_join_send_history_rooms_status_leave_stop(
     assert "Left the chat." in capsys.readouterr().out
     zchat(ip, "stop")
     assert "Server stopped." in capsys.readouterr().out
+
+
+@integration
+def test_history_and_rooms_show_what_others_typed_but_do_not_obey_it(
+    ip: InteractiveShell, server: zchat_nb.Server, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Control characters that another client sent are shown as U+FFFD, not run by the terminal."""
+    eve = make_client(server.address, "eve\r[12:00] teacher")
+    eve.session("lab").add_message("\x1b[2J\x1b]52;c;ZXZpbA==\x07 wiped")
+    eve.session("\x1b[8mhidden\rlab").add_message("a room named by eve")  # before ada connects: she sees it
+    zchat(ip, f"join {format_address(server.address)} --name ada --room lab")
+    capsys.readouterr()
+    zchat(ip, "history")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "eve\ufffd[12:00] teacher: \ufffd[2J\ufffd]52;c;ZXZpbA==\ufffd wiped" in out
+    zchat(ip, "rooms")
+    assert capsys.readouterr().out.splitlines() == ["\ufffd[8mhidden\ufffdlab", "lab  <- joined"]
+    zchat(ip, "leave")
 
 
 def test_config_traitlets(ip: InteractiveShell) -> None:

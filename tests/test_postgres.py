@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from BTrees.Length import Length
@@ -319,6 +320,67 @@ class TestOnPostgres:
         finally:
             proc.terminate()
             proc.wait(20)
+
+    def test_the_password_can_stay_out_of_the_command_line(
+        self, cluster: PostgresCluster, pg_uri: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As the README and `serve --help` say: no password in the URI, libpq reads $PGPASSWORD."""
+        from zchat_nb.local import spawn_server
+
+        monkeypatch.setenv("PGPASSWORD", cluster.password)  # the child process inherits it
+        passwordless = pg_uri.replace(f":{quote(cluster.password, safe='')}@", "@")
+        assert "s3cr3t" not in passwordless
+        proc, line = spawn_server(["--storage", passwordless, "--port", str(free_port())], timeout=60)
+        try:
+            assert line, "zchat-nb serve --storage did not start"
+            assert "s3cr3t" not in Path(f"/proc/{proc.pid}/cmdline").read_text(errors="replace")
+            with zchat_nb.connect(line, user="zeo") as zeo:
+                zeo.session("general").add_message("no password on the command line")
+            with zchat_nb.connect(passwordless, user="direct") as direct:
+                got = _read_all(direct.session("general"), 1)
+            assert [m.text for m in got] == ["no password on the command line"]
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+    def test_inspector_widget_and_magic_status_say_postgresql_and_hide_the_password(
+        self, pg_uri: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        from zchat_nb.inspector import Inspector
+        from zchat_nb.widget import ChatWidget
+
+        reader = zchat_nb.connect(pg_uri, user="reader", fallback=60.0)
+        writer = zchat_nb.connect(pg_uri, user="writer")
+        writer.session("general").add_message("the room exists")
+        inspector = Inspector(reader, room="general", max_rate=20.0, status_interval=0.2)
+        widget = ChatWidget(reader, "general")
+        try:
+            writer.session("general").add_message("seen by a notification")
+            seen = inspector.wait_for(lambda s: s["server"].get("notifications", 0) >= 1, 10.0)
+            assert seen["connected"]
+            server = {tuple(c._dom_classes): c.value for c in inspector.children}[("zchat-inspector-server",)]
+            assert "<h4>PostgreSQL</h4>" in server and "notifications" in server and "installed" in server
+            assert "clients connected" not in server and "refused by the server" not in server
+            shown = " ".join(str(c.value) for c in inspector.children) + widget.status_text + repr(inspector)
+            assert "s3cr3t" not in shown
+        finally:
+            widget.close()
+            inspector.close()
+            reader.close()
+            writer.close()
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "zchat_nb")
+        try:
+            shell.run_line_magic("zchat", f"join {pg_uri} --name ada")
+            capsys.readouterr()
+            shell.run_line_magic("zchat", "status")
+            status = capsys.readouterr().out
+        finally:
+            shell.run_line_magic("unload_ext", "zchat_nb")
+        assert "storage:   PostgreSQL via RelStorage (history-free)" in status
+        assert "s3cr3t" not in status
 
     def test_records_naming_other_globals_are_refused(self, pg_uri: str) -> None:
         import ZODB

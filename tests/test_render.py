@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
 import pytest
 
 from zchat_nb.model import Message
 from zchat_nb.render import (
     ALLOWED_TAGS,
+    format_line,
     initials,
     message_payload,
     render_markdown,
+    terminal_safe,
     user_color,
     user_hue,
 )
@@ -181,3 +184,26 @@ def test_a_check_mark_in_a_name_is_not_verified() -> None:
 
 def test_message_payload_survives_an_absurd_time() -> None:
     assert message_payload(Message("abc", "bob", "hi", 1e300), own=False)["time"] == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("\x1b[2Jclear", "\ufffd[2Jclear"),
+        ("over\rwrite", "over\ufffdwrite"),
+        ("\x1b]52;c;ZXZpbA==\x07", "\ufffd]52;c;ZXZpbA==\ufffd"),
+        ("\x9b31m C1 CSI", "\ufffd31m C1 CSI"),
+        ("bidi \u202eevil\u202c", "bidi \ufffdevil\ufffd"),
+        ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
+        ("bell\x07 del\x7f", "bell\ufffd del\ufffd"),
+    ],
+)
+def test_terminal_safe_replaces_what_a_terminal_would_obey(text: str, shown: str) -> None:
+    assert terminal_safe(text) == shown
+
+
+def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
+    message = Message("id1", "eve\nteacher", "one\ntwo", time.time())
+    line = format_line(message)
+    assert "eve\ufffdteacher: one\n" in line
+    assert line.endswith("\n        two")

@@ -18,7 +18,7 @@ import pytest
 
 import zchat_nb
 from zchat_nb.model import Message
-from zchat_nb.terminal import format_message, terminal_safe
+from zchat_nb.render import format_line
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS, LINES = 100, 30
@@ -168,29 +168,6 @@ def test_ctrl_d_and_ctrl_c_leave_cleanly(chat_terminal: Terminal, key: bytes) ->
     assert chat_terminal.child.exitstatus == 0
 
 
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("\x1b[2Jclear", "\ufffd[2Jclear"),
-        ("over\rwrite", "over\ufffdwrite"),
-        ("\x1b]52;c;ZXZpbA==\x07", "\ufffd]52;c;ZXZpbA==\ufffd"),
-        ("\x9b31m C1 CSI", "\ufffd31m C1 CSI"),
-        ("bidi \u202eevil\u202c", "bidi \ufffdevil\ufffd"),
-        ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
-        ("bell\x07 del\x7f", "bell\ufffd del\ufffd"),
-    ],
-)
-def test_terminal_safe_replaces_what_a_terminal_would_obey(text: str, shown: str) -> None:
-    assert terminal_safe(text) == shown
-
-
-def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
-    message = Message("id1", "eve\nteacher", "one\ntwo", time.time())
-    line = format_message(message)
-    assert "eve\ufffdteacher: one\n" in line
-    assert line.endswith("\n        two")
-
-
 def test_conversation_commands_name_messages_counting_back_from_the_newest() -> None:
     import ZODB
 
@@ -211,13 +188,11 @@ def test_conversation_commands_name_messages_counting_back_from_the_newest() -> 
     reply = bob.new_messages()[-1]
     assert (changed.text, dict(changed.reactions)) == ("second, edited", {"👍": ("bob",)})
     assert reply.reply_to == first.id and second.id == changed.id
-    assert format_message(changed).endswith("second, edited (edited)  👍1")
+    assert format_line(changed).endswith("second, edited (edited)  👍1")
     assert run_command("/delete 1", bob, shown) is None
-    assert format_message(bob.updated_messages()[0]).endswith("bob: (message deleted)")
+    assert format_line(bob.updated_messages()[0]).endswith("bob: (message deleted)")
 
 
 def test_a_check_mark_in_an_unverified_name_is_not_shown_as_one() -> None:
-    from zchat_nb.model import Message
-
-    assert format_message(Message("i", "alice ✓", "hi", 0.0)).split("] ")[1] == "alice ?: hi"
-    assert format_message(Message("i", "alice", "hi", 0.0, verified=True)).split("] ")[1] == "alice ✓: hi"
+    assert format_line(Message("i", "alice ✓", "hi", 0.0)).split("] ")[1] == "alice ?: hi"
+    assert format_line(Message("i", "alice", "hi", 0.0, verified=True)).split("] ")[1] == "alice ✓: hi"

@@ -142,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         "--storage",
         metavar="URI",
         default=None,
-        help="keep the data in PostgreSQL instead: postgresql://USER:PASSWORD@HOST:PORT/DBNAME "
-        "(needs `pip install zchat_nb[postgres]`)",
+        help="keep the data in PostgreSQL instead: postgresql://USER@HOST:PORT/DBNAME, the password in "
+        "~/.pgpass or $PGPASSWORD (a command line is visible to every local user; needs "
+        "`pip install zchat_nb[postgres]`)",
     )
     serve.add_argument(
         "--tls",

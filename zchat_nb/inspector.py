@@ -492,6 +492,8 @@ class Inspector(ipywidgets.VBox):
             status = "not connected"
         clients = state["connections"]
         server = state["server"]
+        if "notifications" in server:  # a PostgreSQL link's status: no ZEO server, no pushed invalidations
+            return Inspector._render_postgres(state, status)
         rows = [
             ("server", f"<code>{esc(state['address'])}</code> · {status}"),
             ("clients connected", "?" if clients is None else esc(str(clients))),
@@ -516,6 +518,33 @@ class Inspector(ipywidgets.VBox):
         body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
         error = f'<div class="zchat-inspector-error">{esc(state["error"])}</div>' if state["error"] else ""
         return f"<h4>ZEO</h4><table>{body}</table>{error}"
+
+    @staticmethod
+    def _render_postgres(state: dict[str, Any], status: str) -> str:
+        """What a RelStorage client can show in place of ZEO's server statistics."""
+        esc = html.escape
+        server = state["server"]
+        trigger = server.get("commit_trigger", "?")
+        rows = [
+            ("database", f"<code>{esc(state['address'])}</code> · {status}"),
+            ("storage", esc(str(server.get("storage", "")))),
+            (
+                '<span title="PostgreSQL NOTIFY after each commit: what wakes this client\'s readers">'
+                "notifications</span>",
+                f"{esc(str(server['notifications']))} received",
+            ),
+            (
+                "fallback polls",
+                f"{esc(str(server.get('fallback_wakes', '?')))} wake-ups without a notification "
+                f"(every {esc(str(server.get('fallback_interval', '?')))} s)",
+            ),
+            ("commit trigger", "installed" if trigger == "installed" else f"missing: {esc(str(trigger))}"),
+            ("watching", f"room {esc(repr(state['room']))} as {esc(state['user'])}"),
+        ]
+        body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        error = server.get("last_error") or state["error"]
+        shown = f'<div class="zchat-inspector-error">{esc(error)}</div>' if error else ""
+        return f"<h4>PostgreSQL</h4><table>{body}</table>{shown}"
 
     @staticmethod
     def _render_invalidations(state: dict[str, Any]) -> str:

@@ -21,8 +21,8 @@ from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
 from .model import ChatSession, Message
 from .net import format_address, parse_address
+from .render import format_line, terminal_safe
 from .server import Server, serve
-from .terminal import format_message
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
 
@@ -276,7 +276,7 @@ class ZChatMagics(Magics):
             messages = [m for m in messages if self.client.user in m.mentions]
         self._numbered = messages
         for number, message in enumerate(messages, 1):
-            print(f"{number:>3}  {format_message(message)}")
+            print(f"{number:>3}  {format_line(message)}")
 
     def _numbered_message(self, command: str, number: int) -> Message:
         if not 0 < number <= len(self._numbered):
@@ -302,7 +302,7 @@ class ZChatMagics(Magics):
         client = self.client if self.client is not None and not self.client.closed else self._any_client()
         for name in client.rooms():
             marker = "  <- joined" if name == self.room else ""
-            print(f"{name}{marker}")
+            print(f"{terminal_safe(name, multiline=False)}{marker}")  # others name rooms
 
     def _any_client(self) -> ChatClient:
         self.client = connect(

@@ -1,5 +1,5 @@
 """Turning chat messages into what a browser may show (sanitised HTML, a colour and initials per user)
-or a terminal prints (:func:`format_line`).
+or a terminal prints (:func:`format_line`, made safe by :func:`terminal_safe`).
 
 Message text comes from other people's kernels, and a view that assigns ``innerHTML`` runs whatever
 event handlers the HTML carries, so every message goes through two gates:
@@ -11,6 +11,10 @@ event handlers the HTML carries, so every message goes through two gates:
    tab with ``rel="noopener noreferrer nofollow"``.
 
 Escaped markup stays readable: ``<img src=x onerror=...>`` shows as that text.
+
+A terminal obeys control characters instead of showing them, so every line printed for a terminal
+(``zchat-nb chat``, ``%zchat history``) goes through :func:`format_line`, which passes what other
+people wrote through :func:`terminal_safe`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "message_payload",
     "render_markdown",
     "reply_quote",
+    "terminal_safe",
     "user_color",
     "user_hue",
 ]
@@ -172,7 +177,41 @@ def reply_quote(reply_to: str | None, parent: Message | None) -> dict[str, Any] 
     }
 
 
+# C0 controls but tab and newline, DEL, C1 controls (ESC, CSI, OSC...), and the bidi overrides and
+# isolates that reorder what is shown ("Trojan source"). Other people choose these characters:
+# ESC [2J clears the screen, "\r" overwrites a line to forge another author, OSC 52 writes the
+# clipboard. Each becomes U+FFFD, so that an attempt stays visible.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+REPLACEMENT = "\ufffd"
+
+
+def terminal_safe(text: str, *, multiline: bool = True) -> str:
+    """``text`` with every character that a terminal would obey instead of show replaced by U+FFFD.
+
+    Tabs are kept; newlines too unless ``multiline`` is false (names must stay on one line).
+    """
+    pattern = _UNSAFE if multiline else _UNSAFE_IN_LINE
+    return pattern.sub(REPLACEMENT, text)
+
+
 def format_line(message: Message) -> str:
-    """One message as a terminal line: ``[HH:MM] author: text`` in local time."""
+    """One message as terminal text, ``[HH:MM] author: text`` in local time, safe to print.
+
+    The author stays on one line; later lines of the text are indented under the first. A
+    verified author gets a ``✓`` after the name; check marks in names are shown as ``?``, so an
+    unverified name cannot carry one. Replies, edits, deletes and reactions are marked.
+    """
     stamp = time.strftime("%H:%M", time.localtime(message.time))
-    return f"[{stamp}] {message.author}: {message.text}"
+    author = _CHECK_MARKS.sub("?", terminal_safe(message.author, multiline=False))
+    mark = " ✓" if message.verified else ""
+    if message.deleted:
+        return f"[{stamp}] {author}{mark}: (message deleted)"
+    text = terminal_safe(message.text).replace("\n", "\n        ")
+    reply = " ↪" if message.reply_to else ""
+    edited = " (edited)" if message.edited is not None else ""
+    reactions = "".join(f"  {emoji}{len(users)}" for emoji, users in message.reactions.items())
+    return f"[{stamp}] {author}{mark}{reply}: {text}{edited}{reactions}"
+
+
+_CHECK_MARKS = re.compile("[\u2713\u2714\u2611\u2705\U0001f5f8\U0001f5f9]")

@@ -7,26 +7,26 @@ typed line and garbled the prompt, because readline was set up in the reader thr
 first ``input()`` had started.) Without a terminal (a pipe), it reads plain lines and prints plain lines.
 
 Own messages are echoed once, by the reader: ``ChatSession.new_messages`` delivers them like
-everyone else's. Everything other people wrote passes :func:`terminal_safe` before it is printed.
+everyone else's. Everything other people wrote passes :func:`~zchat_nb.render.terminal_safe` before it
+is printed (:func:`~zchat_nb.render.format_line` for messages).
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from .exceptions import ZChatError
+from .render import format_line, terminal_safe
 
 if TYPE_CHECKING:
     from .client import ChatClient
     from .model import ChatSession, Message
 
-__all__ = ["HELP", "format_message", "format_update", "run_chat", "run_command", "terminal_safe"]
+__all__ = ["HELP", "format_update", "run_chat", "run_command"]
 
 HELP = """\
 * /help            this list
@@ -40,44 +40,6 @@ HELP = """\
 * ✓ after a name: signed with that person's classroom certificate"""
 
 QUIT_COMMANDS = frozenset({"/quit", "/exit"})
-
-# C0 controls but tab and newline, DEL, C1 controls (ESC, CSI, OSC...), and the bidi overrides and
-# isolates that reorder what is shown ("Trojan source"). Other people choose these characters:
-# ESC [2J clears the screen, "\r" overwrites a line to forge another author, OSC 52 writes the
-# clipboard. Each becomes U+FFFD, so that an attempt stays visible.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-REPLACEMENT = "\ufffd"
-
-
-def terminal_safe(text: str, *, multiline: bool = True) -> str:
-    """``text`` with every character that a terminal would obey instead of show replaced by U+FFFD.
-
-    Tabs are kept; newlines too unless ``multiline`` is false (names must stay on one line).
-    """
-    pattern = _UNSAFE if multiline else _UNSAFE_IN_LINE
-    return pattern.sub(REPLACEMENT, text)
-
-
-def format_message(message: Message) -> str:
-    """``[HH:MM] author: text``, safe to write to a terminal; later lines of the text are indented.
-
-    A verified author gets a ``✓`` after the name; check marks in names are shown as ``?``, so an
-    unverified name cannot carry one.
-    """
-    stamp = time.strftime("%H:%M", time.localtime(message.time))
-    author = _CHECK_MARKS.sub("?", terminal_safe(message.author, multiline=False))
-    mark = " ✓" if message.verified else ""
-    if message.deleted:
-        return f"[{stamp}] {author}{mark}: (message deleted)"
-    text = terminal_safe(message.text).replace("\n", "\n        ")
-    reply = " ↪" if message.reply_to else ""
-    edited = " (edited)" if message.edited is not None else ""
-    reactions = "".join(f"  {emoji}{len(users)}" for emoji, users in message.reactions.items())
-    return f"[{stamp}] {author}{mark}{reply}: {text}{edited}{reactions}"
-
-
-_CHECK_MARKS = re.compile("[\u2713\u2714\u2611\u2705\U0001f5f8\U0001f5f9]")
 
 
 def run_chat(client: ChatClient, session: ChatSession, *, stdin: TextIO | None = None) -> int:
@@ -185,7 +147,7 @@ class _Reader:
             try:
                 for message in self._session.new_messages(timeout=5.0):
                     self._shown.append(message)
-                    self._show(format_message(message))
+                    self._show(format_line(message))
                 for message in self._session.updated_messages():  # edits, deletes, reactions
                     self._show(format_update(message))
             except ZChatError as exc:
@@ -211,7 +173,7 @@ _USAGE = {
 
 def format_update(message: Message) -> str:
     """An edit, delete or reaction seen on a message shown earlier: ``* changed: [HH:MM] ...``."""
-    return f"* changed: {format_message(message)}"
+    return f"* changed: {format_line(message)}"
 
 
 def run_command(command: str, session: ChatSession, shown: Sequence[Message]) -> str | None:
