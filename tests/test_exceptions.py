@@ -25,7 +25,7 @@ WHERE = "192.0.2.7:8100"
 
 def test_a_disconnect_becomes_zchat_disconnected_naming_the_server() -> None:
     cause = ClientDisconnected("connection lost")
-    expected = rf"not connected to the ZEO server at {WHERE}"
+    expected = rf"not connected to the server at {WHERE}"
     with pytest.raises(ZChatDisconnected, match=expected) as info, server_boundary(WHERE):
         raise cause
     assert info.value.__cause__ is cause
@@ -116,6 +116,8 @@ def test_a_read_with_the_server_away_raises_zchat_disconnected(away: ChatClient,
     with pytest.raises(ZChatDisconnected) as info:
         READS[call](away)
     assert away.address_text in str(info.value)
+    # The way out names this very server and its data, not a generic `zchat-nb status`.
+    assert f"zchat-nb serve --port {away.address[1]} --path FILE" in str(info.value)
 
 
 @pytest.mark.integration
@@ -125,6 +127,7 @@ def test_a_write_with_the_server_away_raises_zchat_send_error(away: ChatClient, 
         WRITES[call](away)
     message = str(info.value)
     assert away.address_text in message and f"within {AWAY_TIMEOUT:g} s" in message
+    assert f"zchat-nb serve --port {away.address[1]} --path FILE" in message
 
 
 @pytest.mark.integration

@@ -266,7 +266,7 @@ class ChatClient:
     def rooms(self) -> list[str]:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
-        with server_boundary(self.address_text):
+        with server_boundary(self.address_text, self.restart_hint):
             tm.begin()
             rooms = conn.root().get(ROOMS_KEY)
             return list(rooms.keys()) if rooms is not None else []

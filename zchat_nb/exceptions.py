@@ -76,16 +76,20 @@ class ZChatServerError(ZChatError):
     """A ZEO server could not be started, found or stopped."""
 
 
-def disconnected(where: str) -> ZChatDisconnected:
-    """The error of a call made while the server at ``where`` is away, with the way out."""
+def disconnected(where: str, hint: str = "") -> ZChatDisconnected:
+    """The error of a call made while the server at ``where`` is away, with the way out.
+
+    ``hint`` says how to bring back that very server with its data (``ChatClient.restart_hint``).
+    """
+    way_out = hint or "`zchat-nb status` tells whether the local default runs"
     return ZChatDisconnected(
-        f"not connected to the ZEO server at {where}; the client reconnects by itself when that "
-        "server is back (`zchat-nb status` tells whether the local default runs)"
+        f"not connected to the server at {where}; the client reconnects by itself when that "
+        f"server is back ({way_out})"
     )
 
 
 @contextlib.contextmanager
-def server_boundary(where: str) -> Iterator[None]:
+def server_boundary(where: str, hint: str = "") -> Iterator[None]:
     """Turn a server that went away, mid-call, into :class:`ZChatDisconnected` naming ``where``.
 
     ZEO's ``ClientDisconnected`` is a ``transaction.interfaces.TransientError``, which is caught here
@@ -97,4 +101,4 @@ def server_boundary(where: str) -> Iterator[None]:
     except (ZChatError, ConflictError):
         raise
     except TransientError as exc:
-        raise disconnected(where) from exc
+        raise disconnected(where, hint) from exc

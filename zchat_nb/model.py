@@ -525,6 +525,10 @@ class SessionHost(Protocol):
     @property
     def address_text(self) -> str: ...
 
+    @property
+    def restart_hint(self) -> str:
+        """How to bring the server back with its data ("" when there is nothing to say)."""
+
 
 class ChatSession:
     """A reader and writer of one room, with its own cursor.
@@ -595,10 +599,10 @@ class ChatSession:
             if not self._host.is_connected():
                 remaining = 0.0 if deadline is None else deadline - time.monotonic()
                 if not self._host.wait_connected(remaining):
-                    raise disconnected(self._host.address_text)
+                    raise disconnected(self._host.address_text, self._host.restart_hint)
             generation = self._host.generation()
             try:
-                with server_boundary(self._host.address_text):
+                with server_boundary(self._host.address_text, self._host.restart_hint):
                     messages = self._poll()
             except ZChatDisconnected:  # the server went away mid-read: wait for it, if there is time
                 if deadline is None or time.monotonic() >= deadline:
@@ -701,7 +705,7 @@ class ChatSession:
         """
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
-        with self._lock, server_boundary(self._host.address_text):
+        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
             return self._history(self._room(), n, before)
 
     def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
@@ -808,7 +812,7 @@ class ChatSession:
 
     def present(self, within: float = 90.0) -> list[str]:
         """Users whose last heartbeat in this room is at most ``within`` seconds old."""
-        with self._lock, server_boundary(self._host.address_text):
+        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
             return self._room().present(float(self._host.clock()) - within)
 
     def __repr__(self) -> str:
@@ -845,15 +849,15 @@ class ChatSession:
         if self._host.closed:
             raise ZChatConnectionError("the client of this session is closed")
         if not self._host.is_connected():
-            raise disconnected(self._host.address_text)
-        with self._lock, server_boundary(self._host.address_text):
+            raise disconnected(self._host.address_text, self._host.restart_hint)
+        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
             self._fresh = self._poll()  # kept for the next new_messages()
             changed, self._changed = list(self._changed.values()), {}
         return changed
 
     def everything(self) -> list[Message]:
         """Every message of the room in time order, in its current state (reads it all: for exports)."""
-        with self._lock, server_boundary(self._host.address_text):
+        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
             room = self._room()
             assert room.streams is not None
             found: list[Message] = []
@@ -1067,6 +1071,10 @@ def _check_reaction(emoji: object) -> str:
     return emoji  # type: ignore[return-value]
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def commit(
     host: SessionHost,
     change: Callable[[Connection], _T],
@@ -1091,9 +1099,9 @@ def commit(
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not host.wait_connected(remaining):
             raise ZChatSendError(
-                f"{what} failed: no answer from the ZEO server at {host.address_text} "
-                f"within {policy.timeout:g} s; {undone}. Check the server (`zchat-nb status`) "
-                "and try again"
+                f"{what} failed: no answer from the server at {host.address_text} "
+                f"within {policy.timeout:g} s; {undone}. "
+                f"{_capital(host.restart_hint) or 'Check the server (`zchat-nb status`)'}, then try again"
             ) from last_error
         try:
             started = time.perf_counter()
