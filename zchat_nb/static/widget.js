@@ -321,6 +321,7 @@ function render({ model, el: host }) {
 
   function editUnsent(entry) {
     drop(entry);
+    if (entry.replyTo) startReply(entry.replyTo); // still an answer to the same message
     // Nothing typed is lost: the unsent text goes back in front of whatever the box holds now.
     input.value = input.value ? `${entry.text}\n${input.value}` : entry.text;
     input.focus();
@@ -454,17 +455,15 @@ function render({ model, el: host }) {
     // Runs once per message node: the parts a conversation adds, then their state.
     node.tabIndex = 0; // focusable: its actions show and are reachable by Tab
     const body = node.querySelector(".zchat-body");
-    const meta = node.querySelector(".zchat-meta");
     const text = node.querySelector(".zchat-text");
+    if (m.reply_to) body.insertBefore(quoteNode(m.reply || { id: m.reply_to, known: false }), text);
+    // After the text, not in the header: a run of one author's messages may share one header.
     const edited = el("span", "zchat-edited-mark");
     edited.textContent = "(edited)";
-    meta.append(edited);
-    if (m.reply_to) body.insertBefore(quoteNode(m.reply || { id: m.reply_to, known: false }), text);
     const gone = el("div", "zchat-deleted-mark");
     gone.textContent = "message deleted";
-    text.after(gone);
     const reactions = el("div", "zchat-reactions");
-    gone.after(reactions);
+    text.after(edited, gone, reactions);
     const actions = el("div", "zchat-actions", { role: "toolbar", "aria-label": "Message actions" });
     body.append(actions);
     showConversation(node, m);
@@ -481,11 +480,13 @@ function render({ model, el: host }) {
     // Drawn by CSS from the payload's boolean, never from the name's text: "bob ✓" stays unmarked.
     const author = node.querySelector(".zchat-author");
     author.classList.toggle("zchat-verified", m.verified === true);
+    node.dataset.verified = String(m.verified === true); // a run shares a header only if this matches too
     author.title = m.verified === true ? "verified: signed with this person's classroom certificate" : "";
     const text = node.querySelector(".zchat-text");
     if (mentionsMe && !text.querySelector(".zchat-mention-me")) highlightMentions(text, user);
     showReactions(node, m);
     showActions(node, m);
+    if (m.deleted === true) node.querySelector(".zchat-react-menu")?.remove();
   }
 
   function highlightMentions(container, user) {
@@ -539,8 +540,8 @@ function render({ model, el: host }) {
     box.hidden = chips.length === 0;
   }
 
-  function actionButton(kind, label, onClick) {
-    const button = el("button", `zchat-action zchat-action-${kind}`, {
+  function actionButton(className, label, onClick) {
+    const button = el("button", `zchat-action ${className}`, {
       type: "button",
       title: label,
       "aria-label": label,
@@ -554,11 +555,11 @@ function render({ model, el: host }) {
     const actions = node.querySelector(".zchat-actions");
     const buttons = [];
     if (m.deleted !== true) {
-      buttons.push(actionButton("reply", "Reply", () => startReply(m.id)));
-      buttons.push(actionButton("react", "React", () => toggleReactMenu(node, m.id)));
-      if (m.own) buttons.push(actionButton("edit", "Edit", () => startEdit(m.id)));
+      buttons.push(actionButton("zchat-action-reply", "Reply", () => startReply(m.id)));
+      buttons.push(actionButton("zchat-action-react", "React", () => toggleReactMenu(node, m.id)));
+      if (m.own) buttons.push(actionButton("zchat-action-edit", "Edit", () => startEdit(m.id)));
       if (m.own || model.get("moderator")) {
-        buttons.push(actionButton("delete", "Delete", () => amend("delete", m.id, "")));
+        buttons.push(actionButton("zchat-action-delete", "Delete", () => amend("delete", m.id, "")));
       }
     }
     actions.replaceChildren(...buttons);
