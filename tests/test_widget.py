@@ -535,7 +535,15 @@ def test_view_code_and_css_use_the_stable_class_names() -> None:
     assert classes and all(cls.startswith("zchat-") for cls in classes), classes
     for action in ("reply", "react", "edit", "delete"):  # what browser tests click
         assert f'"zchat-action-{action}"' in esm, action
-    for name in ("quote", "reaction", "verified", "mention-me", "mention-count", "edited-mark", "deleted-mark"):
+    for name in (
+        "quote",
+        "reaction",
+        "verified",
+        "mention-me",
+        "mention-count",
+        "edited-mark",
+        "deleted-mark",
+    ):
         assert f'"zchat-{name}' in esm or f" zchat-{name}" in esm, name
         assert f".zchat-{name}" in css, name
 
