@@ -545,8 +545,8 @@ function render({ model, el: host }) {
       type: "button",
       title: label,
       "aria-label": label,
+      "data-label": label, // drawn by CSS: copying a message's text does not copy its buttons
     });
-    button.textContent = label;
     button.addEventListener("click", onClick);
     return button;
   }
