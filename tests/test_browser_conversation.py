@@ -227,6 +227,21 @@ def test_reply_react_edit_delete_and_up_arrow_reach_the_other_notebook_and_pytho
         )
         assert forged_text not in a.locator(".zchat-widget").first.inner_text()
 
+        # In another room, a mention of the teacher is counted apart in the tab of the room it came to.
+        rooms_b = b.locator(".zchat-widget .zchat-room-input").first
+        rooms_b.fill("elsewhere")
+        rooms_b.press("Enter")
+        b.locator(".zchat-widget[data-room='elsewhere']").wait_for(timeout=DELIVERY_TIMEOUT_MS)
+        type_and_send(a, "a plain message")
+        type_and_send(a, _unique("@teacher, a question for you"))
+        tab = b.locator(f".zchat-widget .zchat-room[data-room='{ROOM}']")
+        tab.locator(".zchat-mention-count").wait_for(timeout=DELIVERY_TIMEOUT_MS)
+        assert tab.locator(".zchat-mention-count").inner_text() == "@1"
+        assert tab.locator(".zchat-unread-count").inner_text() == "2"
+        two.screenshot(ARTIFACTS / "browser-conversation-tabs.png")
+        tab.click()
+        tab.locator(".zchat-mention-count").wait_for(state="detached", timeout=DELIVERY_TIMEOUT_MS)
+
         for page in two.pages():
             assert page.locator(".zchat-widget .zchat-error").first.is_hidden(), page.locator(
                 ".zchat-error"
