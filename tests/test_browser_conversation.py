@@ -134,7 +134,8 @@ def test_reply_react_edit_delete_and_up_arrow_reach_the_other_notebook_and_pytho
         }
 
         # The teacher answers; alice replies by clicking Reply on the answer.
-        answer = _unique("it marks the object changed")
+        # Markup in the answer: its quote must show it as text (textContent) and run nothing.
+        answer = _unique("it marks the object changed <img src=x onerror=window.__pwned=1>")
         type_and_send(b, answer)
         wait_for_message(a, answer)
         answer_a = _message(a, answer)
@@ -144,6 +145,7 @@ def test_reply_react_edit_delete_and_up_arrow_reach_the_other_notebook_and_pytho
         answer_a.locator(".zchat-action-reply").click()
         context = a.locator(".zchat-widget .zchat-context")
         assert context.is_visible() and context.inner_text().startswith(f"Replying to teacher: {answer}")
+        assert context.locator("img").count() == 0
         thanks = _unique("thanks")
         type_and_send(a, thanks)
         assert not context.is_visible()
@@ -151,6 +153,7 @@ def test_reply_react_edit_delete_and_up_arrow_reach_the_other_notebook_and_pytho
         quote = _message(b, thanks).locator(".zchat-quote")
         assert quote.locator(".zchat-quote-author").inner_text() == "teacher"
         assert quote.locator(".zchat-quote-text").inner_text() == answer
+        assert quote.locator("img").count() == 0
         quote.click()  # scrolls to the parent and focuses it
         _wait(
             b, "(text) => document.activeElement && document.activeElement.innerText.includes(text)", answer
@@ -246,5 +249,6 @@ def test_reply_react_edit_delete_and_up_arrow_reach_the_other_notebook_and_pytho
             assert page.locator(".zchat-widget .zchat-error").first.is_hidden(), page.locator(
                 ".zchat-error"
             ).first.inner_text()
+            assert page.evaluate("() => typeof window.__pwned") == "undefined"
         assert [e for e in two.errors if e.startswith("pageerror")] == []
         two.screenshot(ARTIFACTS / "browser-conversation.png")
