@@ -248,3 +248,210 @@ def test_browser_to_browser_delivery(two: TwoNotebooks) -> None:
     assert result["missing"] == []
     assert result["arrived"] == DELIVERY_MESSAGES
     assert len(result["latencies_ms"]) == DELIVERY_MESSAGES
+
+
+# -- code, links, grouping, pictures (issue 12) -------------------------------------------------
+
+_STUB_CLIPBOARD_JS = """(mode) => {
+  // Record what the Copy button would write. "api": navigator.clipboard works; "fallback": it is
+  // missing (plain http), so the widget selects a hidden textarea and runs execCommand("copy").
+  window.__copied = [];
+  if (mode === "api") {
+    Object.defineProperty(navigator, "clipboard", {configurable: true, value: {
+      writeText: async (text) => { window.__copied.push(["api", text]); },
+    }});
+  } else {
+    Object.defineProperty(navigator, "clipboard", {configurable: true, value: undefined});
+    document.execCommand = (command) => {
+      window.__copied.push([command, document.activeElement && document.activeElement.value]);
+      return true;
+    };
+  }
+}"""
+
+_CODE_BLOCK_JS = """(marker) => {
+  const message = [...document.querySelectorAll(".zchat-widget .zchat-message")]
+    .find((node) => node.querySelector(".zchat-text").innerText.includes(marker));
+  if (!message) return null;
+  const pre = message.querySelector(".zchat-code pre");
+  const keyword = message.querySelector(".zchat-hl-k");
+  return {
+    classes: [...message.querySelectorAll(".zchat-text pre [class]")].map((e) => e.className),
+    styled: message.querySelectorAll(".zchat-text [style]").length,
+    keywordColor: keyword && getComputedStyle(keyword).color,
+    textColor: getComputedStyle(pre).color,
+    scrolls: pre.scrollWidth > pre.clientWidth,
+    copyButtons: message.querySelectorAll(".zchat-code > button.zchat-copy").length,
+  };
+}"""
+
+
+def test_a_code_block_is_highlighted_scrolls_and_copies_its_text(two: TwoNotebooks) -> None:
+    marker = secrets.token_hex(3)
+    long_line = "    return " + " + ".join(f"value_{i}" for i in range(40))
+    code = f"def shared_{marker}(value_0):\n{long_line}  # a comment"
+    type_and_send(two.page_a, f"```python\n{code}\n```")
+    page = two.page_b
+    page.wait_for_function(
+        """(marker) => [...document.querySelectorAll(".zchat-widget .zchat-text")]
+                         .some((node) => node.innerText.includes(marker))""",
+        arg=marker,
+        timeout=20_000,
+    )
+    found = page.evaluate(_CODE_BLOCK_JS, marker)
+    assert found is not None
+    assert found["classes"] and all(c.startswith("zchat-hl-") for c in found["classes"]), found["classes"]
+    assert found["styled"] == 0  # colours come from the stylesheet, never inline styles
+    assert found["keywordColor"] != found["textColor"]  # the theme's keyword colour applies
+    assert found["scrolls"], "a long line scrolls horizontally instead of wrapping"
+    assert found["copyButtons"] == 1
+
+    copy = page.locator(".zchat-message", has_text=marker).locator("button.zchat-copy").first
+    for mode, kind in (("api", "api"), ("fallback", "copy")):
+        page.evaluate(_STUB_CLIPBOARD_JS, mode)
+        copy.click()
+        page.wait_for_function("() => window.__copied.length > 0", timeout=10_000)
+        assert page.evaluate("() => window.__copied") == [[kind, code]]
+        assert copy.get_attribute("data-label") == "Copied"
+
+
+def test_bare_urls_are_links_and_a_run_of_messages_shares_one_header(two: TwoNotebooks) -> None:
+    marker = secrets.token_hex(3)
+    first, second = f"first {marker} see https://zodb.org/en/latest/", f"second {marker}"
+    type_and_send(two.page_b, first)
+    type_and_send(two.page_b, second)
+    page = two.page_a
+    wait_for_message(page, second)
+    link = page.locator(".zchat-message", has_text=first).locator("a[href='https://zodb.org/en/latest/']")
+    assert link.get_attribute("target") == "_blank"
+    assert "noopener" in (link.get_attribute("rel") or "")
+    one = page.locator(".zchat-message", has_text=first).first
+    two_ = page.locator(".zchat-message", has_text=second).first
+    assert "zchat-continued" in (two_.get_attribute("class") or "")  # same author, seconds apart
+    assert not two_.locator(".zchat-meta").is_visible()
+    assert one.locator(".zchat-author").is_visible() or "zchat-continued" in (
+        one.get_attribute("class") or ""
+    )
+    days = page.locator(".zchat-widget .zchat-day")
+    assert days.count() >= 1 and "Today" in days.last.inner_text()
+
+
+def _png(color: str, size: tuple[int, int] = (48, 32)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+_IMAGE_READY_JS = """(name) => {
+  const figure = [...document.querySelectorAll(".zchat-widget .zchat-attachment")]
+    .find((node) => node.dataset.name === name);
+  const img = figure && figure.querySelector("img.zchat-image");
+  return Boolean(img && img.complete && img.naturalWidth);
+}"""
+
+_IMAGE_JS = """async (name) => {
+  const figure = [...document.querySelectorAll(".zchat-widget .zchat-attachment")]
+    .find((node) => node.dataset.name === name);
+  const img = figure && figure.querySelector("img.zchat-image");
+  if (!img || !img.complete || !img.naturalWidth) return null;
+  const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return {src: img.src, width: img.naturalWidth, height: img.naturalHeight, b64: btoa(binary)};
+}"""
+
+
+def test_a_shared_picture_shows_in_both_notebooks_from_its_bytes(
+    two: TwoNotebooks, chat_server: zchat_nb.Server, make_client: MakeClient
+) -> None:
+    import base64
+
+    pytest.importorskip("PIL")
+    data = _png("orange")
+    name = f"orange-{secrets.token_hex(3)}.png"
+    sharer = make_client(chat_server.address, "carol").session(ROOM)
+    sharer.share_files([(name, "image/png", data)], text="an orange box")
+    for page in two.pages():
+        page.wait_for_function(_IMAGE_READY_JS, arg=name, timeout=20_000)
+        shown = page.evaluate(_IMAGE_JS, name)
+        assert shown["src"].startswith("blob:")  # made in the page from the kernel's bytes
+        assert (shown["width"], shown["height"]) == (48, 32)
+        assert base64.b64decode(shown["b64"]) == data
+    page = two.page_b
+    page.locator(f".zchat-attachment[data-name='{name}'] img.zchat-image").click()
+    page.wait_for_selector(".zchat-lightbox img.zchat-lightbox-image", timeout=5_000)
+    page.locator(".zchat-lightbox").click()
+    page.wait_for_selector(".zchat-lightbox", state="detached", timeout=5_000)
+    shots = [_widget_shot(page, "browser-widget-media.png")]
+    set_theme(page, "JupyterLab Dark")
+    try:
+        shots.append(_widget_shot(page, "browser-widget-media-dark.png"))
+    finally:
+        set_theme(page, "JupyterLab Light")
+    assert all(path.stat().st_size > 10_000 for path in shots)
+
+
+def test_markdown_image_syntax_fetches_nothing(two: TwoNotebooks) -> None:
+    from .helpers import free_port
+
+    probe = f"http://127.0.0.1:{free_port()}/probe-{secrets.token_hex(3)}.png"
+    requested: list[str] = []
+    for page in two.pages():
+        page.on("request", lambda request: requested.append(request.url))
+    text = f"![a picture]({probe}) and <img src='{probe}'>"
+    type_and_send(two.page_a, text)
+    marker = "a picture"
+    two.page_b.wait_for_function(
+        """(probe) => [...document.querySelectorAll(".zchat-widget .zchat-text")]
+                        .some((node) => node.innerText.includes(probe))""",
+        arg=probe,
+        timeout=20_000,
+    )
+    for page in two.pages():
+        message = page.locator(".zchat-message", has_text=probe).last
+        assert message.locator("img").count() == 0
+        assert marker in message.inner_text()
+    assert not [url for url in requested if url.startswith(probe)]
+
+
+_PASTE_JS = """async ({b64, name, how}) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, {type: "image/png"}));
+  const box = document.querySelector(".zchat-widget .zchat-input");
+  const event = how === "paste"
+    ? new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true})
+    : new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+  box.dispatchEvent(event);
+  return event.defaultPrevented;
+}"""
+
+
+@pytest.mark.parametrize("how", ["paste", "drop"])
+def test_a_picture_pasted_or_dropped_into_the_box_is_shared(
+    two: TwoNotebooks, chat_server: zchat_nb.Server, make_client: MakeClient, how: str
+) -> None:
+    import base64
+
+    pytest.importorskip("PIL")
+    client = make_client(chat_server.address, "observer")
+    observer = client.session(ROOM, backlog=0)
+    observer.new_messages()
+    data = _png("purple", (20, 10))
+    name = f"{how}-{secrets.token_hex(3)}.png"
+    handled = two.page_a.evaluate(
+        _PASTE_JS, {"b64": base64.b64encode(data).decode(), "name": name, "how": how}
+    )
+    assert handled is True
+    found: list[zchat_nb.Message] = []
+    deadline = time.monotonic() + 20
+    while not found and time.monotonic() < deadline:
+        found = [m for m in observer.new_messages(timeout=deadline - time.monotonic()) if m.attachments]
+    (message,) = found
+    assert message.author == "alice" and message.attachments[0].name == name
+    assert client.attachment_bytes(message) == data
+    two.page_b.wait_for_function(_IMAGE_READY_JS, arg=name, timeout=20_000)

@@ -46,7 +46,7 @@ def test_demo_folder_holds_the_demo_and_every_lesson(tmp_path: Path) -> None:
     )
     shipped = sorted(path.name for path in (NOTEBOOKS / "lessons").glob("*.ipynb"))
     copied = sorted(path.name for path in (tmp_path / "demo" / LESSONS_DIR).glob("*.ipynb"))
-    assert copied == shipped and len(shipped) == 6
+    assert copied == shipped and len(shipped) == 7
 
 
 def test_demo_folder_keeps_what_a_student_wrote(tmp_path: Path) -> None:

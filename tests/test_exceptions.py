@@ -51,6 +51,12 @@ AWAY_TIMEOUT = 0.5
 #: A message as a session returns it (with its writer), for the amendments.
 _SHOWN = zchat_nb.Message("0123456789abcdef", "ada", "one", 1.0, writer="0123456789abcdef")
 
+#: A picture, and a message that names one (for reading attachments).
+_PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+_SHARED = zchat_nb.Message(
+    "0123456789abcdef", "ada", "", 1.0, attachments=(zchat_nb.Attachment("a.png", "image/png", 24, "w/x/0"),)
+)
+
 READS: dict[str, Callable[[ChatClient], Any]] = {
     "ChatClient.rooms": lambda c: c.rooms(),
     "ChatSession.new_messages": lambda c: c.session("lab").new_messages(),
@@ -65,6 +71,7 @@ READS: dict[str, Callable[[ChatClient], Any]] = {
     "teacher.to_dataframe": lambda c: teacher.to_dataframe(c, "lab"),
     "teacher.export": lambda c: teacher.export(c, "lab", io.StringIO()),
     "teacher.pack": lambda c: teacher.pack(c),
+    "ChatClient.attachment_bytes": lambda c: c.attachment_bytes(_SHARED),
 }
 WRITES: dict[str, Callable[[ChatClient], Any]] = {
     "ChatSession.add_message": lambda c: c.session("lab").add_message("into the void"),
@@ -77,6 +84,8 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
     "ChatSession.react": lambda c: c.session("lab").react(_SHOWN, "👍"),
     "ChatSession.unreact": lambda c: c.session("lab").unreact(_SHOWN, "👍"),
     "teacher.clear_room": lambda c: teacher.clear_room(c, "lab"),
+    "ChatSession.share": lambda c: c.session("lab").share(_PNG, "into the void"),
+    "ChatSession.share_files": lambda c: c.session("lab").share_files([("a.png", "image/png", _PNG)]),
 }
 
 #: Calls that do not ask the server: they work while it is away.

@@ -102,3 +102,38 @@ def test_frames_to_the_views_carry_their_type_and_view() -> None:
         "error": "not sent: x",
     }
     assert Append("lab", [payload]).to_wire()["messages"][0] is payload  # not copied
+
+
+_SHARE = {"type": "share", "client_id": "c", "room": "lab", "name": "p.png", "caption": "hi"}
+
+
+def test_share_and_attachment_frames_are_parsed_with_their_buffer() -> None:
+    from zchat_nb.frames import AttachmentWanted, Share
+
+    assert parse_view_frame(_SHARE, [memoryview(b"\x89PNG")]) == Share("c", "lab", "p.png", "hi", b"\x89PNG")
+    wanted = {"type": "attachment", "view": "v", "message": "m1", "index": 2}
+    assert parse_view_frame(wanted) == AttachmentWanted("v", "m1", 2)
+
+
+@pytest.mark.parametrize(
+    ("content", "buffers", "match"),
+    [
+        (_SHARE, [], "exactly one buffer"),
+        (_SHARE, [b"a", b"b"], "exactly one buffer"),
+        ({**_SHARE, "name": "n" * 201}, [b"a"], "'name' must be a str of at most 200"),
+        ({**_SHARE, "caption": None}, [b"a"], "'caption' must be a str"),
+        ({**_SHARE, "room": None}, [b"a"], "'room' must be a str"),
+        ({"type": "attachment", "view": "v", "message": "m", "index": -1}, [], "'index' must be a small int"),
+        (
+            {"type": "attachment", "view": "v", "message": "m", "index": True},
+            [],
+            "'index' must be a small int",
+        ),
+        ({"type": "attachment", "view": "v", "index": 0}, [], "'message' must be a str"),
+    ],
+)
+def test_malformed_share_and_attachment_frames_are_rejected(
+    content: object, buffers: list, match: str
+) -> None:
+    with pytest.raises(FrameError, match=match):
+        parse_view_frame(content, buffers)

@@ -3,6 +3,7 @@
 Every import counts: at the top, inside functions (the lazy ones) and under ``TYPE_CHECKING``.
 A module may import modules of its own layer or of lower ones. ``treeview`` and ``frames`` are pure
 (no widgets, no sockets), with ``render`` in the third layer: they build on the model's types.
+``media`` (what can be shared, checked bytes) sits beside the model, which uses it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"exceptions", "seed", "amend"},
-    {"model", "security", "net", "events", "storage"},
-    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing"},
+    {"model", "security", "net", "events", "storage", "media"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake", "signing", "blobguard"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},

@@ -62,6 +62,12 @@ SOLUTIONS = {
         'answer = {"invalidations": ..., "objects_each": ...}  # your turn: two numbers',
         'answer = {"invalidations": 3, "objects_each": 3}',
     ),
+    "07_blobs": (
+        'raise NotImplementedError("your turn: find the blob and read its first 8 bytes")',
+        "blob = conn.root()[BLOBS_KEY][attachment.writer][attachment.key]\n"
+        '    with blob.open("r") as f:\n'
+        "        return f.read(8)",
+    ),
 }
 
 # What the check cell of each lesson says when the exercise is run as shipped.
@@ -72,6 +78,7 @@ SHIPPED_FAILURES = {
     "04_volatile_attributes": "Not done yet: in the exercise cell, replace the `raise NotImplementedError`",
     "05_btrees": "Not done yet: in the exercise cell, replace `...` with a range read",
     "06_zeo_on_the_wire": "Not done yet: in the exercise cell, replace each `...` with a number",
+    "07_blobs": "Not done yet: in the exercise cell, replace the `raise NotImplementedError`",
 }
 
 
@@ -79,8 +86,8 @@ def _tagged(nb: object, tag: str) -> list:
     return [cell for cell in nb.cells if tag in cell.get("metadata", {}).get("tags", [])]
 
 
-def test_there_are_six_lessons_in_order() -> None:
-    assert [path.name[:3] for path in LESSONS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
+def test_there_are_seven_lessons_in_order() -> None:
+    assert [path.name[:3] for path in LESSONS] == ["01_", "02_", "03_", "04_", "05_", "06_", "07_"]
     assert sorted(SOLUTIONS) == sorted(SHIPPED_FAILURES) == [path.stem for path in LESSONS]
 
 

@@ -202,3 +202,72 @@ def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb
     client.close()
     assert threading.active_count() == before
     ip.run_line_magic("load_ext", "zchat_nb")  # the fixture unloads it again
+
+
+def test_paste_fills_the_next_cell_with_a_code_block_and_never_runs_it(
+    ip: InteractiveShell, server: zchat_nb.Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room paste")
+    ip.rl_next_input = None
+    with pytest.raises(UsageError, match="none of the last 0 messages of 'paste' has a code block"):
+        zchat(ip, "paste")
+    zchat(ip, "send", "pasted_first = 1\n")  # sent as a ```python block
+    zchat(ip, "send --raw", "two blocks:\n```\npasted_a = 1\n```\nand\n```\npasted_b = 2\n```\n")
+    zchat(ip, 'send "just words, no code"')
+
+    zchat(ip, "paste")  # the latest code block: the last block of the latest message that has one
+    assert ip.rl_next_input == "pasted_b = 2"
+    assert "is in the next cell" in capsys.readouterr().out
+
+    zchat(ip, "history -n 10")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  1  [") and lines[0].endswith("ada: ```python")
+    numbered = [line for line in lines if line[:3].strip().isdigit()]
+    assert [line[:3].strip() for line in numbered] == ["1", "2", "3"]
+    zchat(ip, "paste 1")
+    assert ip.rl_next_input == "pasted_first = 1"
+    zchat(ip, "paste 2")  # every block of message 2
+    assert ip.rl_next_input == "pasted_a = 1\npasted_b = 2"
+    with pytest.raises(UsageError, match="message 3 \\(ada\\) has no code block"):
+        zchat(ip, "paste 3")
+    with pytest.raises(
+        UsageError, match=r"no message 4; N is a number shown by the last `%zchat history` \(1 to 3\)"
+    ):
+        zchat(ip, "paste 4")
+    # Filled, never run: none of the pasted assignments happened.
+    assert not {"pasted_first", "pasted_a", "pasted_b"} & set(ip.user_ns)
+
+
+def test_paste_n_needs_a_history_first(ip: InteractiveShell, server: zchat_nb.Server) -> None:
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room paste-n")
+    with pytest.raises(UsageError, match="run `%zchat history` first"):
+        zchat(ip, "paste 1")
+
+
+def test_share_sends_a_variable_as_an_attachment(
+    ip: InteractiveShell, server: zchat_nb.Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    host, port = server.address
+    zchat(ip, f"join {host}:{port} --name ada --room share")
+    figure = Figure(figsize=(2, 1))
+    figure.add_subplot().plot([1, 3, 2])
+    ip.user_ns["fig"] = figure
+    zchat(ip, "share fig my first plot")
+    assert "Shared figure.png (image/png, " in capsys.readouterr().out
+    reader = zchat_nb.connect(server.address, user="reader")
+    try:
+        (message,) = reader.session("share").history(5)
+        assert message.text == "my first plot" and message.attachments[0].mime == "image/png"
+        assert reader.attachment_bytes(message).startswith(b"\x89PNG")
+    finally:
+        reader.close()
+    with pytest.raises(UsageError, match="there is no variable 'nothing' in this kernel"):
+        zchat(ip, "share nothing")
+    ip.user_ns["words"] = b"just some bytes"
+    with pytest.raises(UsageError, match="%zchat share: the data is not a PNG, JPEG, GIF or WebP image"):
+        zchat(ip, "share words")

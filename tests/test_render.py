@@ -11,6 +11,9 @@ import pytest
 from zchat_nb.model import Message
 from zchat_nb.render import (
     ALLOWED_TAGS,
+    HIGHLIGHT_CLASSES,
+    MAX_HIGHLIGHT_CHARS,
+    code_blocks,
     format_line,
     initials,
     message_payload,
@@ -61,7 +64,7 @@ def test_attack_payloads_render_inert_and_readable(payload: str, shown: str) -> 
     ("text", "expected"),
     [
         ("**bold** and *em*", "<strong>bold</strong> and <em>em</em>"),
-        ("```python\nprint('hi')\n```", "<pre><code>print('hi')\n</code></pre>"),
+        ("```\nprint('hi')\n```", "<pre><code>print('hi')\n</code></pre>"),
         ("inline `x < 1`", "<code>x &lt; 1</code>"),
         ("line one\nline two", "line one<br>"),
         ("> quoted", "<blockquote>"),
@@ -184,6 +187,82 @@ def test_a_check_mark_in_a_name_is_not_verified() -> None:
 
 def test_message_payload_survives_an_absurd_time() -> None:
     assert message_payload(Message("abc", "bob", "hi", 1e300), own=False)["time"] == ""
+
+
+# -- code highlighting, links, code blocks -----------------------------------------------------
+
+_CLASS = re.compile(r'class="([^"]*)"')
+
+
+def test_a_python_block_is_highlighted_with_allowed_classes_only() -> None:
+    html = render_markdown("```python\ndef f(x):\n    return '<img src=x onerror=alert(1)>'  # c\n```")
+    assert '<span class="zchat-hl-k">def</span>' in html
+    assert '<span class="zchat-hl-nf">f</span>' in html
+    assert "zchat-hl-c1" in html  # the comment
+    classes = _CLASS.findall(html)
+    assert classes and set(classes) <= HIGHLIGHT_CLASSES
+    assert "style" not in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert visible_text(html).startswith("def f(x):\n    return '<img src=x onerror=alert(1)>'")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```nosuchlanguage\nx = 1\n```",
+        "```\nx = 1\n```",
+        "```python\n" + "x = 1\n" * (MAX_HIGHLIGHT_CHARS // 6 + 1) + "```",
+    ],
+    ids=["unknown language", "no language", "too long"],
+)
+def test_other_blocks_show_plain(text: str) -> None:
+    html = render_markdown(text)
+    assert "<span" not in html and "x = 1" in html
+
+
+def test_span_markup_typed_by_a_user_stays_text() -> None:
+    payload = '<span class="zchat-hl-k" style="position:fixed">x</span>'
+    html = render_markdown(payload)
+    assert "<span" not in html and visible_text(html).strip() == payload
+
+
+@pytest.mark.parametrize(
+    ("text", "href"),
+    [
+        ("see https://zodb.org/docs?a=1 now", "https://zodb.org/docs?a=1"),
+        ("see www.python.org now", "http://www.python.org"),
+        ("mail ada@example.org", "mailto:ada@example.org"),
+    ],
+)
+def test_bare_urls_become_links(text: str, href: str) -> None:
+    html = render_markdown(text)
+    assert f'href="{href}"' in html
+    assert 'rel="noopener noreferrer nofollow"' in html
+
+
+@pytest.mark.parametrize("text", ["javascript:alert(1)", "ftp://example.org/x", "data:text/html,<b>x</b>"])
+def test_bare_urls_of_other_schemes_are_not_links(text: str) -> None:
+    html = render_markdown(text)
+    assert "href" not in html
+    assert text in visible_text(html)
+
+
+def test_code_blocks_are_found_in_order() -> None:
+    text = "look:\n```python\nx = 1\n```\nand\n\n    indented()\n\n```\ny = 2\n```\n`inline` is not one"
+    assert code_blocks(text) == ["x = 1\n", "indented()\n", "y = 2\n"]
+    assert code_blocks("no code here") == []
+
+
+def test_a_terminal_line_names_the_attachments() -> None:
+    from zchat_nb.model import Attachment
+    from zchat_nb.render import attachment_payload
+
+    attachment = Attachment("plot.png", "image/png", 1234, "w/abc/0")
+    message = Message("abc", "bob", "my plot", 1.0e9, attachments=(attachment,))
+    assert format_line(message).endswith("bob: my plot [plot.png: image/png, 1234 bytes]")
+    assert attachment_payload(message) == [
+        {"index": 0, "name": "plot.png", "mime": "image/png", "size": 1234, "image": True}
+    ]
 
 
 @pytest.mark.parametrize(

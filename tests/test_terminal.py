@@ -196,3 +196,12 @@ def test_conversation_commands_name_messages_counting_back_from_the_newest() -> 
 def test_a_check_mark_in_an_unverified_name_is_not_shown_as_one() -> None:
     assert format_line(Message("i", "alice ✓", "hi", 0.0)).split("] ")[1] == "alice ?: hi"
     assert format_line(Message("i", "alice", "hi", 0.0, verified=True)).split("] ")[1] == "alice ✓: hi"
+
+
+def test_a_shared_attachment_is_named_with_control_characters_shown_not_obeyed() -> None:
+    from zchat_nb.model import Attachment
+
+    attachment = Attachment("plot\x1b[2J.png", "image/png", 1234, "w/i/0")
+    line = format_line(Message("i", "alice", "my plot", 0.0, attachments=(attachment,)))
+    assert line.split("] ")[1].startswith("alice: my plot [plot")
+    assert "\x1b" not in line and line.endswith(".png: image/png, 1234 bytes]")

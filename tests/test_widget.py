@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import comm
@@ -34,6 +35,8 @@ class RecordingComm:
         self.comm_id = uuid.uuid4().hex
         self.opened_with = kwargs
         self.sent: list[dict[str, Any]] = []
+        #: The binary buffers sent with each entry of :attr:`sent`.
+        self.sent_buffers: list[list[bytes]] = []
         self.closed = False
         self._handler: Callable[[dict[str, Any]], None] | None = None
         self._changed = threading.Condition()
@@ -45,6 +48,7 @@ class RecordingComm:
     def send(self, data: dict[str, Any] | None = None, metadata: Any = None, buffers: Any = None) -> None:
         with self._changed:
             self.sent.append(data or {})
+            self.sent_buffers.append([bytes(b) for b in buffers or []])
             self._changed.notify_all()
 
     def close(self, *args: Any, **kwargs: Any) -> None:
@@ -91,10 +95,19 @@ class RecordingComm:
                 updates = [d["state"] for d in self.sent if d.get("method") == "update"]
                 raise AssertionError(f"no {name} update matching within {timeout} s; got {updates!r}")
 
-    def from_view(self, content: dict[str, Any]) -> None:
-        """Deliver a custom message as the browser's ``model.send(content)`` would."""
+    def from_view(self, content: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        """Deliver a custom message as the browser's ``model.send(content, {}, buffers)`` would."""
         assert self._handler is not None
-        self._handler({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+        data = {"method": "custom", "content": content}
+        self._handler({"content": {"data": data}, "buffers": buffers or []})
+
+    def buffers_of(self, content: dict[str, Any]) -> list[bytes]:
+        """The buffers sent with the custom message ``content``."""
+        with self._changed:
+            for data, buffers in zip(self.sent, self.sent_buffers, strict=True):
+                if data.get("method") == "custom" and data["content"] is content:
+                    return buffers
+        raise AssertionError(f"{content!r:.80} was not sent")
 
     def set_from_view(self, **state: Any) -> None:
         """Deliver a state change as the browser's ``model.set(...); model.save_changes()`` would."""
@@ -755,3 +768,93 @@ def test_mentions_of_the_user_in_other_rooms_are_counted_apart(
     start = rec.mark()
     widget.switch_room("general")
     rec.wait_state("unread_mentions", lambda mentions: mentions == {}, start)
+
+
+# -- attachments: shared pictures reach the views as checked bytes ------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+
+
+@pytest.fixture
+def blob_client(make_client: Callable, tmp_path: Path) -> ChatClient:
+    """alice, on an in-memory database with blobs (MappingStorage has none of its own)."""
+    from ZODB.blob import BlobStorage
+    from ZODB.MappingStorage import MappingStorage
+
+    return make_client(ZODB.DB(BlobStorage(str(tmp_path / "blobs"), MappingStorage())), "alice")
+
+
+def test_a_picture_pasted_in_a_view_is_shared_and_its_bytes_come_back_as_a_buffer(
+    blob_client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget(client=blob_client)
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    share = {"type": "share", "client_id": "c-9", "room": "general", "name": "paste.png", "caption": "look"}
+    rec.from_view(share, [PNG])
+    ack = rec.wait_for(lambda m: m["type"] == "sent", start)
+    append = rec.wait_for(lambda m: m["type"] == "append", start)
+    (payload,) = append["messages"]
+    assert payload["id"] == ack["id"] and "look" in payload["html"]
+    assert payload["attachments"] == [
+        {"index": 0, "name": "paste.png", "mime": "image/png", "size": len(PNG), "image": True}
+    ]
+    assert "src" not in repr(payload) and "data:" not in repr(payload)  # no URL reaches the view
+    start = rec.mark()
+    rec.from_view({"type": "attachment", "view": "view-1", "message": ack["id"], "index": 0})
+    data = rec.wait_for(lambda m: m["type"] == "attachment", start)
+    assert data == {
+        "type": "attachment",
+        "view": "view-1",
+        "message": ack["id"],
+        "index": 0,
+        "mime": "image/png",
+        "error": "",
+    }
+    assert rec.buffers_of(data) == [PNG]
+
+
+def test_a_pasted_file_that_is_no_image_is_refused_with_the_reason(
+    blob_client: ChatClient, make_widget: Callable
+) -> None:
+    widget = make_widget(client=blob_client)
+    rec = recorder(widget)
+    start = rec.mark()
+    share = {"type": "share", "client_id": "c-8", "room": "general", "name": "x.png", "caption": ""}
+    rec.from_view(share, [b"<svg onload=alert(1)>"])
+    failed = rec.wait_for(lambda m: m["type"] == "send_failed", start)
+    assert "is not a PNG, JPEG, GIF or WebP image" in failed["error"]
+    assert blob_client.session("general").history(5) == []
+
+
+def test_a_broken_attachment_is_answered_with_an_error_and_no_bytes(
+    blob_client: ChatClient, make_widget: Callable
+) -> None:
+    from zchat_nb.model import Attachment
+
+    widget = make_widget(client=blob_client)
+    hello(widget)
+    rec = recorder(widget)
+    start = rec.mark()
+    lie = Attachment("a.png", "image/png", 10, f"{blob_client.writer}/nothing/0")
+    message = Message("e" * 32, "mallory", "", 1.0e9, attachments=(lie,))
+    blob_client.session("general").post(message)
+    rec.wait_for(lambda m: m["type"] == "append", start)
+    rec.from_view({"type": "attachment", "view": "view-1", "message": message.id, "index": 0})
+    data = rec.wait_for(lambda m: m["type"] == "attachment", start)
+    assert "is missing from the database" in data["error"]
+    assert rec.buffers_of(data) == []
+    # A message the widget never showed, or a bad index: no answer at all.
+    start = rec.mark()
+    rec.from_view({"type": "attachment", "view": "view-1", "message": "nope", "index": 0})
+    rec.from_view({"type": "attachment", "view": "view-1", "message": message.id, "index": 3})
+    assert hello(widget)["room"] == "general"
+    assert not [m for m in rec.custom(start) if m["type"] == "attachment"]
+
+
+def test_share_method_shares_from_python(blob_client: ChatClient, make_widget: Callable) -> None:
+    widget = make_widget(client=blob_client)
+    message = widget.share(PNG, "from code").result(TIMEOUT)
+    assert message.text == "from code" and message.attachments[0].mime == "image/png"
+    assert blob_client.attachment_bytes(message) == PNG

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import ChatClient, ClientEvent, connect, default_user
 from .exceptions import (
+    AttachmentError,
     InvalidMessageError,
     UnsafeRecordError,
     ZChatConnectionError,
@@ -25,7 +26,7 @@ from .exceptions import (
     ZChatSendError,
     ZChatServerError,
 )
-from .model import ChatSession, Message, Room, SendPolicy
+from .model import Attachment, ChatSession, Message, Room, SendPolicy
 from .server import Server, serve
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attachment",
+    "AttachmentError",
     "ChatClient",
     "ChatSession",
     "ChatWidget",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import shutil
 import ssl as ssl_module
+import tempfile
 import threading
 import time
 import uuid
@@ -25,16 +27,19 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
 from .events import ClientEvent, ClientEvents
-from .exceptions import ZChatConnectionError, server_boundary
+from .exceptions import AttachmentError, ZChatConnectionError, disconnected, server_boundary
 from .local import ENV_ADDRESS, resolve_address, restart_hint
+from .media import DEFAULT_MAX_ATTACHMENT_BYTES
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
     ChatSession,
+    Message,
     SendPolicy,
     Signer,
     Verifier,
     check_author,
+    read_attachment,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .pgwake import DEFAULT_FALLBACK
@@ -71,6 +76,9 @@ class _WakingClientStorage(ClientStorage):
     its networking thread, before ``__init__`` returns. They run on that thread (or, for commits,
     on the committing one): they must never make storage calls.
     """
+
+    #: This client's private blob cache directory, removed when the client closes.
+    _zchat_blob_cache: str | None = None
 
     def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
         self.zchat_events = events
@@ -122,6 +130,7 @@ class ChatClient:
         user: str | None = None,
         address: Address | None = None,
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
         events: ClientEvents | None = None,
@@ -132,6 +141,7 @@ class ChatClient:
         self.address = address
         self.writer = uuid.uuid4().hex[:16]
         self.max_text_bytes = max_text_bytes
+        self.max_attachment_bytes = max_attachment_bytes
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
@@ -271,6 +281,29 @@ class ChatClient:
             rooms = conn.root().get(ROOMS_KEY)
             return list(rooms.keys()) if rooms is not None else []
 
+    # -- attachments -----------------------------------------------------------------------
+
+    def attachment_bytes(self, message: Message, index: int = 0) -> bytes:
+        """The bytes of ``message.attachments[index]``, checked (size limit, real size, magic numbers).
+
+        Over ZEO the server streams the blob into this client's private blob cache first.
+        Raises :class:`AttachmentError` if it is missing, too big or not what its message says.
+        """
+        if not 0 <= index < len(message.attachments):
+            raise AttachmentError(
+                f"message {message.id} has {len(message.attachments)} attachment(s); "
+                f"there is no index {index}"
+            )
+        if not self.is_connected():  # the blob may be on the server only: say so now, not later
+            raise disconnected(self.address_text, self.restart_hint)
+        tm, conn = self.connection()
+        with server_boundary(self.address_text, self.restart_hint):
+            tm.begin()
+            try:
+                return read_attachment(conn, message.attachments[index], self.max_attachment_bytes)
+            finally:
+                tm.abort()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     @property
@@ -294,6 +327,9 @@ class ChatClient:
         if self._link is not None:
             self._link.close()
         self.db.close()
+        blob_cache = getattr(self.db.storage, "_zchat_blob_cache", None)
+        if blob_cache:  # this client's private blob cache: nobody else reads it
+            shutil.rmtree(blob_cache, ignore_errors=True)
 
     def __enter__(self) -> ChatClient:
         return self
@@ -313,7 +349,9 @@ def connect(
     timeout: float = 10.0,
     connect_timeout: float = CONNECT_TIMEOUT,
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
     cache_size: int = 20 * 1024 * 1024,
+    blob_cache_size: int = 100 * 1024 * 1024,
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
@@ -337,8 +375,12 @@ def connect(
         Seconds to wait for the server to answer now.
     max_text_bytes
         Longest message text accepted when sending and when reading, in UTF-8 bytes.
+    max_attachment_bytes
+        Largest picture or table shared or read (5 MB by default), in bytes.
     cache_size
         Size of ZEO's client cache in bytes.
+    blob_cache_size
+        Size ZEO keeps its private blob cache (a temporary directory, removed on close) near, in bytes.
     ssl
         An ``ssl.SSLContext`` for a server started with TLS.
     tls
@@ -383,12 +425,25 @@ def connect(
         check_tls(addr, ssl, timeout=connect_timeout)  # says why a TLS connection fails, in words
     elif not probe(addr, timeout=connect_timeout):
         raise ZChatConnectionError(f"no ZEO server answers at {where}; {restart_hint(addr)}")
+    # Blobs: a private cache (shared=False: the server streams each blob to us), never a
+    # directory another user could read or plant files in; mkdtemp makes it 0700.
+    blob_cache = tempfile.mkdtemp(prefix="zchat-blobs-")
     events = ClientEvents()
     try:
         storage = _WakingClientStorage(
-            addr, events=events, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl
+            addr,
+            events=events,
+            wait=False,
+            wait_timeout=timeout,
+            cache_size=cache_size,
+            ssl=ssl,
+            blob_dir=blob_cache,
+            shared_blob_dir=False,
+            blob_cache_size=blob_cache_size,
         )
+        storage._zchat_blob_cache = blob_cache
     except Exception as exc:
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
     try:
         try:
@@ -406,6 +461,7 @@ def connect(
         db = ZODB.DB(storage, class_factory=class_factory(allow))
     except BaseException:
         storage.close()
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise
     try:
         client = ChatClient(
@@ -413,12 +469,14 @@ def connect(
             user=user,
             address=addr,
             max_text_bytes=max_text_bytes,
+            max_attachment_bytes=max_attachment_bytes,
             policy=SendPolicy(timeout=timeout),
             clock=clock,
             events=events,
         )
     except BaseException:
         db.close()
+        shutil.rmtree(blob_cache, ignore_errors=True)
         raise
     client.signer, client.verifier = signer, verifier
     return client

@@ -7,6 +7,7 @@ Everything derives from :class:`ZChatError`, so ``except ZChatError`` catches al
     │   └── ZChatDisconnected       the server went away; also a transaction TransientError
     ├── ZChatSendError              a message (or a teacher's clear) could not be committed in time
     ├── InvalidMessageError         bad input: empty, not str, too long (also a ValueError)
+    │   └── AttachmentError         a picture or table cannot be shared or read: type, size, missing
     ├── ZChatPermissionError        editing or deleting someone else's message, or a bad reaction
     ├── UnsafeRecordError           a stored record names a global outside the allow-list
     └── ZChatServerError            a server could not be started, found or stopped
@@ -28,6 +29,7 @@ from transaction.interfaces import TransientError
 from ZODB.POSException import ConflictError
 
 __all__ = [
+    "AttachmentError",
     "InvalidMessageError",
     "UnsafeRecordError",
     "ZChatConnectionError",
@@ -59,6 +61,10 @@ class ZChatSendError(ZChatError):
 
 class InvalidMessageError(ZChatError, ValueError):
     """The text or author of a message is not acceptable."""
+
+
+class AttachmentError(InvalidMessageError):
+    """An attachment cannot be shared (unknown type, over the size limit) or read (missing, altered)."""
 
 
 class ZChatPermissionError(ZChatError):

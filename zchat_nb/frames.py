@@ -13,6 +13,8 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
       Older   {"type": "older", "view": V, "room": R|null, "before": {"id": I, "ts": F}|null}
       Amend   {"type": "amend", "action": "edit"|"delete"|"react"|"unreact"|"reply", "id": I,
                "arg": T, "client_id": C, "room": R}          T: new text, emoji, reply text, ""
+      Share   {"type": "share", "client_id": C, "room": R, "name": N, "caption": T}  + 1 buffer: the bytes
+      AttachmentWanted {"type": "attachment", "view": V, "message": I, "index": i}
     kernel -> views
       Reset       {"type": "reset", "view": V|null, "room": R, "messages": [...], "more": bool}
       Append      {"type": "append", "view": null, "room": R, "messages": [...]}   only the new ones
@@ -20,6 +22,8 @@ what comes from a view goes through :func:`parse_view_frame`, which returns a fr
       Sent        {"type": "sent", "view": null, "client_id": C, "id": message id}
       SendFailed  {"type": "send_failed", "view": null, "client_id": C, "error": text}
       Update      {"type": "update", "view": null, "room": R, "messages": [...]}  changed ones, in place
+      AttachmentData {"type": "attachment", "view": V, "message": I, "index": i, "mime": M,
+                      "error": text}  + 1 buffer: the checked bytes (none when error is set)
 
 Each of ``messages`` is :func:`zchat_nb.render.message_payload`.
 """
@@ -28,12 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
     "Amend",
     "Append",
+    "AttachmentData",
+    "AttachmentWanted",
     "Before",
     "FrameError",
     "Hello",
@@ -44,6 +51,7 @@ __all__ = [
     "Send",
     "SendFailed",
     "Sent",
+    "Share",
     "Update",
     "ViewFrame",
     "parse_view_frame",
@@ -100,6 +108,32 @@ class Older(_Frame):
 
 
 @dataclass(frozen=True)
+class Share(_Frame):
+    """A picture pasted or dropped into a view's box; the kernel checks the bytes before sharing."""
+
+    client_id: str
+    room: str
+    name: str
+    caption: str
+    data: bytes
+    type: Literal["share"] = "share"
+
+
+@dataclass(frozen=True)
+class AttachmentWanted(_Frame):
+    """A view shows a message with attachments: send it the bytes of one (checked by the kernel)."""
+
+    view: str
+    message: str
+    index: int
+    type: Literal["attachment"] = "attachment"
+
+
+#: Longest file name a view may give a shared picture.
+MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
 class Name(_Frame):
     #: Anything the view sent: checked like any user name where it is used, so the view hears why.
     name: object
@@ -121,7 +155,7 @@ class Amend(_Frame):
 
 AMEND_ACTIONS = ("edit", "delete", "react", "unreact", "reply")
 
-ViewFrame = Hello | Send | Older | Name | Amend
+ViewFrame = Hello | Send | Older | Name | Amend | Share | AttachmentWanted
 
 
 def _id(content: dict[str, Any], key: str) -> str:
@@ -142,8 +176,28 @@ def _before(value: object) -> Before | None:
     return Before(_id(value, "id"), float(ts))
 
 
-def parse_view_frame(content: object) -> ViewFrame:
-    """The frame a view sent, or :class:`FrameError` saying what is wrong with it."""
+def _share(content: dict[str, Any], buffers: Sequence[Any]) -> Share:
+    room, name, caption = content.get("room"), content.get("name"), content.get("caption", "")
+    if not isinstance(room, str):
+        raise FrameError(f"'room' must be a str, not {room!r:.80}")
+    if not (isinstance(name, str) and len(name) <= MAX_NAME_CHARS):
+        raise FrameError(f"'name' must be a str of at most {MAX_NAME_CHARS} characters")
+    if not isinstance(caption, str):
+        raise FrameError(f"'caption' must be a str, not {caption!r:.80}")
+    if len(buffers) != 1:
+        raise FrameError(f"a share frame carries exactly one buffer (the bytes), not {len(buffers)}")
+    return Share(_id(content, "client_id"), room, name, caption, bytes(buffers[0]))
+
+
+def _attachment_wanted(content: dict[str, Any]) -> AttachmentWanted:
+    index = content.get("index")
+    if not (type(index) is int and 0 <= index < 16):
+        raise FrameError(f"'index' must be a small int >= 0, not {index!r:.40}")
+    return AttachmentWanted(_id(content, "view"), _id(content, "message"), index)
+
+
+def parse_view_frame(content: object, buffers: Sequence[Any] = ()) -> ViewFrame:
+    """The frame a view sent (with its binary ``buffers``), or :class:`FrameError` saying what is wrong."""
     if not isinstance(content, dict):
         raise FrameError(f"a frame is an object, not {type(content).__name__}")
     kind = content.get("type")
@@ -168,7 +222,14 @@ def parse_view_frame(content: object) -> ViewFrame:
         if not isinstance(room, str):
             raise FrameError(f"'room' must be a str, not {room!r:.80}")
         return Amend(action, _id(content, "id"), content.get("arg"), _id(content, "client_id"), room)
-    raise FrameError(f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'name' or 'amend'")
+    if kind == "share":
+        return _share(content, buffers)
+    if kind == "attachment":
+        return _attachment_wanted(content)
+    raise FrameError(
+        f"unknown frame type {kind!r:.40}: expected 'hello', 'send', 'older', 'name', 'amend', "
+        "'share' or 'attachment'"
+    )
 
 
 # -- kernel -> views -------------------------------------------------------------------------
@@ -206,6 +267,18 @@ class Sent(_Frame):
     id: str
     view: None = None
     type: Literal["sent"] = "sent"
+
+
+@dataclass(frozen=True)
+class AttachmentData(_Frame):
+    """The bytes of one attachment for ``view`` (sent as the frame's one buffer), or why not."""
+
+    view: str
+    message: str
+    index: int
+    mime: str
+    error: str = ""
+    type: Literal["attachment"] = "attachment"
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,14 @@ from .client import ChatClient, connect, default_user
 from .exceptions import ZChatError
 from .model import ChatSession, Message
 from .net import format_address, parse_address
-from .render import format_line, terminal_safe
+from .render import code_blocks, format_line, terminal_safe
 from .server import Server, serve
 
 __all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
+
+
+#: How many recent messages `%zchat paste` (no N) searches for a code block.
+PASTE_SEARCH = 200
 
 
 class ZChat(Configurable):
@@ -118,6 +122,19 @@ def _parsers() -> dict[str, _Parser]:
         "delete", "Delete your message N (as numbered by `%zchat history`); a verified teacher: anyone's."
     )
     p["delete"].add_argument("number", type=int, metavar="N")
+    p["paste"] = make(
+        "paste",
+        "Put the latest code block (or message N's, as numbered by `%zchat history`) into the next "
+        "cell; it is not run.",
+    )
+    p["paste"].add_argument(
+        "number", nargs="?", type=int, default=None, metavar="N", help="a number printed by history"
+    )
+    p["share"] = make(
+        "share", "Share VAR with the room you joined: image bytes, a path, a Figure, an Image, a DataFrame."
+    )
+    p["share"].add_argument("variable", metavar="VAR", help="the name of a variable in this kernel")
+    p["share"].add_argument("caption", nargs="*", metavar="CAPTION", help="text shown with it")
     for name, text in [
         ("rooms", "List the rooms."),
         ("status", "Show the connection, user, room and server."),
@@ -297,6 +314,46 @@ class ZChatMagics(Magics):
     def _delete(self, args: argparse.Namespace, cell: str | None) -> None:
         session = self._joined()
         session.delete(self._numbered_message("delete", args.number))
+
+    def _paste(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        if args.number is None:
+            recent = session.history(PASTE_SEARCH)
+            found = [(m, code_blocks(m.text)) for m in reversed(recent)]
+            message, blocks = next(((m, b) for m, b in found if b), (None, []))
+            if message is None:
+                raise UsageError(
+                    f"%zchat paste: none of the last {len(recent)} messages of {self.room!r} has a code "
+                    "block; send one with `%%zchat send`, or give a number from `%zchat history`"
+                )
+            code = blocks[-1]
+        else:
+            message = self._numbered_message("paste", args.number)
+            blocks = code_blocks(message.text)
+            if not blocks:
+                raise UsageError(f"%zchat paste: message {args.number} ({message.author}) has no code block")
+            code = "\n".join(block.rstrip("\n") for block in blocks)
+        # The next cell gets the code; nothing runs it (IPython's set_next_input only fills the cell).
+        assert self.shell is not None
+        self.shell.set_next_input(code.rstrip("\n"), replace=False)
+        print(
+            f"The code from {terminal_safe(message.author, multiline=False)}'s message "
+            f"({format_line(message)[:7]}) is in the next cell; "
+            "read it before you run it."
+        )
+
+    def _share(self, args: argparse.Namespace, cell: str | None) -> None:
+        session = self._joined()
+        assert self.shell is not None
+        if args.variable not in self.shell.user_ns:
+            raise UsageError(
+                f"%zchat share: there is no variable {args.variable!r} in this kernel; give the name "
+                'of one: `%zchat share fig "my plot"` (bytes, a path, a Figure, an Image, a DataFrame)'
+            )
+        message = session.share(self.shell.user_ns[args.variable], " ".join(args.caption))
+        for attachment in message.attachments:
+            what = f"{attachment.name} ({attachment.mime}, {attachment.size} bytes)"
+            print(f"Shared {what} in room {self.room!r}.")
 
     def _rooms(self, args: argparse.Namespace, cell: str | None) -> None:
         client = self.client if self.client is not None and not self.client.closed else self._any_client()

@@ -24,19 +24,20 @@ import hashlib
 import heapq
 import logging
 import math
+import os
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from ZODB.POSException import ConflictError
+from ZODB.POSException import ConflictError, POSKeyError, Unsupported
 
 from .amend import (
     DELETE,
@@ -61,6 +62,7 @@ from .amend import (
     refusal,
 )
 from .exceptions import (
+    AttachmentError,
     InvalidMessageError,
     ZChatConnectionError,
     ZChatDisconnected,
@@ -75,12 +77,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_TEXT_BYTES",
+    "Attachment",
     "ChatSession",
     "Message",
     "Room",
     "SendPolicy",
     "SessionHost",
     "commit",
+    "read_attachment",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,9 +96,47 @@ _ID_CHARS = 32
 _ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 ROOMS_KEY = "zchat_nb.rooms"
 
-Record = tuple[str, str, str, float]
 _T = TypeVar("_T")
 _Item = TypeVar("_Item", "Message", Event)
+BLOBS_KEY = "zchat_nb.blobs"
+#: Attachments one message may carry.
+MAX_ATTACHMENTS = 4
+_MAX_ATTACHMENT_NAME = 200
+_MAX_ATTACHMENT_KEY = 100
+
+
+class Attachment(NamedTuple):
+    """What a message says about one of its attachments; the bytes are in a ZODB blob.
+
+    ``key`` finds the blob: ``root[BLOBS_KEY][writer][key]``, where ``writer`` is the key's first
+    part (``writer/message id/index``). ``size`` and ``mime`` are what the writer claims: readers
+    check both against the blob before they trust it.
+    """
+
+    name: str
+    mime: str
+    size: int
+    key: str
+
+    @property
+    def writer(self) -> str:
+        return self.key.partition("/")[0]
+
+    @classmethod
+    def check(cls, value: object) -> Attachment:
+        """A stored attachment entry, checked (plain str and int: the allow-list stays tiny)."""
+        if not (isinstance(value, tuple) and len(value) == 4):
+            raise ValueError(f"attachment is not a 4-tuple: {type(value).__name__}")
+        name, mime, size, key = value
+        if not (isinstance(name, str) and 0 < len(name) <= _MAX_ATTACHMENT_NAME):
+            raise ValueError(f"bad attachment name {name!r:.60}")
+        if not (isinstance(mime, str) and 0 < len(mime) <= 40):
+            raise ValueError(f"bad attachment type {mime!r:.60}")
+        if not (type(size) is int and 0 <= size < 2**40):
+            raise ValueError(f"bad attachment size {size!r:.40}")
+        if not (isinstance(key, str) and 0 < len(key) <= _MAX_ATTACHMENT_KEY and key.count("/") == 2):
+            raise ValueError(f"bad attachment key {key!r:.60}")
+        return cls(name, mime, size, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +166,8 @@ class Message:
     #: Fingerprint of the signing certificate and the signature, or "" (see :mod:`zchat_nb.signing`).
     signer: str = field(default="", repr=False, compare=False)
     signature: str = field(default="", repr=False, compare=False)
+    #: Pictures and tables shared with the message: ``(name, mime type, size, key)`` each.
+    attachments: tuple[Attachment, ...] = ()
 
     @property
     def key(self) -> tuple[float, str]:
@@ -137,12 +181,15 @@ class Message:
 
     def to_record(self) -> tuple[Any, ...]:
         """A 4-tuple as before replies and signatures existed (old readers still read it), or tagged."""
-        if self.reply_to is None and not self.signer:
+        if self.reply_to is None and not self.signer and not self.attachments:
             return (self.id, self.author, self.text, self.time)
         return (*self.signed_fields(), self.signature)
 
     def signed_fields(self) -> tuple[Any, ...]:
-        return (MESSAGE_TAG, self.id, self.author, self.text, self.time, self.reply_to or "", self.signer)
+        fields = (MESSAGE_TAG, self.id, self.author, self.text, self.time, self.reply_to or "", self.signer)
+        if self.attachments:  # signed with the rest; records without any keep their old form
+            return (*fields, tuple(tuple(a) for a in self.attachments))
+        return fields
 
     @classmethod
     def from_record(cls, record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message:
@@ -151,6 +198,13 @@ class Message:
         Raises ``ValueError`` naming what is wrong: another client may have written anything.
         """
         reply_to, signer, signature = "", "", ""
+        attachments: tuple[Attachment, ...] = ()
+        if isinstance(record, tuple) and len(record) == 9 and record[0] == MESSAGE_TAG:
+            entries = record[7]  # with attachments: signed, so before the signature
+            record = record[:7] + record[8:]
+            if not (isinstance(entries, tuple) and 0 < len(entries) <= MAX_ATTACHMENTS):
+                raise ValueError(f"attachments are not a tuple of 1 to {MAX_ATTACHMENTS}")
+            attachments = tuple(Attachment.check(entry) for entry in entries)
         if isinstance(record, tuple) and len(record) == 8 and record[0] == MESSAGE_TAG:
             _, id_, author, text, when, reply_to, signer, signature = record
             if reply_to != "" and not (isinstance(reply_to, str) and 0 < len(reply_to) <= _ID_CHARS):
@@ -170,7 +224,16 @@ class Message:
             raise ValueError(f"text is over {max_text_bytes} bytes")
         if not (isinstance(when, float) and math.isfinite(when)):
             raise ValueError(f"bad time {when!r:.40}")
-        return cls(id_, author, text, when, reply_to=reply_to or None, signer=signer, signature=signature)
+        return cls(
+            id_,
+            author,
+            text,
+            when,
+            reply_to=reply_to or None,
+            signer=signer,
+            signature=signature,
+            attachments=attachments,
+        )
 
 
 def parse_record(record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message | Event:
@@ -493,6 +556,8 @@ class SessionHost(Protocol):
     user: str
     writer: str
     max_text_bytes: int
+    #: Largest attachment shared or read, in bytes.
+    max_attachment_bytes: int
     policy: SendPolicy
     clock: Callable[[], float]
     #: Held while a message is committed: one send at a time per writer.
@@ -778,13 +843,18 @@ class ChatSession:
         author = self._host.user if author is None else check_author(author)
         return Message(check_message_id(id), author, text, float(self._host.clock()))
 
-    def post(self, message: Message) -> Message:
-        """Commit an already built message and return it as stored (idempotent, like a retry)."""
+    def post(self, message: Message, *, also: Callable[[Connection], object] | None = None) -> Message:
+        """Commit an already built message and return it as stored (idempotent, like a retry).
+
+        ``also(conn)``, if given, makes more changes in the same transaction (a share's blobs).
+        """
         writer = self._host.writer
         stored: list[Message] = []
         seal = self._sealer(writer)
 
         def append(conn: Connection) -> None:
+            if also is not None:
+                also(conn)
             room = self._room_in(conn)
             self._publish_cert(room)
             stored[:] = [room.append(writer, message, seal)]
@@ -795,6 +865,61 @@ class ChatSession:
         signer = self._host.signer
         verified = signer is not None and signer.name == message.author
         return dataclasses.replace(stored[0], writer=writer, verified=verified)
+
+    def share(
+        self, obj: Any, caption: str = "", *, name: str | None = None, author: str | None = None
+    ) -> Message:
+        """Share a picture or table with the room: image bytes (PNG, JPEG, GIF, WebP), a path to
+        an image file, a matplotlib Figure, a PIL Image, or a pandas DataFrame (its first rows
+        shown as a table, its CSV attached). ``caption`` is shown with it.
+
+        The type is found from the bytes, not a name; more than ``max_attachment_bytes`` (5 MB by
+        default) raises :class:`AttachmentError`. ``author``: a display name, as in :meth:`draft`.
+        Returns the committed Message.
+        """
+        from .media import prepare
+
+        prepared = prepare(obj, self._host.max_attachment_bytes, name=name)
+        text = "\n\n".join(part for part in (caption.strip(), prepared.text) if part)
+        return self.share_files([(prepared.name, prepared.mime, prepared.data)], text, author=author)
+
+    def share_files(
+        self, files: list[tuple[str, str, bytes]], text: str = "", *, author: str | None = None
+    ) -> Message:
+        """Commit a message carrying ``files`` (``(name, mime, bytes)`` each) as ZODB blobs.
+
+        The bytes go into blobs under this writer's own tree of ``root[BLOBS_KEY]`` (so sharers
+        never conflict), the message record only names them. ``text`` may be empty. Checked types
+        and sizes are the caller's job (:func:`zchat_nb.media.prepare`); the count is checked here.
+        Retries are idempotent like :meth:`post`: a blob already stored under its key is kept.
+        """
+        if not 0 < len(files) <= MAX_ATTACHMENTS:
+            raise InvalidMessageError(
+                f"a message carries 1 to {MAX_ATTACHMENTS} attachments, not {len(files)}"
+            )
+        text = check_text(text, self._host.max_text_bytes) if text.strip() else ""
+        writer, id_ = self._host.writer, uuid.uuid4().hex
+        attachments = tuple(
+            Attachment(name[:_MAX_ATTACHMENT_NAME] or "file", mime, len(data), f"{writer}/{id_}/{i}")
+            for i, (name, mime, data) in enumerate(files)
+        )
+        author = self._host.user if author is None else check_author(author)
+        message = Message(id_, author, text, float(self._host.clock()), attachments=attachments)
+
+        def store_blobs(conn: Connection) -> None:
+            tree = _writer_blobs(conn, writer)
+            for attachment, (_, _, data) in zip(attachments, files, strict=True):
+                if attachment.key not in tree:  # a retry whose first commit happened: keep it
+                    tree[attachment.key] = _new_blob(data)
+
+        try:
+            return self.post(message, also=store_blobs)
+        except Unsupported as exc:  # ZODB's word for a storage without blobs
+            raise AttachmentError(
+                f"the database at {self._host.address_text} keeps no blobs, so nothing can be "
+                "shared there; use a server started by zchat_nb (`zchat-nb serve`), which has a "
+                "blob directory"
+            ) from exc
 
     def _commit(self, change: Callable[[Connection], object], what: str) -> None:
         commit(self._host, change, what=what, room=self.room)
@@ -1073,6 +1198,69 @@ def _check_reaction(emoji: object) -> str:
 
 def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+# -- attachments: bytes in ZODB blobs, outside the message records ----------------------------
+
+
+def _new_blob(data: bytes) -> Any:
+    from ZODB.blob import Blob
+
+    blob = Blob()
+    with blob.open("w") as file:
+        file.write(data)
+    return blob
+
+
+def _writer_blobs(conn: Connection, writer: str) -> OOBTree:
+    """This writer's ``key -> Blob`` tree (created in the caller's transaction)."""
+    root = conn.root()
+    writers = root.get(BLOBS_KEY)
+    if writers is None:
+        writers = root[BLOBS_KEY] = OOBTree()
+    tree = writers.get(writer)
+    if tree is None:
+        tree = writers[writer] = OOBTree()
+    return tree
+
+
+def read_attachment(conn: Connection, attachment: Attachment, max_bytes: int) -> bytes:
+    """The bytes of ``attachment``, read in ``conn``'s current transaction, checked.
+
+    Another client wrote the blob and the record: the claimed size is checked against the limit
+    before the blob is opened, the blob's real size before anything is read, and the bytes'
+    magic numbers against the claimed type. Raises :class:`AttachmentError` saying which failed.
+    """
+    from ZODB.blob import Blob
+
+    from .media import KNOWN_TYPES, sniff
+
+    what = f"attachment {attachment.name!r:.60}"
+    if attachment.mime not in KNOWN_TYPES:
+        raise AttachmentError(f"{what} has the unknown type {attachment.mime!r:.40}; it is skipped")
+    if attachment.size > max_bytes:
+        raise AttachmentError(
+            f"{what} is {attachment.size} bytes, over the {max_bytes}-byte limit; it is not loaded "
+            "(raise the limit with connect(..., max_attachment_bytes=N) to read it)"
+        )
+    writers = conn.root().get(BLOBS_KEY)
+    tree = writers.get(attachment.writer) if writers is not None else None
+    blob = tree.get(attachment.key) if tree is not None else None
+    if not isinstance(blob, Blob):
+        raise AttachmentError(f"{what} is missing from the database (key {attachment.key!r:.80})")
+    try:
+        file = blob.open("r")  # over ZEO: the server streams the blob into the client's blob cache
+    except POSKeyError as exc:
+        raise AttachmentError(f"{what}: the server has no file for its blob ({exc})") from exc
+    with file:
+        actual = os.fstat(file.fileno()).st_size
+        if actual != attachment.size or actual > max_bytes:
+            raise AttachmentError(f"{what} is {actual} bytes, not the {attachment.size} its message says")
+        data = file.read(max_bytes + 1)
+    found = sniff(data)
+    if found != attachment.mime:
+        raise AttachmentError(f"{what} claims to be {attachment.mime} but its bytes are {found or 'unknown'}")
+    return data
 
 
 def commit(

@@ -12,6 +12,11 @@ event handlers the HTML carries, so every message goes through two gates:
 
 Escaped markup stays readable: ``<img src=x onerror=...>`` shows as that text.
 
+Fenced code blocks with a known language are highlighted by Pygments into ``<span
+class="zchat-hl-...">`` elements; nh3 keeps a ``class`` only where it is one of Pygments' token
+classes (:data:`HIGHLIGHT_CLASSES`), never an inline style. Bare URLs become links (linkify), then
+pass the same scheme rules as Markdown links.
+
 A terminal obeys control characters instead of showing them, so every line printed for a terminal
 (``zchat-nb chat``, ``%zchat history``) goes through :func:`format_line`, which passes what other
 people wrote through :func:`terminal_safe`.
@@ -28,11 +33,20 @@ from typing import Any
 
 import nh3
 from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
+from pygments.token import STANDARD_TYPES
+from pygments.util import ClassNotFound
 
+from .media import IMAGE_TYPES
 from .model import Message
 
 __all__ = [
     "ALLOWED_TAGS",
+    "HIGHLIGHT_CLASSES",
+    "attachment_payload",
+    "code_blocks",
     "first_line",
     "format_line",
     "initials",
@@ -65,6 +79,7 @@ ALLOWED_TAGS = frozenset(
         "p",
         "pre",
         "s",
+        "span",
         "strong",
         "table",
         "tbody",
@@ -79,8 +94,50 @@ _ATTRIBUTES = {"a": {"href"}, "ol": {"start"}, "th": {"style"}, "td": {"style"}}
 _URL_SCHEMES = {"http", "https", "mailto"}
 _LINK_REL = "noopener noreferrer nofollow"
 
+# -- code highlighting ---------------------------------------------------------------------
+
+#: Pygments' token classes as this module emits them (prefixed, so no page style applies to them).
+HIGHLIGHT_CLASSES = frozenset(f"zchat-hl-{name}" for name in STANDARD_TYPES.values() if name)
+#: Longest code block that is highlighted; longer ones show plain (bounded work per message).
+MAX_HIGHLIGHT_CHARS = 20_000
+# Languages whose lexers are highlighted. An explicit list: each lexer is a set of regular
+# expressions run on other people's text, and the common ones are the ones that are well exercised.
+_LANGUAGES = frozenset(
+    {
+        "python", "py", "python3", "py3", "ipython", "ipython3", "pycon", "pytb",
+        "bash", "sh", "shell", "zsh", "console", "shell-session",
+        "json", "yaml", "yml", "toml", "ini", "cfg", "sql", "xml", "html", "css",
+        "javascript", "js", "typescript", "ts", "c", "cpp", "c++", "java", "rust", "go",
+        "r", "julia", "markdown", "md", "diff", "latex", "tex", "text",
+    }
+)  # fmt: skip
+_formatter = HtmlFormatter(nowrap=True, classprefix="zchat-hl-")
+
+
+def _highlight(code: str, lang: str, _attrs: str) -> str:
+    """markdown-it's ``highlight`` hook: Pygments spans, or "" to let markdown-it escape the code."""
+    lang = lang.strip().lower()
+    if lang not in _LANGUAGES or len(code) > MAX_HIGHLIGHT_CHARS:
+        return ""
+    try:
+        lexer = get_lexer_by_name(lang, stripnl=False, ensurenl=False)
+    except ClassNotFound:  # an alias missing from this Pygments version
+        return ""
+    return highlight(code, lexer, _formatter)
+
+
 # breaks: a single newline (Shift+Enter in the widget) is a line break, as chat users expect.
-_markdown = MarkdownIt("js-default", {"breaks": True}).disable("image")
+# linkify: bare URLs become links (linkify-it-py); nh3 then applies the scheme rules to them too.
+_markdown = (
+    MarkdownIt("js-default", {"breaks": True, "linkify": True, "highlight": _highlight})
+    .enable("linkify")
+    .disable("image")
+)
+
+
+def code_blocks(text: str) -> list[str]:
+    """The contents of the fenced (and indented) code blocks of Markdown ``text``, in order."""
+    return [token.content for token in _markdown.parse(text) if token.type in ("fence", "code_block")]
 
 
 def render_markdown(text: str) -> str:
@@ -94,6 +151,7 @@ def render_markdown(text: str) -> str:
         url_relative="deny",  # a relative link would point into the Jupyter server
         link_rel=_LINK_REL,
         set_tag_attribute_values={"a": {"target": "_blank"}},
+        allowed_classes={"span": set(HIGHLIGHT_CLASSES)},
         filter_style_properties={"text-align"},  # table column alignment only
     ).strip()
 
@@ -177,6 +235,17 @@ def reply_quote(reply_to: str | None, parent: Message | None) -> dict[str, Any] 
     }
 
 
+def attachment_payload(message: Message) -> list[dict[str, Any]]:
+    """What a view is told about a message's attachments: names and sizes, never bytes or URLs.
+
+    The view asks the kernel for an image's bytes (checked there) when it shows the message.
+    """
+    return [
+        {"index": i, "name": a.name, "mime": a.mime, "size": a.size, "image": a.mime in IMAGE_TYPES}
+        for i, a in enumerate(message.attachments)
+    ]
+
+
 # C0 controls but tab and newline, DEL, C1 controls (ESC, CSI, OSC...), and the bidi overrides and
 # isolates that reorder what is shown ("Trojan source"). Other people choose these characters:
 # ESC [2J clears the screen, "\r" overwrites a line to forge another author, OSC 52 writes the
@@ -200,7 +269,7 @@ def format_line(message: Message) -> str:
 
     The author stays on one line; later lines of the text are indented under the first. A
     verified author gets a ``✓`` after the name; check marks in names are shown as ``?``, so an
-    unverified name cannot carry one. Replies, edits, deletes and reactions are marked.
+    unverified name cannot carry one. Replies, edits, deletes, reactions and attachments are marked.
     """
     stamp = time.strftime("%H:%M", time.localtime(message.time))
     author = _CHECK_MARKS.sub("?", terminal_safe(message.author, multiline=False))
@@ -211,7 +280,10 @@ def format_line(message: Message) -> str:
     reply = " ↪" if message.reply_to else ""
     edited = " (edited)" if message.edited is not None else ""
     reactions = "".join(f"  {emoji}{len(users)}" for emoji, users in message.reactions.items())
-    return f"[{stamp}] {author}{mark}{reply}: {text}{edited}{reactions}"
+    shared = "".join(
+        f" [{terminal_safe(a.name, multiline=False)}: {a.mime}, {a.size} bytes]" for a in message.attachments
+    )
+    return f"[{stamp}] {author}{mark}{reply}: {text}{shared}{edited}{reactions}"
 
 
 _CHECK_MARKS = re.compile("[\u2713\u2714\u2611\u2705\U0001f5f8\U0001f5f9]")

@@ -41,6 +41,8 @@ CLIENT_GLOBALS: frozenset[tuple[str, str]] = _BTREE_CLASSES | {
     ("persistent.mapping", "PersistentMapping"),
     ("persistent.list", "PersistentList"),
     ("zchat_nb.model", "Room"),
+    # Shared pictures and tables: the bytes are in the blob's file, not in its (empty) record.
+    ("ZODB.blob", "Blob"),
 }
 
 #: Classes whose states the server may unpickle to resolve a conflict (they define

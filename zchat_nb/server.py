@@ -12,7 +12,9 @@ import concurrent.futures
 import errno
 import logging
 import os
+import shutil
 import ssl as ssl_module
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,29 @@ class MemoryStorage(ConflictResolvingStorage, MappingStorage):
     def tpc_vote(self, transaction: Any) -> list[bytes]:
         super().tpc_vote(transaction)
         return self._resolved
+
+
+def blob_dir_of(path: str | os.PathLike[str]) -> Path:
+    """Where a FileStorage's blobs live: beside the file, ``chat.fs`` -> ``chat.fs.blobs``."""
+    path = Path(path)
+    return path.with_name(path.name + ".blobs")
+
+
+def _open_storage(path: Path | None) -> tuple[Any, str | None]:
+    """The storage to serve, with blob support, and a scratch directory to remove at stop (or None).
+
+    A FileStorage keeps its blobs in :func:`blob_dir_of` its file (ZODB makes it 0700). The
+    in-memory storage has no blobs of its own: ``BlobStorage`` wraps it around a private temporary
+    directory, which lives as long as the server (measured: ZEO serves and streams blobs from both,
+    and conflict resolution still goes through MemoryStorage).
+    """
+    from ZODB.blob import BlobStorage
+    from ZODB.FileStorage import FileStorage
+
+    if path is not None:
+        return FileStorage(str(path), pack_keep_old=False, blob_dir=str(blob_dir_of(path))), None
+    scratch = tempfile.mkdtemp(prefix="zchat-server-blobs-")
+    return BlobStorage(scratch, MemoryStorage()), scratch
 
 
 def _ensure_root(storage: Any) -> None:
@@ -107,14 +132,15 @@ class Server:
         ssl: ssl_module.SSLContext | None = None,
         storage_uri: str | None = None,
         unix: str | os.PathLike[str] | None = None,
+        max_blob_bytes: int | None = None,
     ) -> None:
-        from ZEO.StorageServer import StorageServer
-        from ZODB.FileStorage import FileStorage
+        from .blobguard import MAX_BLOB_BYTES, BlobLimitedStorageServer
 
         harden_server_process()
         _demote_client_disconnects()
         self.path = None if path is None else Path(path)
         self.storage_text = "in memory" if self.path is None else str(self.path)
+        self._scratch: str | None = None
         if storage_uri is not None:  # PostgreSQL through RelStorage (zchat_nb.storage)
             if path is not None:
                 raise ZChatServerError("give the server a FileStorage path or a --storage URI, not both")
@@ -123,10 +149,8 @@ class Server:
             target = parse_storage_uri(storage_uri)
             self.storage_text = target.description
             storage = open_relstorage(target)
-        elif self.path is None:
-            storage = MemoryStorage()
-        else:
-            storage = FileStorage(str(self.path), pack_keep_old=False)
+        else:  # FileStorage or memory, each with a blob directory (see _open_storage)
+            storage, self._scratch = _open_storage(self.path)
         # ZEO listens on a Unix socket when given a path instead of (host, port).
         bind: Address = (host, port) if unix is None else os.path.abspath(unix)
         try:
@@ -134,12 +158,15 @@ class Server:
             # ZEO binds by running an event loop in the calling thread, which fails where one already
             # runs (a Jupyter kernel's main thread): build the server on a helper thread.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                self._server = pool.submit(StorageServer, bind, {"1": storage}, ssl=ssl).result()
+                self._server = pool.submit(BlobLimitedStorageServer, bind, {"1": storage}, ssl=ssl).result()
+            self._server.max_blob_bytes = MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
         except OSError as exc:
             storage.close()
+            self._remove_scratch()
             raise ZChatServerError(_cannot_listen(bind, exc)) from exc
         except BaseException:
             storage.close()
+            self._remove_scratch()
             raise
         self.address: Address = bind if isinstance(bind, str) else (host, self._server.addr[1])
         self.tls = ssl is not None
@@ -158,6 +185,12 @@ class Server:
         self._stopped.set()
         self._close_client_connections()
         self._server.close(join_timeout=5)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def _close_client_connections(self, timeout: float = 5.0) -> None:
         """Close every client connection on the server's event loop, and wait until they are closed.
@@ -226,6 +259,7 @@ def serve(
     tls: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     unix: str | os.PathLike[str] | None = None,
+    max_blob_bytes: int | None = None,
 ) -> Server:
     """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
 
@@ -236,7 +270,9 @@ def serve(
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
     need a certificate from it (:mod:`zchat_nb.certs`). ``unix``: listen on this Unix socket path
     instead of ``host:port`` (a stale socket file there is replaced; keep it in a directory only
-    you can write, as the local default does).
+    you can write, as the local default does). ``max_blob_bytes``: the largest shared picture or
+    table a client may upload (default 64 MiB, :mod:`zchat_nb.blobguard`; clients have their own
+    limit, 5 MB by default).
     """
     if tls is not None:
         from .certs import server_context
@@ -244,4 +280,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl, storage_uri=storage, unix=unix)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage, unix=unix, max_blob_bytes=max_blob_bytes)

@@ -52,6 +52,8 @@ from .exceptions import InvalidMessageError, ZChatConnectionError
 from .frames import (
     Amend,
     Append,
+    AttachmentData,
+    AttachmentWanted,
     Before,
     FrameError,
     Hello,
@@ -62,11 +64,13 @@ from .frames import (
     Send,
     SendFailed,
     Sent,
+    Share,
     Update,
     parse_view_frame,
 )
+from .media import IMAGE_TYPES
 from .model import Message, check_author, check_message_id, check_room_name
-from .render import message_payload, reply_quote
+from .render import attachment_payload, message_payload, reply_quote
 
 if TYPE_CHECKING:
     from .client import ChatClient, ClientEvent
@@ -252,6 +256,11 @@ class ChatWidget(anywidget.AnyWidget):
         """
         return self._submit(text, uuid.uuid4().hex, self._shown or self.room)
 
+    def share(self, obj: Any, caption: str = "") -> Future[Message]:
+        """Share a picture or table (as :meth:`ChatSession.share <zchat_nb.ChatSession.share>`)
+        in the room shown, without blocking; a view does this when an image is pasted or dropped."""
+        return self._submit(caption, uuid.uuid4().hex, self._shown or self.room, attachment=obj)
+
     def switch_room(self, name: str) -> None:
         """Show room ``name`` (created on first use) in every view of this widget."""
         self.room = check_room_name(name)
@@ -295,9 +304,9 @@ class ChatWidget(anywidget.AnyWidget):
 
     # -- from the views (kernel thread) ----------------------------------------------------
 
-    def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+    def _on_view_message(self, _widget: Any, content: Any, buffers: Any) -> None:
         try:
-            frame = parse_view_frame(content)
+            frame = parse_view_frame(content, buffers or ())
         except FrameError as exc:  # not from our view: nothing to answer
             log.debug("zchat_nb: dropped a frame from a view: %s", exc)
             return
@@ -307,6 +316,10 @@ class ChatWidget(anywidget.AnyWidget):
             self._submit(frame.text, frame.client_id, frame.room)
         elif isinstance(frame, Older):
             self._request(_OlderRequest(frame.view, frame.room, frame.before))
+        elif isinstance(frame, Share):
+            self._submit(frame.caption, frame.client_id, frame.room, attachment=frame.data, name=frame.name)
+        elif isinstance(frame, AttachmentWanted):
+            self._request(frame)
         elif isinstance(frame, Amend):
             self._request(_AmendRequest(frame))
         elif isinstance(frame, Name):
@@ -331,14 +344,16 @@ class ChatWidget(anywidget.AnyWidget):
         self._requests.put(request)
         self._wake.set()
 
-    def _submit(self, text: Any, client_id: str, room: str) -> Future[Message]:
+    def _submit(
+        self, text: Any, client_id: str, room: str, *, attachment: Any = None, name: str | None = None
+    ) -> Future[Message]:
         future: Future[Message] = Future()
         if self._stopping.is_set():
             exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
             self._request(_FailedRequest(client_id, f"not sent: {exc}"))
         else:
-            self._outbox.put(_Outgoing(room, text, client_id, future))
+            self._outbox.put(_Outgoing(room, text, client_id, future, attachment=attachment, name=name))
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
@@ -376,7 +391,9 @@ class ChatWidget(anywidget.AnyWidget):
                     item.future.set_exception(exc)
                     continue
                 try:
-                    if item.action in ("send", "reply"):
+                    if item.attachment is not None:
+                        message = self._share(session(item.room), item)
+                    elif item.action in ("send", "reply"):
                         message = session(item.room).post(self._draft(session(item.room), item))
                     else:
                         message = _act(session(item.room), item)
@@ -391,6 +408,13 @@ class ChatWidget(anywidget.AnyWidget):
                     self._request(_SentRequest(item.client_id, message))
         finally:
             self.client.close_connection()
+
+    def _share(self, session: ChatSession, item: _Outgoing) -> Message:
+        """Share ``item.attachment`` (with ``item.text`` as its caption) as this widget's user."""
+        if self.ask_name and not self._named:
+            raise InvalidMessageError("type your name in the name field first, then share again")
+        caption = item.text if isinstance(item.text, str) else ""
+        return session.share(item.attachment, caption, name=item.name, author=self.user)
 
     def _draft(self, session: ChatSession, item: _Outgoing) -> Message:
         """The message to commit for ``item``: the same one again when its client id was seen before.
@@ -560,6 +584,33 @@ class ChatWidget(anywidget.AnyWidget):
                 self.send(SendFailed(request.client_id, request.error).to_wire())
             elif isinstance(request, _AmendRequest):
                 self._amend_from_view(request.frame)
+            elif isinstance(request, AttachmentWanted):
+                self._send_attachment(request)
+
+    # -- attachments (poller thread) ---------------------------------------------------------
+
+    def _send_attachment(self, request: AttachmentWanted) -> None:
+        """Send a view the checked bytes of an attachment it shows, as a comm buffer.
+
+        Only bytes read from the blob and sniffed here reach the view, which makes a ``blob:`` URL
+        of them: nothing a message says can make a browser fetch anything.
+        """
+        message = self._known.get(request.message)
+        if message is None or message.deleted or request.index >= len(message.attachments):
+            return  # not a message this widget showed
+        attachment = message.attachments[request.index]
+        try:
+            data = self.client.attachment_bytes(message, request.index)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            frame = AttachmentData(request.view, message.id, request.index, attachment.mime, error)
+            self.send(frame.to_wire())
+            return
+        if attachment.mime not in IMAGE_TYPES:  # tables: the view offers the bytes as a download
+            frame = AttachmentData(request.view, message.id, request.index, "text/csv")
+        else:
+            frame = AttachmentData(request.view, message.id, request.index, attachment.mime)
+        self.send(frame.to_wire(), buffers=[data])
 
     def _send_older(self, request: _OlderRequest) -> None:
         view, room = request.view, request.room
@@ -589,7 +640,10 @@ class ChatWidget(anywidget.AnyWidget):
         while len(self._known) > KNOWN:
             self._known.popitem(last=False)
         parent = self._known.get(message.reply_to) if message.reply_to is not None else None
-        return message_payload(message, own=message.author == self.user, parent=parent)
+        payload = message_payload(message, own=message.author == self.user, parent=parent)
+        if message.attachments and not message.deleted:
+            payload["attachments"] = attachment_payload(message)
+        return payload
 
     # -- conversations: replies, edits, deletes, reactions -----------------------------------
 
@@ -696,6 +750,9 @@ class _Outgoing:
     text: Any = None
     client_id: str = ""
     future: Future[Message] | None = None
+    #: Something to share (then ``text`` is its caption), and the name a view gave it.
+    attachment: Any = None
+    name: str | None = None
     #: "send", or a conversation action ("reply", "edit", "delete", "react", "unreact") on ``target``.
     action: str = "send"
     target: Message | None = None
@@ -763,7 +820,7 @@ class _FailedRequest:
     error: str
 
 
-_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | _AmendRequest
+_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest | _AmendRequest | AttachmentWanted
 
 
 def close_all() -> None:

@@ -57,6 +57,111 @@ function shortTime(date) {
   return date.toLocaleString([], options);
 }
 
+// -- code blocks: a Copy button each ---------------------------------------------------------
+
+function copyWithSelection(text) {
+  // The fallback where navigator.clipboard is missing (plain http) or refused: a hidden textarea.
+  const area = el("textarea", "zchat-copy-buffer", { readonly: "", "aria-hidden": "true" });
+  area.value = text;
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.append(area);
+  area.select();
+  let ok = false;
+  try {
+    ok = document.execCommand("copy");
+  } catch (_err) {
+    ok = false;
+  }
+  area.remove();
+  return ok;
+}
+
+async function copyText(text) {
+  if (navigator.clipboard && typeof navigator.clipboard.writeText === "function") {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch (_err) {
+      // denied (no user gesture, no permission): try the old way
+    }
+  }
+  return copyWithSelection(text);
+}
+
+function decorateCode(container) {
+  for (const pre of container.querySelectorAll("pre")) {
+    const wrap = el("div", "zchat-code");
+    // The label is drawn by CSS from data-label, so the message's innerText stays the message's.
+    const copy = el("button", "zchat-copy", {
+      type: "button",
+      title: "Copy this code",
+      "aria-label": "Copy this code",
+      "data-label": "Copy",
+    });
+    copy.addEventListener("click", async () => {
+      const text = pre.textContent.replace(/\n$/, ""); // markdown-it ends every block with a newline
+      const ok = await copyText(text);
+      copy.dataset.label = ok ? "Copied" : "Copy failed";
+      setTimeout(() => {
+        copy.dataset.label = "Copy";
+      }, 1500);
+    });
+    pre.replaceWith(wrap);
+    wrap.append(copy, pre);
+  }
+}
+
+// -- reading a busy room: one header per run of messages, a line per day -----------------------
+
+const GROUP_WINDOW_MS = 5 * 60 * 1000; // one author's messages closer than this share a header
+
+function dayLabel(date) {
+  const today = new Date();
+  const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (date.toDateString() === today.toDateString()) return "Today";
+  if (date.toDateString() === yesterday.toDateString()) return "Yesterday";
+  return date.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+}
+
+function regroup(list) {
+  // Recomputed over the whole list after each change: batches arrive at both ends (older, append).
+  for (const old of list.querySelectorAll(":scope > .zchat-day")) old.remove();
+  let prev = null;
+  let prevTime = null;
+  let prevDay = null;
+  let broken = true; // the unread marker (or anything else between messages) starts a new group
+  for (const node of [...list.children]) {
+    if (!node.classList.contains("zchat-message")) {
+      broken = true;
+      continue;
+    }
+    const time = node.dataset.time ? new Date(node.dataset.time) : null;
+    const valid = time !== null && !Number.isNaN(time.getTime());
+    const day = valid ? time.toDateString() : null;
+    if (day !== null && day !== prevDay) {
+      const separator = el("div", "zchat-day", { role: "separator", "data-day": day });
+      separator.textContent = dayLabel(time);
+      node.before(separator);
+      prevDay = day;
+      broken = true;
+    }
+    const continued =
+      !broken &&
+      prev !== null &&
+      valid &&
+      prevTime !== null &&
+      prev.dataset.author === node.dataset.author &&
+      prev.dataset.verified === node.dataset.verified && // an unverified namesake starts its own run
+      time - prevTime >= 0 &&
+      time - prevTime < GROUP_WINDOW_MS;
+    node.classList.toggle("zchat-continued", continued);
+    prev = node;
+    prevTime = valid ? time : null;
+    broken = false;
+  }
+}
+
 function render({ model, el: host }) {
   const viewId = newId();
 
@@ -139,6 +244,7 @@ function render({ model, el: host }) {
       "data-id": m.id,
       "data-ts": String(m.ts),
       "data-author": m.author,
+      "data-time": m.time || "",
     });
     node.style.setProperty("--zchat-hue", String(m.hue));
     const avatar = el("span", "zchat-avatar", { "aria-hidden": "true", title: m.author });
@@ -157,10 +263,145 @@ function render({ model, el: host }) {
     meta.append(author, time);
     const text = el("div", "zchat-text");
     text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
+    decorateCode(text);
     body.append(meta, text);
+    for (const a of Array.isArray(m.attachments) ? m.attachments : []) body.append(attachmentNode(m, a));
     node.append(avatar, body);
     decorateMessage(node, m);
     return node;
+  }
+
+  // -- attachments: bytes come from the kernel, which read and checked them; never from a URL ---
+  const IMAGE_TYPES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+  const objectUrls = new Set(); // blob: URLs made here, revoked when the messages go
+  const waiting = new Map(); // "message id/index" -> the figure waiting for its bytes
+  const lazy =
+    typeof IntersectionObserver === "function"
+      ? new IntersectionObserver(
+          (entries) => {
+            for (const entry of entries) {
+              if (entry.isIntersecting) {
+                lazy.unobserve(entry.target);
+                requestBytes(entry.target);
+              }
+            }
+          },
+          { root: log, rootMargin: "300px" },
+        )
+      : null;
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function requestBytes(figure) {
+    waiting.set(`${figure.dataset.message}/${figure.dataset.index}`, figure);
+    model.send({
+      type: "attachment",
+      view: viewId,
+      message: figure.dataset.message,
+      index: Number(figure.dataset.index),
+    });
+  }
+
+  function attachmentNode(m, a) {
+    const image = a.image === true;
+    const figure = el("figure", image ? "zchat-attachment zchat-picture" : "zchat-attachment zchat-file", {
+      "data-message": m.id,
+      "data-index": String(a.index),
+      "data-name": String(a.name),
+    });
+    const caption = el("figcaption", "zchat-attachment-name");
+    caption.textContent = `${a.name} · ${formatSize(Number(a.size) || 0)}`;
+    if (image) {
+      figure.append(el("div", "zchat-image-placeholder", { "aria-hidden": "true" }), caption);
+      if (lazy) lazy.observe(figure);
+      else requestBytes(figure);
+    } else {
+      const download = el("button", "zchat-download", { type: "button" });
+      download.textContent = "Download";
+      download.addEventListener("click", () => {
+        figure.dataset.download = "pending";
+        requestBytes(figure);
+      });
+      figure.append(download, caption);
+    }
+    return figure;
+  }
+
+  function enlarge(url, name) {
+    const overlay = el("div", "zchat-lightbox", { role: "dialog", "aria-label": name, tabindex: "-1" });
+    const big = el("img", "zchat-lightbox-image", { alt: name });
+    big.src = url;
+    overlay.append(big);
+    const close = () => overlay.remove();
+    overlay.addEventListener("click", close);
+    overlay.addEventListener("keydown", (event) => {
+      event.stopPropagation();
+      if (event.key === "Escape") close();
+    });
+    root.append(overlay);
+    overlay.focus();
+  }
+
+  function onAttachment(msg, buffers) {
+    const key = `${msg.message}/${msg.index}`;
+    const figure = waiting.get(key);
+    if (!figure) return;
+    waiting.delete(key);
+    const name = figure.dataset.name;
+    if (msg.error || !buffers || buffers.length !== 1) {
+      figure.classList.add("zchat-attachment-skipped");
+      figure.querySelector(".zchat-image-placeholder")?.remove();
+      const note = el("div", "zchat-attachment-error");
+      note.textContent = `skipped: ${msg.error || "no bytes came"}`;
+      figure.append(note);
+      return;
+    }
+    if (figure.classList.contains("zchat-picture")) {
+      if (!IMAGE_TYPES.has(msg.mime)) return;
+      const url = URL.createObjectURL(new Blob(buffers, { type: msg.mime }));
+      objectUrls.add(url);
+      const stick = atBottom();
+      const img = el("img", "zchat-image", { alt: name, title: "Click to enlarge" });
+      img.addEventListener("load", () => {
+        if (stick) scrollToBottom();
+      });
+      img.addEventListener("click", () => enlarge(url, name));
+      img.src = url;
+      figure.querySelector(".zchat-image-placeholder")?.replaceWith(img);
+    } else if (figure.dataset.download === "pending") {
+      delete figure.dataset.download;
+      const url = URL.createObjectURL(new Blob(buffers, { type: "text/csv" }));
+      const link = el("a", "zchat-download-link", { download: name, href: url });
+      root.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    }
+  }
+
+  function forgetAttachments() {
+    if (lazy) lazy.disconnect();
+    waiting.clear();
+    for (const url of objectUrls) URL.revokeObjectURL(url);
+    objectUrls.clear();
+  }
+
+  // Pasting or dropping a picture into the box shares it; the kernel checks the bytes.
+  function shareFile(file) {
+    if (!IMAGE_TYPES.has(file.type)) {
+      error.textContent = `Only PNG, JPEG, GIF and WebP pictures can be shared here, not ${file.type || "this file"}.`;
+      error.hidden = false;
+      return;
+    }
+    file.arrayBuffer().then((bytes) => {
+      const room = shownRoom ?? model.get("room");
+      const name = file.name || `pasted.${file.type.split("/")[1]}`;
+      model.send({ type: "share", client_id: newId(), room, name, caption: "" }, undefined, [bytes]);
+    });
   }
 
   function removeMarker() {
@@ -209,6 +450,7 @@ function render({ model, el: host }) {
       removeMarker(); // the reader has seen what was below it
     }
     list.insertBefore(frag, list.querySelector(".zchat-pending, .zchat-sent, .zchat-failed"));
+    regroup(list);
     if (stick || own || initial) scrollToBottom();
     updateJump();
   }
@@ -223,12 +465,14 @@ function render({ model, el: host }) {
       frag.append(messageNode(m));
     }
     list.prepend(frag);
+    regroup(list);
     log.scrollTop = topBefore + (log.scrollHeight - heightBefore); // keep what the reader looked at
     older.hidden = !more;
     older.disabled = false;
   }
 
   function reset(msg) {
+    forgetAttachments();
     shownRoom = msg.room;
     ids.clear();
     list.replaceChildren();
@@ -462,10 +706,10 @@ function render({ model, el: host }) {
     edited.textContent = "(edited)";
     const gone = el("div", "zchat-deleted-mark");
     gone.textContent = "message deleted";
+    text.after(edited, gone);
     const reactions = el("div", "zchat-reactions");
-    text.after(edited, gone, reactions);
     const actions = el("div", "zchat-actions", { role: "toolbar", "aria-label": "Message actions" });
-    body.append(actions);
+    body.append(reactions, actions);
     showConversation(node, m);
   }
 
@@ -605,6 +849,8 @@ function render({ model, el: host }) {
       if (!node) continue;
       const text = node.querySelector(".zchat-text");
       text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
+      decorateCode(text);
+      if (m.deleted) for (const figure of node.querySelectorAll(".zchat-attachment")) figure.remove();
       showConversation(node, m);
       for (const quote of list.querySelectorAll(`.zchat-quote[data-reply-to="${CSS.escape(m.id)}"]`)) {
         fillQuote(quote, { ...m, known: true }); // a quote shows its author, first line and deleted
@@ -772,7 +1018,7 @@ function render({ model, el: host }) {
   }
 
   // -- events --------------------------------------------------------------------------
-  function onCustom(msg) {
+  function onCustom(msg, buffers) {
     if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
     if (msg.view && msg.view !== viewId) return; // an answer to another view
     switch (msg.type) {
@@ -793,6 +1039,9 @@ function render({ model, el: host }) {
         break;
       case "update":
         if (msg.room === shownRoom && Array.isArray(msg.messages)) applyUpdates(msg.messages);
+        break;
+      case "attachment":
+        onAttachment(msg, buffers);
         break;
     }
   }
@@ -815,6 +1064,27 @@ function render({ model, el: host }) {
   contextCancel.addEventListener("click", () => {
     endBoxMode();
     input.focus();
+  });
+  input.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (!files.length) return; // text: the box takes it as usual
+    event.preventDefault();
+    files.forEach(shareFile);
+  });
+  input.addEventListener("dragover", (event) => {
+    if ([...(event.dataTransfer?.types || [])].includes("Files")) {
+      event.preventDefault();
+      compose.classList.add("zchat-drop");
+    }
+  });
+  input.addEventListener("dragleave", () => compose.classList.remove("zchat-drop"));
+  input.addEventListener("drop", (event) => {
+    compose.classList.remove("zchat-drop");
+    const files = [...(event.dataTransfer?.files || [])];
+    if (!files.length) return;
+    event.preventDefault();
+    event.stopPropagation(); // not into the notebook, which would open the file
+    files.forEach(shareFile);
   });
   nameInput.addEventListener("keydown", (event) => {
     event.stopPropagation();
@@ -887,6 +1157,7 @@ function render({ model, el: host }) {
   return () => {
     for (const [name, callback] of listeners) model.off(name, callback);
     for (const entry of outbox.values()) clearTimeout(entry.timer);
+    forgetAttachments();
   };
 }
 
