@@ -504,15 +504,27 @@ def measure_delivery(sender: Any, receiver: Any, count: int = 30, tag: str = "de
 class TwoNotebooks:
     """JupyterLab with notebooks a.ipynb (alice) and b.ipynb (bob) open in two pages of one Chromium.
 
+    ``users`` and ``join_options`` change who joins in each (a TLS classroom passes ``--tls DIR``).
+
     ``address`` is the ZEO server (``host:port``) given to the kernels as ``$ZCHAT_ADDRESS``;
     ``root`` an empty directory for the notebooks (JupyterLab autosaves outputs into them).
     Use as a context manager; ``page_a``/``page_b`` are ready (widget connected) inside it.
     """
 
-    def __init__(self, address: str, root: Path, room: str = "browser") -> None:
+    def __init__(
+        self,
+        address: str,
+        root: Path,
+        room: str = "browser",
+        users: tuple[str, str] = ("alice", "bob"),
+        join_options: tuple[str, str] = ("", ""),
+    ) -> None:
         self.address = address
         self.root = root
         self.room = room
+        #: Who joins in a.ipynb and in b.ipynb, and what else each ``%zchat join`` gets (``--tls DIR``).
+        self.users = users
+        self.join_options = join_options
         self.errors: list[str] = []
         self.lab: JupyterLab | None = None
         self._playwright: Any = None
@@ -525,11 +537,10 @@ class TwoNotebooks:
         from playwright.sync_api import sync_playwright
 
         try:
-            for name, user in (("a.ipynb", "alice"), ("b.ipynb", "bob")):
-                write_notebook(
-                    self.root / name,
-                    ["%load_ext zchat_nb", f"%zchat join --room {self.room} --name {user}"],
-                )
+            notebooks = zip(("a.ipynb", "b.ipynb"), self.users, self.join_options, strict=True)
+            for name, user, options in notebooks:
+                join = f"%zchat join --room {self.room} --name {user} {options}".rstrip()
+                write_notebook(self.root / name, ["%load_ext zchat_nb", join])
             env = dict(os.environ)
             env["ZCHAT_ADDRESS"] = self.address
             env.setdefault("ZCHAT_HOME", str(self.root.parent / "zchat-home"))

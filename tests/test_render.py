@@ -135,8 +135,11 @@ def test_message_payload_carries_what_the_view_shows() -> None:
         "verified": False,
         "mentions": [],
         "first_line": "<b>hi</b>",
+        "reply": None,
+        "source": "",
     }
-    assert message_payload(message, own=True)["own"] is True
+    mine = message_payload(message, own=True)
+    assert mine["own"] is True and mine["source"] == "<b>hi</b>"  # the text the author's Edit starts from
 
 
 def test_message_payload_carries_the_conversation_and_no_text_of_a_deleted_message() -> None:
@@ -150,6 +153,36 @@ def test_message_payload_carries_the_conversation_and_no_text_of_a_deleted_messa
     assert payload["first_line"] == "@bob look"
     gone = message_payload(Message("d", "ada", "", 1.0, deleted=True), own=False)
     assert gone["deleted"] and gone["html"] == "" and gone["first_line"] == ""
+    assert payload["source"] == ""  # only the author gets the text back to edit
+
+
+def test_a_reply_quotes_its_parents_author_and_first_line_when_the_parent_is_known() -> None:
+    parent = Message("abc", "<b>bob</b>", "first <i>line</i>\nsecond", 1.0)
+    reply = Message("r", "ada", "yes", 2.0, reply_to="abc")
+    quoted = message_payload(reply, own=False, parent=parent)["reply"]
+    # Text, not HTML: the view puts author and first line in with textContent.
+    assert quoted == {
+        "id": "abc",
+        "author": "<b>bob</b>",
+        "first_line": "first <i>line</i>",
+        "deleted": False,
+        "known": True,
+    }
+    unknown = message_payload(reply, own=False, parent=None)["reply"]
+    assert unknown == {"id": "abc", "author": "", "first_line": "", "deleted": False, "known": False}
+    other = message_payload(reply, own=False, parent=Message("zzz", "cy", "not the parent", 1.0))["reply"]
+    assert other is not None and other["known"] is False
+    gone = Message("abc", "bob", "", 1.0, deleted=True)
+    quoted_gone = message_payload(reply, own=False, parent=gone)["reply"]
+    assert quoted_gone is not None and quoted_gone["deleted"] and quoted_gone["first_line"] == ""
+
+
+def test_a_check_mark_in_a_name_is_not_verified() -> None:
+    """The view draws the verified mark from this boolean only (CSS on .zchat-verified), never from text."""
+    forged = message_payload(Message("f", "teacher ✓", "hi", 1.0), own=False)
+    assert forged["verified"] is False and forged["author"] == "teacher ✓"
+    signed = message_payload(Message("s", "teacher", "hi", 1.0, verified=True), own=False)
+    assert signed["verified"] is True and signed["author"] == "teacher"
 
 
 def test_message_payload_survives_an_absurd_time() -> None:

@@ -546,6 +546,19 @@ def test_view_code_and_css_use_the_stable_class_names() -> None:
         assert f".zchat-{name}" in css, name
     classes = set(re.findall(r"\.([a-z][\w-]*)", css))
     assert classes and all(cls.startswith("zchat-") for cls in classes), classes
+    for action in ("reply", "react", "edit", "delete"):  # what browser tests click
+        assert f'"zchat-action-{action}"' in esm, action
+    for name in (
+        "quote",
+        "reaction",
+        "verified",
+        "mention-me",
+        "mention-count",
+        "edited-mark",
+        "deleted-mark",
+    ):
+        assert f'"zchat-{name}' in esm or f" zchat-{name}" in esm, name
+        assert f".zchat-{name}" in css, name
 
 
 def test_importing_zchat_nb_does_not_import_the_widget() -> None:
@@ -690,6 +703,71 @@ def test_widget_actions_reply_edit_react_delete_reach_another_session_and_update
     finally:
         widget.close()
         client.close()
+
+
+def test_a_reply_from_the_view_quotes_its_parent_and_a_retry_stores_it_once(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    parent = post(client, "bob", "what is a **BTree**?\nsecond line")
+    widget = make_widget()
+    rec = recorder(widget)
+    hello(widget)
+    reply_id = uuid.uuid4().hex
+    frame = {"type": "amend", "action": "reply", "id": parent.id, "arg": "a tree", "client_id": reply_id}
+    start = rec.mark()
+    rec.from_view({**frame, "room": "general"})
+    ack = rec.wait_for(lambda m: m["type"] == "sent" and m["client_id"] == reply_id, start)
+    assert ack["id"] == reply_id  # the view's client id is the reply's id, as for a send
+    shown = rec.wait_for(lambda m: m["type"] == "append" and m["messages"][0]["id"] == reply_id, start)
+    assert shown["messages"][0]["reply"] == {
+        "id": parent.id,
+        "author": "bob",
+        "first_line": "what is a **BTree**?",  # text: the view puts it in with textContent
+        "deleted": False,
+        "known": True,
+    }
+    start = rec.mark()
+    rec.from_view({**frame, "room": "general"})  # Retry: same client id
+    rec.wait_for(lambda m: m["type"] == "sent" and m["client_id"] == reply_id, start)
+    stored = client.session("general").history(10)
+    assert [(m.id, m.reply_to) for m in stored] == [(parent.id, None), (reply_id, parent.id)]
+
+
+def test_a_reply_to_a_message_the_view_does_not_show_fails_with_a_reason(make_widget: Callable) -> None:
+    widget = make_widget()
+    rec = recorder(widget)
+    hello(widget)
+    start = rec.mark()
+    frame = {
+        "type": "amend",
+        "action": "reply",
+        "id": "nope",
+        "arg": "x",
+        "client_id": "c-9",
+        "room": "general",
+    }
+    rec.from_view(frame)
+    failed = rec.wait_for(lambda m: m["type"] == "send_failed" and m["client_id"] == "c-9", start)
+    assert "no longer shown" in failed["error"]
+
+
+def test_mentions_of_the_user_in_other_rooms_are_counted_apart(
+    client: ChatClient, make_widget: Callable
+) -> None:
+    post(client, "bob", "in general")
+    widget = make_widget()
+    hello(widget)
+    rec = recorder(widget)
+    widget.switch_room("random")
+    rec.wait_state("rooms", lambda rooms: rooms == ["general", "random"])
+    post(client, "bob", "hello @alice")
+    post(client, "bob", "@alicex is someone else, @bob too")
+    post(client, "cy", "@alice again")
+    rec.wait_state("unread", lambda unread: unread == {"general": 3})
+    rec.wait_state("unread_mentions", lambda mentions: mentions == {"general": 2})
+    start = rec.mark()
+    widget.switch_room("general")
+    rec.wait_state("unread_mentions", lambda mentions: mentions == {}, start)
 
 
 # -- attachments: shared pictures reach the views as checked bytes ------------------------------

@@ -52,11 +52,13 @@ __all__ = [
     "HIGHLIGHT_CLASSES",
     "attachment_payload",
     "code_blocks",
+    "first_line",
     "format_line",
     "initials",
     "message_payload",
     "render_markdown",
     "render_plain",
+    "reply_quote",
     "terminal_safe",
     "user_color",
     "user_hue",
@@ -209,8 +211,12 @@ def initials(name: str) -> str:
     return "".join(letters).upper()
 
 
-def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
-    """What the browser gets for one message: everything it shows, already made safe."""
+def message_payload(message: Message, *, own: bool, parent: Message | None = None) -> dict[str, Any]:
+    """What the browser gets for one message: everything it shows, already made safe.
+
+    ``parent``: the message this one answers, when the caller has it; its author and first line
+    are quoted above the reply (the view puts them in as text, never as HTML).
+    """
     try:
         when = datetime.fromtimestamp(message.time, tz=timezone.utc).isoformat(timespec="milliseconds")
     except (OverflowError, OSError, ValueError):  # another client's clock (or record) is far off
@@ -232,7 +238,30 @@ def message_payload(message: Message, *, own: bool) -> dict[str, Any]:
         "reactions": {emoji: list(users) for emoji, users in message.reactions.items()},
         "verified": message.verified,
         "mentions": list(message.mentions),
-        "first_line": message.text.strip().split("\n", 1)[0][:120],
+        "first_line": first_line(message),
+        "reply": reply_quote(message.reply_to, parent),
+        # The text to put back in the box when the author edits it (the view's Edit and Up arrow).
+        "source": message.text if own and not message.deleted else "",
+    }
+
+
+def first_line(message: Message) -> str:
+    """The first line of ``message``'s text, at most 120 characters ("" when deleted)."""
+    return message.text.strip().split("\n", 1)[0][:120]
+
+
+def reply_quote(reply_to: str | None, parent: Message | None) -> dict[str, Any] | None:
+    """What a reply quotes of the message it answers: its id, author and first line, if known."""
+    if reply_to is None:
+        return None
+    if parent is None or parent.id != reply_to:
+        return {"id": reply_to, "author": "", "first_line": "", "deleted": False, "known": False}
+    return {
+        "id": parent.id,
+        "author": parent.author,
+        "first_line": first_line(parent),
+        "deleted": parent.deleted,
+        "known": True,
     }
 
 

@@ -30,6 +30,7 @@ State that every view shares (room, rooms, unread counts, status, error) lives i
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import math
 import pathlib
@@ -69,7 +70,7 @@ from .frames import (
 )
 from .media import IMAGE_TYPES
 from .model import Message, check_author, check_message_id, check_room_name
-from .render import attachment_payload, message_payload
+from .render import attachment_payload, message_payload, reply_quote
 
 if TYPE_CHECKING:
     from .client import ChatClient, ClientEvent
@@ -123,6 +124,10 @@ class ChatWidget(anywidget.AnyWidget):
     unread = traitlets.Dict(
         value_trait=traitlets.Int(),
         help="Messages from others that arrived in each room not shown, since it was last shown.",
+    ).tag(sync=True)
+    unread_mentions = traitlets.Dict(
+        value_trait=traitlets.Int(),
+        help="Of the unread messages, those that mention @user, per room (the tab shows them apart).",
     ).tag(sync=True)
     user = traitlets.Unicode(read_only=True, help="The name this widget's messages are sent as.").tag(
         sync=True
@@ -388,13 +393,14 @@ class ChatWidget(anywidget.AnyWidget):
                 try:
                     if item.attachment is not None:
                         message = self._share(session(item.room), item)
-                    elif item.action == "send":
+                    elif item.action in ("send", "reply"):
                         message = session(item.room).post(self._draft(session(item.room), item))
                     else:
                         message = _act(session(item.room), item)
                 except Exception as exc:
                     item.future.set_exception(exc)
-                    self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
+                    what = "not sent" if item.action in ("send", "reply") else f"{item.action} failed"
+                    self._request(_FailedRequest(item.client_id, f"{what}: {exc}"))
                 else:
                     if item.action in ("send", "reply"):
                         self.last_sent = message
@@ -420,12 +426,15 @@ class ChatWidget(anywidget.AnyWidget):
             raise InvalidMessageError("type your name in the name field first, then send again")
         key = (item.room, item.client_id)
         cached = self._drafts.get(key)
-        if cached is not None and cached.text == item.text:
+        parent = item.target.id if item.action == "reply" and item.target is not None else None
+        if cached is not None and cached.text == item.text and cached.reply_to == parent:
             self._drafts.move_to_end(key)
             return cached
         # Other text under a known client id is another message: it gets an id of its own.
         id_ = item.client_id if cached is None and _is_message_id(item.client_id) else None
         message = session.draft(item.text, author=self.user, id=id_)
+        if parent is not None:
+            message = dataclasses.replace(message, reply_to=parent)
         self._drafts[key] = message
         while len(self._drafts) > _MAX_DRAFTS:
             self._drafts.popitem(last=False)
@@ -506,6 +515,8 @@ class ChatWidget(anywidget.AnyWidget):
             self._watch[previous] = self.client.session(previous, backlog=0)
         if name in self.unread:
             self.unread = {room: n for room, n in self.unread.items() if room != name}
+        if name in self.unread_mentions:
+            self.unread_mentions = {room: n for room, n in self.unread_mentions.items() if room != name}
         self._broadcast_reset()
 
     def _broadcast_reset(self, view: str | None = None) -> None:
@@ -541,13 +552,18 @@ class ChatWidget(anywidget.AnyWidget):
             self.rooms = names
 
     def _count_unread(self) -> None:
-        counts = dict(self.unread)
+        counts, mentions = dict(self.unread), dict(self.unread_mentions)
         for name, session in list(self._watch.items()):
             new = [m for m in session.new_messages() if m.author != self.user]
             if new:
                 counts[name] = counts.get(name, 0) + len(new)
+            mentioning = sum(1 for m in new if self.user in m.mentions)
+            if mentioning:
+                mentions[name] = mentions.get(name, 0) + mentioning
         if counts != self.unread:
             self.unread = counts
+        if mentions != self.unread_mentions:
+            self.unread_mentions = mentions
 
     def _answer_requests(self) -> None:
         while True:
@@ -623,7 +639,8 @@ class ChatWidget(anywidget.AnyWidget):
         self._known.move_to_end(message.id)
         while len(self._known) > KNOWN:
             self._known.popitem(last=False)
-        payload = message_payload(message, own=message.author == self.user)
+        parent = self._known.get(message.reply_to) if message.reply_to is not None else None
+        payload = message_payload(message, own=message.author == self.user, parent=parent)
         if message.attachments and not message.deleted:
             payload["attachments"] = attachment_payload(message)
         return payload
@@ -676,9 +693,14 @@ class ChatWidget(anywidget.AnyWidget):
         if not messages:
             return
         payloads = {m.id: self._payload(m) for m in messages}
+        changed = {m.id: m for m in messages}
         for i, cached in enumerate(self._cache):
             if cached["id"] in payloads:
                 self._cache[i] = payloads[cached["id"]]
+            elif cached.get("reply") and cached["reply"]["id"] in changed:
+                # A view drawn later quotes the parent as it is now (edited, deleted).
+                parent = changed[cached["reply"]["id"]]
+                self._cache[i] = {**cached, "reply": reply_quote(parent.id, parent)}
         self.send(Update(self._shown, list(payloads.values())).to_wire())
 
     # -- status ----------------------------------------------------------------------------

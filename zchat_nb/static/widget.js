@@ -7,6 +7,9 @@
 const BOTTOM_SLACK_PX = 24; // closer than this to the end counts as "at the bottom"
 const SEND_TIMEOUT_MS = 60000; // mark a send "not sent" (with Retry) if the kernel never answers
 const NAME_KEY = "zchat_nb.name"; // localStorage key of the name field (ask_name)
+// The React menu: zchat_nb.amend.REACTIONS.
+const REACTIONS = ["👍", "❤️", "😂", "🎉", "❓", "✅"];
+const FLASH_MS = 1500; // how long a message a quote jumped to stays highlighted
 
 function el(tag, className, attrs = {}) {
   const node = document.createElement(tag);
@@ -149,6 +152,7 @@ function regroup(list) {
       valid &&
       prevTime !== null &&
       prev.dataset.author === node.dataset.author &&
+      prev.dataset.verified === node.dataset.verified && // an unverified namesake starts its own run
       time - prevTime >= 0 &&
       time - prevTime < GROUP_WINDOW_MS;
     node.classList.toggle("zchat-continued", continued);
@@ -195,6 +199,18 @@ function render({ model, el: host }) {
   const error = el("div", "zchat-error", { role: "alert" });
   error.hidden = true;
 
+  // What the box is doing when it is not sending a new message: replying, or editing one.
+  const context = el("div", "zchat-context", { role: "status" });
+  context.hidden = true;
+  const contextText = el("span", "zchat-context-text");
+  const contextCancel = el("button", "zchat-context-cancel", {
+    type: "button",
+    title: "Cancel (Escape)",
+    "aria-label": "Cancel",
+  });
+  contextCancel.textContent = "×";
+  context.append(contextText, contextCancel);
+
   const compose = el("div", "zchat-compose");
   const input = el("textarea", "zchat-input", {
     rows: "2",
@@ -206,7 +222,7 @@ function render({ model, el: host }) {
   sendButton.textContent = "Send";
   compose.append(input, sendButton);
 
-  root.append(header, log, jump, error, compose, status);
+  root.append(header, log, jump, error, context, compose, status);
   host.replaceChildren(root);
 
   // -- per-view state ------------------------------------------------------------------
@@ -251,6 +267,7 @@ function render({ model, el: host }) {
     body.append(meta, text);
     for (const a of Array.isArray(m.attachments) ? m.attachments : []) body.append(attachmentNode(m, a));
     node.append(avatar, body);
+    decorateMessage(node, m);
     return node;
   }
 
@@ -461,7 +478,9 @@ function render({ model, el: host }) {
     list.replaceChildren();
     marker = null;
     unseen = 0;
+    payloads.clear();
     append(msg.messages, { initial: true });
+    if (boxMode && !messageById(boxMode.id)) endBoxMode(); // another room: nothing to answer or edit
     restoreOutbox();
     older.hidden = !msg.more;
     older.disabled = false;
@@ -525,7 +544,19 @@ function render({ model, el: host }) {
 
   function ask(entry) {
     showState(entry, "pending");
-    model.send({ type: "send", text: entry.text, client_id: entry.id, room: entry.room });
+    if (entry.replyTo) {
+      // A reply is sent like a message (same id on Retry, stored once), naming its parent.
+      model.send({
+        type: "amend",
+        action: "reply",
+        id: entry.replyTo,
+        arg: entry.text,
+        client_id: entry.id,
+        room: entry.room,
+      });
+    } else {
+      model.send({ type: "send", text: entry.text, client_id: entry.id, room: entry.room });
+    }
   }
 
   function resend(entry) {
@@ -534,6 +565,7 @@ function render({ model, el: host }) {
 
   function editUnsent(entry) {
     drop(entry);
+    if (entry.replyTo) startReply(entry.replyTo); // still an answer to the same message
     // Nothing typed is lost: the unsent text goes back in front of whatever the box holds now.
     input.value = input.value ? `${entry.text}\n${input.value}` : entry.text;
     input.focus();
@@ -576,6 +608,12 @@ function render({ model, el: host }) {
     const id = newMessageId();
     const entry = { id, messageId: id, text, room: shownRoom ?? model.get("room"), state: "", timer: null };
     entry.node = unsentNode(entry);
+    if (boxMode && boxMode.kind === "reply") {
+      entry.replyTo = boxMode.id;
+      const body = entry.node.querySelector(".zchat-body");
+      body.insertBefore(quoteNode(boxMode.reply), body.querySelector(".zchat-text"));
+      endBoxMode();
+    }
     outbox.set(id, entry);
     input.value = ""; // at once: the next message can be typed while this one is committed
     removeMarker();
@@ -585,6 +623,7 @@ function render({ model, el: host }) {
   }
 
   function onSent(msg) {
+    if (onAmendOutcome(msg)) return;
     const entry = outbox.get(msg.client_id);
     if (!entry) return;
     entry.messageId = msg.id;
@@ -593,8 +632,305 @@ function render({ model, el: host }) {
   }
 
   function onSendFailed(msg) {
+    if (onAmendOutcome(msg)) return;
     const entry = outbox.get(msg.client_id);
     if (entry) showState(entry, "failed", msg.error);
+  }
+
+  // -- conversations: replies, edits, deletes, reactions, mentions ---------------------
+  // Every action is an "amend" frame; the kernel commits it and every view gets the message's new
+  // state in an "update" frame, which is drawn in place here. Names, quotes and first lines are
+  // put in with textContent; only the kernel's sanitised message HTML goes in as HTML.
+
+  const payloads = new Map(); // message id -> its latest payload, as shown
+  const amends = new Map(); // client id -> the action asked (its outcome arrives as sent/send_failed)
+  let boxMode = null; // {kind: "reply"|"edit", id, ...}: what Enter does with the box's text
+  // Keys on messages, their buttons and the box's Cancel are the chat's, not notebook commands
+  // (Lumino stops looking for a shortcut at the first element carrying this attribute).
+  log.setAttribute("data-lm-suppress-shortcuts", "true");
+  context.setAttribute("data-lm-suppress-shortcuts", "true");
+
+  function messageById(id) {
+    return list.querySelector(`.zchat-message[data-id="${CSS.escape(id)}"]`);
+  }
+
+  function amend(action, id, arg) {
+    const clientId = newMessageId();
+    amends.set(clientId, action);
+    model.send({ type: "amend", action, id, arg, client_id: clientId, room: shownRoom });
+  }
+
+  function quoteNode(reply) {
+    // The parent's author and first line, as text; a click (or Enter) jumps to the parent.
+    const quote = el("button", "zchat-quote", { type: "button", "data-reply-to": reply.id });
+    fillQuote(quote, reply);
+    quote.addEventListener("click", () => jumpTo(reply.id));
+    return quote;
+  }
+
+  function fillQuote(quote, reply) {
+    const who = el("span", "zchat-quote-author");
+    const line = el("span", "zchat-quote-text");
+    if (reply.known === false) {
+      line.textContent = "an earlier message";
+    } else {
+      who.textContent = reply.author;
+      line.textContent = reply.deleted ? "message deleted" : reply.first_line;
+    }
+    quote.classList.toggle("zchat-quote-deleted", reply.deleted === true);
+    quote.title = "Show the message this answers";
+    quote.replaceChildren(who, line);
+  }
+
+  function jumpTo(id) {
+    const target = messageById(id);
+    if (!target) {
+      error.textContent = "The message this answers is not loaded: use “Load older messages”.";
+      error.hidden = false;
+      return;
+    }
+    target.scrollIntoView({ block: "center" });
+    target.focus({ preventScroll: true });
+    target.classList.add("zchat-flash");
+    setTimeout(() => target.classList.remove("zchat-flash"), FLASH_MS);
+  }
+
+  function decorateMessage(node, m) {
+    // Runs once per message node: the parts a conversation adds, then their state.
+    node.tabIndex = 0; // focusable: its actions show and are reachable by Tab
+    const body = node.querySelector(".zchat-body");
+    const text = node.querySelector(".zchat-text");
+    if (m.reply_to) body.insertBefore(quoteNode(m.reply || { id: m.reply_to, known: false }), text);
+    // After the text, not in the header: a run of one author's messages may share one header.
+    const edited = el("span", "zchat-edited-mark");
+    edited.textContent = "(edited)";
+    const gone = el("div", "zchat-deleted-mark");
+    gone.textContent = "message deleted";
+    text.after(edited, gone);
+    const reactions = el("div", "zchat-reactions");
+    const actions = el("div", "zchat-actions", { role: "toolbar", "aria-label": "Message actions" });
+    body.append(reactions, actions);
+    showConversation(node, m);
+  }
+
+  function showConversation(node, m) {
+    // The message's state (marks, reactions, actions) drawn from its payload; run again on updates.
+    payloads.set(m.id, m);
+    node.classList.toggle("zchat-deleted", m.deleted === true);
+    node.classList.toggle("zchat-edited", m.edited === true && m.deleted !== true);
+    const user = model.get("user");
+    const mentionsMe = Array.isArray(m.mentions) && m.mentions.includes(user);
+    node.classList.toggle("zchat-mentions-me", mentionsMe);
+    // Drawn by CSS from the payload's boolean, never from the name's text: "bob ✓" stays unmarked.
+    const author = node.querySelector(".zchat-author");
+    author.classList.toggle("zchat-verified", m.verified === true);
+    node.dataset.verified = String(m.verified === true); // a run shares a header only if this matches too
+    author.title = m.verified === true ? "verified: signed with this person's classroom certificate" : "";
+    const text = node.querySelector(".zchat-text");
+    if (mentionsMe && !text.querySelector(".zchat-mention-me")) highlightMentions(text, user);
+    showReactions(node, m);
+    showActions(node, m);
+    if (m.deleted === true) node.querySelector(".zchat-react-menu")?.remove();
+  }
+
+  function highlightMentions(container, user) {
+    // Wraps each "@user" of the text (outside code) in a span; text nodes only, so nothing is parsed.
+    const escaped = user.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    const pattern = new RegExp(`(?<![\\w@])@${escaped}(?![A-Za-z0-9_-]|\\.[A-Za-z0-9_-])`, "g");
+    const walker = document.createTreeWalker(container, NodeFilter.SHOW_TEXT);
+    const found = [];
+    for (let t = walker.nextNode(); t; t = walker.nextNode()) {
+      if (!t.parentElement.closest("code, pre") && pattern.test(t.data)) found.push(t);
+      pattern.lastIndex = 0;
+    }
+    for (const t of found) {
+      const parts = [];
+      let last = 0;
+      for (const match of t.data.matchAll(pattern)) {
+        parts.push(document.createTextNode(t.data.slice(last, match.index)));
+        const span = el("span", "zchat-mention-me");
+        span.textContent = match[0];
+        parts.push(span);
+        last = match.index + match[0].length;
+      }
+      parts.push(document.createTextNode(t.data.slice(last)));
+      t.replaceWith(...parts);
+    }
+  }
+
+  function showReactions(node, m) {
+    const box = node.querySelector(".zchat-reactions");
+    const user = model.get("user");
+    const chips = [];
+    for (const [emoji, users] of Object.entries(m.reactions || {})) {
+      if (!Array.isArray(users) || !users.length) continue;
+      const mine = users.includes(user);
+      const chip = el("button", mine ? "zchat-reaction zchat-reaction-mine" : "zchat-reaction", {
+        type: "button",
+        "data-emoji": emoji,
+        "aria-pressed": String(mine),
+      });
+      chip.title = `${users.join(", ")}${mine ? " (click to take yours back)" : ""}`;
+      const face = el("span", "zchat-reaction-emoji");
+      face.textContent = emoji;
+      const count = el("span", "zchat-reaction-count");
+      count.textContent = String(users.length);
+      chip.append(face, count);
+      chip.disabled = m.deleted === true;
+      chip.addEventListener("click", () => amend(mine ? "unreact" : "react", m.id, emoji));
+      chips.push(chip);
+    }
+    box.replaceChildren(...chips);
+    box.hidden = chips.length === 0;
+  }
+
+  function actionButton(className, label, onClick) {
+    const button = el("button", `zchat-action ${className}`, {
+      type: "button",
+      title: label,
+      "aria-label": label,
+      "data-label": label, // drawn by CSS: copying a message's text does not copy its buttons
+    });
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function showActions(node, m) {
+    const actions = node.querySelector(".zchat-actions");
+    const buttons = [];
+    if (m.deleted !== true) {
+      buttons.push(actionButton("zchat-action-reply", "Reply", () => startReply(m.id)));
+      buttons.push(actionButton("zchat-action-react", "React", () => toggleReactMenu(node, m.id)));
+      if (m.own) buttons.push(actionButton("zchat-action-edit", "Edit", () => startEdit(m.id)));
+      if (m.own || model.get("moderator")) {
+        buttons.push(actionButton("zchat-action-delete", "Delete", () => amend("delete", m.id, "")));
+      }
+    }
+    actions.replaceChildren(...buttons);
+  }
+
+  function toggleReactMenu(node, id) {
+    const open = node.querySelector(".zchat-react-menu");
+    if (open) {
+      open.remove();
+      return;
+    }
+    const menu = el("div", "zchat-react-menu", { role: "menu", "aria-label": "React with" });
+    for (const emoji of REACTIONS) {
+      const choice = el("button", "zchat-react-choice", {
+        type: "button",
+        role: "menuitem",
+        "data-emoji": emoji,
+      });
+      choice.textContent = emoji;
+      choice.title = `React with ${emoji}`;
+      choice.addEventListener("click", () => {
+        menu.remove();
+        amend("react", id, emoji);
+        node.focus({ preventScroll: true });
+      });
+      menu.append(choice);
+    }
+    menu.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        menu.remove();
+        node.querySelector(".zchat-action-react")?.focus();
+      }
+    });
+    node.querySelector(".zchat-actions").after(menu);
+    menu.querySelector("button").focus();
+  }
+
+  function applyUpdates(messages) {
+    // Messages shown earlier, in their new state: redrawn in place, and so are quotes of them.
+    for (const m of messages) {
+      const node = messageById(m.id);
+      if (!node) continue;
+      const text = node.querySelector(".zchat-text");
+      text.innerHTML = m.html; // sanitised in the kernel by zchat_nb.render (nh3 allow-list)
+      decorateCode(text);
+      if (m.deleted) for (const figure of node.querySelectorAll(".zchat-attachment")) figure.remove();
+      showConversation(node, m);
+      for (const quote of list.querySelectorAll(`.zchat-quote[data-reply-to="${CSS.escape(m.id)}"]`)) {
+        fillQuote(quote, { ...m, known: true }); // a quote shows its author, first line and deleted
+      }
+      if (boxMode && boxMode.id === m.id && m.deleted) endBoxMode(); // nothing left to answer or edit
+    }
+  }
+
+  function redrawConversations() {
+    // The user or the moderator flag changed: who may edit or delete what, whose reactions are whose.
+    for (const node of list.querySelectorAll(".zchat-message[data-id]")) {
+      const m = payloads.get(node.dataset.id);
+      if (m) showConversation(node, m);
+    }
+  }
+
+  function showBoxMode(label, author, line) {
+    const who = el("strong", "zchat-context-author");
+    who.textContent = author;
+    const what = el("span", "zchat-context-line");
+    what.textContent = line;
+    const lead = document.createTextNode(label);
+    contextText.replaceChildren(lead, who, document.createTextNode(author ? ": " : ""), what);
+    context.hidden = false;
+    input.focus();
+  }
+
+  function startReply(id) {
+    const m = payloads.get(id);
+    if (!m || m.deleted) return;
+    if (boxMode && boxMode.kind === "edit") endBoxMode();
+    boxMode = { kind: "reply", id, reply: { id, author: m.author, first_line: m.first_line, known: true } };
+    context.dataset.mode = "reply";
+    showBoxMode("Replying to ", m.author, m.first_line);
+  }
+
+  function startEdit(id) {
+    const m = payloads.get(id);
+    if (!m || !m.own || m.deleted) return;
+    const stash = boxMode && boxMode.kind === "edit" ? boxMode.stash : input.value;
+    boxMode = { kind: "edit", id, stash, source: m.source };
+    context.dataset.mode = "edit";
+    input.value = m.source;
+    showBoxMode("Editing your message — Enter saves, Escape cancels", "", "");
+    input.setSelectionRange(input.value.length, input.value.length);
+  }
+
+  function endBoxMode() {
+    // Back to sending new messages; what was in the box before an edit comes back.
+    if (boxMode && boxMode.kind === "edit") input.value = boxMode.stash;
+    boxMode = null;
+    context.hidden = true;
+    delete context.dataset.mode;
+    contextText.replaceChildren();
+  }
+
+  function saveEdit() {
+    const { id, source } = boxMode;
+    const text = input.value;
+    if (!text.trim()) return; // an empty edit is not a delete: the box keeps the mode
+    if (text !== source) amend("edit", id, text);
+    endBoxMode();
+  }
+
+  function editLastOwn() {
+    // Up arrow in an empty box: the newest of your messages that is still there.
+    const own = list.querySelectorAll(".zchat-message.zchat-own[data-id]:not(.zchat-deleted)");
+    if (!own.length) return false;
+    startEdit(own[own.length - 1].dataset.id);
+    return true;
+  }
+
+  function submitBox() {
+    if (boxMode && boxMode.kind === "edit") saveEdit();
+    else sendNow();
+  }
+
+  function onAmendOutcome(msg) {
+    // An amend's outcome; a failure also shows in the error line (the kernel sets it).
+    return amends.delete(msg.client_id);
   }
 
   // -- the visitor's name (ask_name) -----------------------------------------------------
@@ -646,6 +982,12 @@ function render({ model, el: host }) {
           badge.textContent = count > 99 ? "99+" : String(count);
           tab.append(badge);
         }
+        const mentions = (model.get("unread_mentions") || {})[name] || 0;
+        if (mentions > 0 && !active) {
+          const badge = el("span", "zchat-mention-count", { "aria-label": `${mentions} mentioning you` });
+          badge.textContent = `@${mentions > 99 ? "99+" : mentions}`;
+          tab.append(badge);
+        }
         tab.addEventListener("click", () => switchRoom(name));
         return tab;
       }),
@@ -695,6 +1037,9 @@ function render({ model, el: host }) {
       case "send_failed":
         onSendFailed(msg);
         break;
+      case "update":
+        if (msg.room === shownRoom && Array.isArray(msg.messages)) applyUpdates(msg.messages);
+        break;
       case "attachment":
         onAttachment(msg, buffers);
         break;
@@ -707,10 +1052,19 @@ function render({ model, el: host }) {
       event.key === "Enter" && !event.shiftKey && !event.altKey && !event.ctrlKey && !event.metaKey;
     if (plainEnter && !event.isComposing) {
       event.preventDefault();
-      sendNow();
+      submitBox();
+    } else if (event.key === "Escape" && boxMode) {
+      event.preventDefault();
+      endBoxMode();
+    } else if (event.key === "ArrowUp" && input.value === "" && !boxMode && !event.shiftKey) {
+      if (editLastOwn()) event.preventDefault();
     }
   });
-  sendButton.addEventListener("click", sendNow);
+  sendButton.addEventListener("click", submitBox);
+  contextCancel.addEventListener("click", () => {
+    endBoxMode();
+    input.focus();
+  });
   input.addEventListener("paste", (event) => {
     const files = [...(event.clipboardData?.files || [])];
     if (!files.length) return; // text: the box takes it as usual
@@ -776,6 +1130,8 @@ function render({ model, el: host }) {
     ["msg:custom", onCustom],
     ["change:rooms", updateRooms],
     ["change:unread", updateRooms],
+    ["change:unread_mentions", updateRooms],
+    ["change:moderator", redrawConversations],
     ["change:room", updateRooms],
     ["change:status", updateStatus],
     ["change:status_text", updateStatus],
@@ -784,6 +1140,7 @@ function render({ model, el: host }) {
     ["change:height", updateHeight],
     ["change:ask_name", updateAskName],
     ["change:user", updateUser],
+    ["change:user", redrawConversations],
   ];
   for (const [name, callback] of listeners) model.on(name, callback);
 
