@@ -27,10 +27,9 @@ SENT = "sent="
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+    from tests.helpers import percentile
+
+    return percentile(values, q) if values else float("nan")
 
 
 # -- worker processes ---------------------------------------------------------------------------
@@ -69,13 +68,15 @@ def _readers(address: str, clients: int, expect: int, ready: Any, out: Any) -> N
         c.close()
 
 
-def _writer(address: str, count: int, pause: float, start: Any, out: Any) -> None:
+def _writer(address: str, count: int, pause: float, start: Any, out: Any, ready: Any = None) -> None:
     import zchat_nb
 
     client = zchat_nb.connect(address, user="w", timeout=60)
     chat = client.session("bench")
     chat.add_message("warm-up, untimed")
     durations = []
+    if ready is not None:
+        ready.set()  # connected and warmed up: the timed part starts when every writer is
     start.wait()
     began = time.perf_counter()
     for _ in range(count):
@@ -119,11 +120,14 @@ def delivery(address: str, readers_procs: int, per_proc: int, messages: int, pau
 def writers(address: str, procs: int, count: int) -> tuple[float, float]:
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    ps = [ctx.Process(target=_writer, args=(address, count, 0.0, start, out)) for _ in range(procs)]
+    ready = [ctx.Event() for _ in range(procs)]
+    ps = [ctx.Process(target=_writer, args=(address, count, 0.0, start, out, r)) for r in ready]
     for p in ps:
         p.start()
-    time.sleep(3)  # let every writer connect and warm up; the timed part starts together
-    start.set()
+    for r in ready:
+        if not r.wait(300):
+            raise SystemExit("a writer process did not connect within 300 s")
+    start.set()  # the timed part starts together
     durations: list[float] = []
     longest = 0.0
     for _ in ps:
@@ -149,7 +153,9 @@ def fill(address: str, total: int, writers_n: int = 20, batch: int = 2000) -> No
         rooms = rooms_of(conn)
         room = rooms.get("big") or rooms.setdefault("big", Room("big", created=t0))
         for i in range(done, min(total, done + batch)):
-            room.append(f"writer{i % writers_n}", Message(f"{i:032x}", f"u{i % writers_n}", f"m {i}", t0 + i * 0.01))
+            room.append(
+                f"writer{i % writers_n}", Message(f"{i:032x}", f"u{i % writers_n}", f"m {i}", t0 + i * 0.01)
+            )
         tm.commit()
         done += batch
     client.close()
