@@ -31,6 +31,7 @@ talk to this script through lines on stdin/stdout. Importing this module does no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -42,10 +43,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -135,9 +136,7 @@ def _recording_comm() -> Any:
     return RecordingComm
 
 
-def worker_widgets(
-    address: tuple[str, int], room: str, count: int, n: int, limit: float, idle: bool
-) -> None:
+def worker_widgets(address: tuple[str, int], room: str, count: int, n: int, limit: float, idle: bool) -> None:
     """``count`` ChatWidgets, each with its own ChatClient; time "append" frames (or sit idle)."""
     _recording_comm()
     import zchat_nb
@@ -235,6 +234,9 @@ def worker_main(argv: Sequence[str]) -> int:
 class Proc:
     """A worker process of one code version, spoken to in JSON lines."""
 
+    #: Every worker started, so that a failed run kills them all (see main).
+    started: ClassVar[list[Proc]] = []
+
     def __init__(self, code: Path, kind: str, *args: Any) -> None:
         env = dict(os.environ, PYTHONPATH=str(code))
         self.popen = subprocess.Popen(
@@ -245,6 +247,7 @@ class Proc:
             stdout=subprocess.PIPE,
             text=True,
         )
+        Proc.started.append(self)
 
     def read(self, timeout: float) -> dict[str, Any]:
         assert self.popen.stdout is not None
@@ -292,7 +295,9 @@ class Row:
     cells: dict[str, str] = field(default_factory=dict)
 
 
-def start_readers(code: Path, kind: str, address: Any, room: str, clients: int, n: int, limit: float) -> list[Proc]:
+def start_readers(
+    code: Path, kind: str, address: Any, room: str, clients: int, n: int, limit: float
+) -> list[Proc]:
     procs = []
     for start in range(0, clients, PER_PROCESS):
         count = min(PER_PROCESS, clients - start)
@@ -381,12 +386,16 @@ def table(rows: list[Row]) -> str:
         "| part | code | clients | " + " | ".join(heads) + " |",
         "|---|---|---:|" + "---:|" * len(heads),
     ]
-    lines += [f"| {r.part} | {r.code} | {r.clients} | " + " | ".join(r.cells[h] for h in heads) + " |" for r in rows]
+    lines += [
+        f"| {r.part} | {r.code} | {r.clients} | " + " | ".join(r.cells[h] for h in heads) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
 def commit_of(path: Path) -> str:
-    out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return out.stdout.strip() or path.name
 
 
@@ -417,7 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zchat-fanout-") as tmp:
         os.environ["ZCHAT_HOME"] = str(Path(tmp) / "home")
         os.environ.pop("ZCHAT_ADDRESS", None)
-        with ServerProcess(Path(tmp) / "chat.fs", log_path=Path(tmp) / "server.log") as server:
+        with (
+            ServerProcess(Path(tmp) / "chat.fs", log_path=Path(tmp) / "server.log") as server,
+            _killing_workers(),
+        ):
             for code, label in codes:
                 if "session" in parts:
                     for clients in (int(c) for c in args.clients.split(",")):
@@ -433,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     print(table(rows["widget"][-1:]), flush=True)
                 if "idle" in parts:
-                    print(f"idle, {label}, {args.idle_widgets} widgets, {args.idle_seconds:g} s ...", flush=True)
+                    print(
+                        f"idle, {label}, {args.idle_widgets} widgets, {args.idle_seconds:g} s ...", flush=True
+                    )
                     rows["idle"].append(idle(code, label, server, args.idle_widgets, args.idle_seconds))
                     print(table(rows["idle"][-1:]), flush=True)
     load_after = os.getloadavg()
@@ -452,17 +466,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             " before `add_message`. Server CPU from `/proc/PID/stat` of the server process.",
             "",
             *(
-                [f"Session path (`ChatSession.new_messages(timeout=1.0)`):", "", table(rows["session"]), ""]
+                ["Session path (`ChatSession.new_messages(timeout=1.0)`):", "", table(rows["session"]), ""]
                 if rows["session"]
                 else []
             ),
-            *([f"Widget poller path (headless `ChatWidget`):", "", table(rows["widget"]), ""] if rows["widget"] else []),
-            *([f"Idle widgets (nobody typing):", "", table(rows["idle"]), ""] if rows["idle"] else []),
+            *(
+                ["Widget poller path (headless `ChatWidget`):", "", table(rows["widget"]), ""]
+                if rows["widget"]
+                else []
+            ),
+            *(["Idle widgets (nobody typing):", "", table(rows["idle"]), ""] if rows["idle"] else []),
         ]
     )
     print(text)
     write_section(args.output, text)
     return 0
+
+
+@contextlib.contextmanager
+def _killing_workers() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in Proc.started:
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
 
 
 def write_section(path: Path, text: str) -> None:

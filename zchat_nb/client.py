@@ -16,6 +16,7 @@ import ssl as ssl_module
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,9 +31,11 @@ from .local import resolve_address
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
+    Changes,
     ChatSession,
     SendPolicy,
     check_author,
+    index_oids,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .security import class_factory
@@ -86,7 +89,7 @@ class _WakingClientStorage(ClientStorage):
 
     _zchat_notify: Callable[[ClientEvent], None] | None = None
     _zchat_report: Callable[..., None] | None = None
-    _zchat_wake: Callable[[], None] | None = None
+    _zchat_committed: Callable[[tuple[bytes, ...]], None] | None = None
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
@@ -95,11 +98,13 @@ class _WakingClientStorage(ClientStorage):
             self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
+        # The oids this transaction stores, read back from ZEO's buffer before it is closed.
+        oids = tuple(oid for oid, _, _ in txn.data(self)) if self._zchat_committed is not None else ()
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
-        # The server sends no invalidation to the client that committed: wake this client's own
-        # readers (other threads waiting in new_messages) as an invalidation would.
-        if self._zchat_wake is not None:
-            self._zchat_wake()
+        # The server sends no invalidation to the client that committed: tell this client's own
+        # readers (other threads, other sessions) as an invalidation would.
+        if self._zchat_committed is not None:
+            self._zchat_committed(oids)
         return tid
 
     def tpc_vote(self, txn: Any) -> Any:
@@ -150,12 +155,15 @@ class ChatClient:
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
         self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+        self._trackers: weakref.WeakSet[Changes] = weakref.WeakSet()
+        self._rooms: tuple[Changes, list[str], set[bytes]] | None = None
+        self._rooms_lock = threading.Lock()  # one reader of the rooms index at a time: none misses a change
         self._closed = False
         storage = db.storage
         if isinstance(storage, _WakingClientStorage):
             storage._zchat_notify = self._notify
             storage._zchat_report = self.report
-            storage._zchat_wake = self._wake_readers
+            storage._zchat_committed = self._committed
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -213,11 +221,41 @@ class ChatClient:
     def address_text(self) -> str:
         return format_address(self.address) if self.address else "(in-process storage)"
 
+    @property
+    def tracks_changes(self) -> bool:
+        """True if this client hears of every commit (ZEO), so readers can skip what did not change.
+
+        False for in-process storages: their readers read everything on each call.
+        """
+        return isinstance(self.db.storage, _WakingClientStorage)
+
+    def track_changes(self) -> Changes:
+        """A new :class:`~zchat_nb.model.Changes` filled with every oid committed from now on."""
+        changes = Changes(exact=self.tracks_changes)
+        with self._changed:
+            self._trackers.add(changes)
+        return changes
+
     # -- events --------------------------------------------------------------------------
 
     def _notify(self, event: ClientEvent) -> None:
+        with self._changed:
+            trackers = list(self._trackers)
+        for changes in trackers:
+            if event.kind == "invalidation":
+                changes.mark(event.oids)
+            elif event.kind == "connected":  # ZEO dropped the whole object cache
+                changes.mark_all()
         self._wake_readers()
         self._dispatch(event)
+
+    def _committed(self, oids: tuple[bytes, ...]) -> None:
+        """After this client's own commit (no invalidation comes for it): note it, wake readers."""
+        with self._changed:
+            trackers = list(self._trackers)
+        for changes in trackers:
+            changes.mark(oids)
+        self._wake_readers()
 
     def _wake_readers(self) -> None:
         with self._changed:
@@ -269,12 +307,27 @@ class ChatClient:
         return ChatSession(self, room, backlog=backlog)
 
     def rooms(self) -> list[str]:
-        """Names of the rooms in the database."""
-        tm, conn = self.connection()
-        with server_boundary(self.address_text):
-            tm.begin()
-            rooms = conn.root().get(ROOMS_KEY)
-            return list(rooms.keys()) if rooms is not None else []
+        """Names of the rooms in the database; read again only when the rooms index changed."""
+        with self._rooms_lock:
+            if self._rooms is None:
+                self._rooms = (self.track_changes(), [], set())
+            changes, names, oids = self._rooms
+            everything, changed = changes.take()
+            if not everything and not (changed & oids):
+                return list(names)
+            tm, conn = self.connection()
+            try:
+                with server_boundary(self.address_text):
+                    tm.begin()
+                    root = conn.root()
+                    rooms = root.get(ROOMS_KEY)
+                    names = list(rooms.keys()) if rooms is not None else []
+                    oids = {oid for oid in [root._p_oid, *index_oids(rooms)] if oid is not None}
+            except BaseException:
+                changes.mark_all()  # read it again next time
+                raise
+            self._rooms = (changes, names, oids)
+            return list(names)
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -7,14 +7,20 @@ one shared BTree makes bucket splits, which cannot be merged, conflict all the t
 
 Here each writer (one per :class:`~zchat_nb.client.ChatClient`) appends to a stream of its own,
 ``Room.streams[writer]``, keyed by ``(time, id)``, where times only grow: a writer's key order is
-its commit order. A reader's cursor is the last key it was given from each stream, held by the
-:class:`ChatSession` in ordinary memory, never on a persistent object. Writers touch only their own
-stream, their own key of ``Room.heads`` and the ``Room.count`` counter, all of which merge, so
-concurrent senders do not conflict. History merges the recent ends of the streams by time.
+its commit order. A send changes only the writer's own objects (its stream's last bucket; on a
+split a node of its stream; on its first message the ``streams`` index), so concurrent senders
+neither conflict nor make the server resolve anything. A reader's cursor is the last key it was
+given from each stream, held by the :class:`ChatSession` in ordinary memory, never on a persistent
+object. History merges the recent ends of the streams by time.
 Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
 
+Fan-out: a reader learns from the oids its client is told were committed (:class:`Changes`) which
+streams changed, and reads only those, from its cursor on: one load (the stream's last bucket) per
+delivered message, and no load at all while nothing of its room changed.
+
 This module knows nothing of ZEO, widgets or IPython: a :class:`ChatSession` gets its connection,
-its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatClient`` in practice).
+its wake-ups, its change notices and its clock from a :class:`SessionHost`
+(``zchat_nb.client.ChatClient`` in practice).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_TEXT_BYTES",
+    "Changes",
     "ChatSession",
     "Message",
     "Room",
@@ -162,13 +169,16 @@ class Room(Persistent):
     #: ``writer -> stream``; a stream is an ``OOBTree`` of ``(time, id) -> record`` that only its
     #: writer appends to, so writers never conflict. A writer's times increase in commit order.
     streams: OOBTree | None = None
-    #: ``writer -> (count, first time, last time, last id)``. Writers change only their own key,
-    #: so concurrent commits merge.
+    #: Written by zchat_nb before the fan-out rework (``writer -> (count, first, last, last id)``
+    #: and a ``Length``); every send changed them, so every reader reloaded them. No longer read
+    #: or written: the streams' own first and last keys say the same.
     heads: OOBTree | None = None
-    #: Number of messages in this epoch; a reader with as many delivered is idle.
     count: Length | None = None
-    #: ``user -> last heartbeat time``; one key per user, so concurrent heartbeats merge.
+    #: ``user -> last heartbeat time``, written by zchat_nb before members; still read.
     presence: OOBTree | None = None
+    #: ``(user, writer) -> time joined or lease renewed``; one key per client, changed on join,
+    #: leave and (rarely) a lease renewal, so readers reload it only when someone comes or goes.
+    members: OOBTree | None = None
 
     def __init__(self, name: str, created: float = 0.0) -> None:
         self.name = name
@@ -177,8 +187,6 @@ class Room(Persistent):
 
     def _new_trees(self) -> None:
         self.streams = OOBTree()
-        self.heads = OOBTree()
-        self.count = Length()
 
     def append(self, writer: str, message: Message) -> Message:
         """Add ``message`` to the end of ``writer``'s stream and return it as stored.
@@ -186,19 +194,18 @@ class Room(Persistent):
         Its time is moved just past the writer's previous message if the writer's clock went back,
         so that each stream's key order is its commit order. A message that is already the
         stream's last (a retried send whose first commit did happen) is left alone.
+        Changes only the writer's own stream (and the ``streams`` index on its first message).
         """
-        assert self.streams is not None and self.heads is not None and self.count is not None
+        assert self.streams is not None
         stream = self.streams.get(writer)
         if stream is None:
             stream = self.streams[writer] = OOBTree()
-        count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
-        if last_id == message.id:
-            return Message.from_record(stream[(last, last_id)])
-        if message.time <= last:
-            message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
+        last: tuple[float, str] | None = stream.maxKey() if stream else None
+        if last is not None and last[1] == message.id:
+            return Message.from_record(stream[last])
+        if last is not None and message.time <= last[0]:
+            message = dataclasses.replace(message, time=math.nextafter(last[0], math.inf))
         stream[message.key] = message.to_record()
-        self.heads[writer] = (count + 1, first, message.time, message.id)
-        self.count.change(1)
         return message
 
     def records(self) -> Iterator[tuple[Any, Any]]:
@@ -206,15 +213,33 @@ class Room(Persistent):
         assert self.streams is not None
         return heapq.merge(*(stream.items() for stream in self.streams.values()), key=lambda item: item[0])
 
-    def beat(self, user: str, when: float) -> None:
-        if self.presence is None:
-            self.presence = OOBTree()
-        self.presence[user] = when
+    def message_count(self) -> int:
+        """How many messages the room holds; walks every bucket of every stream (for a teacher's reset)."""
+        assert self.streams is not None
+        return sum(len(stream) for stream in self.streams.values())
+
+    def join(self, user: str, writer: str, when: float) -> None:
+        """Say that ``writer``'s client shows this room to ``user`` from ``when`` (or still does)."""
+        if self.members is None:
+            self.members = OOBTree()
+        self.members[(user, writer)] = when
+
+    def leave(self, user: str, writer: str) -> None:
+        if self.members is not None and (user, writer) in self.members:
+            del self.members[(user, writer)]
+
+    def presence_entries(self) -> list[tuple[str, float]]:
+        """``(user, time joined or renewed)`` of every member, old heartbeats included; checked."""
+        entries = [
+            (key[0], when)
+            for key, when in (self.members.items() if self.members is not None else ())
+            if isinstance(key, tuple) and len(key) == 2
+        ]
+        entries += self.presence.items() if self.presence is not None else ()
+        return [(user, when) for user, when in entries if isinstance(user, str) and isinstance(when, float)]
 
     def present(self, since: float) -> list[str]:
-        if self.presence is None:
-            return []
-        return sorted(user for user, when in self.presence.items() if when >= since)
+        return sorted({user for user, when in self.presence_entries() if when >= since})
 
     def clear(self) -> None:
         """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
@@ -225,38 +250,89 @@ class Room(Persistent):
         return f"<Room {self.name!r}>"
 
 
-@dataclass(frozen=True)
-class _Head:
-    """A writer's entry in ``Room.heads``, checked."""
+class Changes:
+    """The oids committed since a :class:`ChatSession` last looked: what it must read again.
 
-    count: int
-    first: float
-    last: float
-    last_id: str
+    Its client fills it (on ZEO's networking thread, or the committing thread for its own
+    commits) with the oids of each transaction, or marks everything changed (first use, a
+    (re)connect, which makes ZEO drop the whole cache). The session takes the marks *before* it
+    begins a transaction, so that a commit arriving during its read is still there for the next
+    one. ``exact=False`` is for storages that tell nobody of commits (in-process ``ZODB.DB``):
+    then every read is a full one, as if everything changed.
+    """
 
-    @property
-    def last_key(self) -> tuple[float, str]:
-        return (self.last, self.last_id)
+    #: More pending oids than this and the set is dropped for "everything changed": bounded memory
+    #: for a session that is never read (a widget's sender, a room nobody looks at).
+    MAX_PENDING = 10_000
 
-    @classmethod
-    def check(cls, value: object) -> _Head:
-        if not (isinstance(value, tuple) and len(value) == 4):
-            raise ValueError(f"head is not a 4-tuple: {type(value).__name__}")
-        count, first, last, last_id = value
-        if not (isinstance(count, int) and count > 0 and isinstance(last_id, str)):
-            raise ValueError(f"bad head {value!r:.80}")
-        if not (isinstance(first, float) and isinstance(last, float) and math.isfinite(last)):
-            raise ValueError(f"bad head times {value!r:.80}")
-        return cls(count, first, last, last_id)
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
+        self._lock = threading.Lock()
+        self._all = True
+        self._oids: set[bytes] = set()
+
+    def mark(self, oids: Iterable[bytes]) -> None:
+        with self._lock:
+            if not self._all:
+                self._oids.update(oids)
+                if len(self._oids) > self.MAX_PENDING:
+                    self.mark_all_locked()
+
+    def mark_all(self) -> None:
+        with self._lock:
+            self.mark_all_locked()
+
+    def mark_all_locked(self) -> None:
+        self._all, self._oids = True, set()
+
+    def take(self) -> tuple[bool, set[bytes]]:
+        """``(everything changed, changed oids)`` since the last take; clears them."""
+        with self._lock:
+            everything, oids = self._all or not self.exact, self._oids
+            self._all, self._oids = False, set()
+            return everything, oids
 
 
-def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None:
-    """Ask ZEO for the recent end of each stream in one pipelined round trip per tree level.
+def _children(node: Any) -> list[Any]:
+    """The persistent children of a BTree node, from its state, in key order (none for a bucket)."""
+    if not type(node).__name__.endswith("BTree"):
+        return []
+    state = node.__getstate__()
+    if not state or len(state) != 2:  # empty, or a small tree holding its one bucket inline
+        return []
+    return [child for child in state[0][::2] if isinstance(child, Persistent)]
 
-    History reads the newest buckets of many streams; loading them one by one costs a round trip
-    each (about 60 for 20 writers). ``Connection.prefetch`` sends the loads together instead.
-    Uses the BTree node state: ``(child0, key1, child1, ...)`` then the first bucket; a small tree
-    keeps its one bucket inline instead.
+
+def _edge_oids(tree: Any) -> list[bytes]:
+    """Oids of a BTree's root and its right edge: the objects an append at the end changes."""
+    oids, node = [], tree
+    for _ in range(32):  # deeper than any real tree: bounded even for a crafted cycle
+        if node is None or node._p_oid is None:
+            break
+        oids.append(node._p_oid)
+        children = _children(node)
+        node = children[-1] if children else None
+    return oids
+
+
+def index_oids(tree: Any, limit: int = 10_000) -> list[bytes]:
+    """Oids of every node of a small BTree (the streams index, the members): any insert changes one."""
+    oids: list[bytes] = []
+    todo = [tree] if tree is not None else []
+    while todo and len(oids) < limit:
+        node = todo.pop()
+        if node._p_oid is not None:
+            oids.append(node._p_oid)
+        todo.extend(_children(node))
+    return oids
+
+
+def _prefetch_edges(room: Room, trees: list[Any], levels: int = 4) -> None:
+    """Ask ZEO for both ends of each stream in one pipelined round trip per tree level.
+
+    History reads the newest buckets and the first keys of many streams; loading them one by one
+    costs a round trip each (about 60 for 20 writers). ``Connection.prefetch`` sends the loads
+    together instead.
     """
     jar = room._p_jar
     if jar is None or not hasattr(jar.db().storage, "prefetch"):  # in-process storages: no round trips
@@ -268,9 +344,8 @@ def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None
         jar.prefetch(nodes)
         children: list[Persistent] = []
         for node in nodes:
-            state = node.__getstate__() if type(node).__name__.endswith("BTree") else None
-            if state and len(state) == 2 and isinstance(state[0][-1], Persistent):  # an inner node
-                children.append(state[0][-1])
+            below = _children(node)
+            children.extend({id(c): c for c in (below[:1] + below[-1:])}.values())
         nodes = children
 
 
@@ -320,6 +395,9 @@ class SessionHost(Protocol):
 
     def is_connected(self) -> bool: ...
 
+    def track_changes(self) -> Changes:
+        """A new :class:`Changes` that this host fills with every oid committed from now on."""
+
     def report(self, kind: str, **details: Any) -> None:
         """Tell observers (the inspector) about a commit or a poll."""
 
@@ -341,14 +419,23 @@ class ChatSession:
     def __init__(self, host: SessionHost, room: str, *, backlog: int | None = None) -> None:
         self._host = host
         self.room = check_room_name(room)
-        #: ``writer -> (messages delivered, key of the last one)``; plain memory, never persisted.
-        self._cursor: dict[str, tuple[int, tuple[float, str] | None]] = {}
-        self._bad_heads: set[str] = set()
+        #: ``writer -> key of the last message delivered``; plain memory, never persisted.
+        self._cursor: dict[str, tuple[float, str]] = {}
         self._epoch: int | None = None
         self._backlog = backlog
         self._lock = threading.RLock()
         #: Records that failed validation or could not be loaded, as ``(where, reason)``.
         self.skipped: list[tuple[str, str]] = []
+        # What to read next time, from the oids the host said changed (see _absorb).
+        self._changes: Changes | None = None  # made on the first read: a sender never drains it
+        self._rescan = True  # the room or its streams index changed: look at every stream
+        self._stale: set[str] = set()  # writers whose stream changed
+        self._presence_stale = True
+        self._index_oids: set[bytes] = set()  # the room and its streams index
+        self._stream_oids: dict[bytes, str] = {}  # a stream's root and right edge -> writer
+        self._writer_oids: dict[str, list[bytes]] = {}
+        self._presence_oids: set[bytes] = set()
+        self._present: list[tuple[str, float]] | None = None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -407,60 +494,120 @@ class ChatSession:
 
     def _poll(self) -> list[Message]:
         started = time.perf_counter()
+        _, conn = self._host.connection()
+        loads = conn._load_count  # objects loaded by this thread's connection: what a poll costs
         found = self._collect()
-        self._host.report("poll", room=self.room, cost=time.perf_counter() - started, count=len(found))
+        loads = conn._load_count - loads
+        cost = time.perf_counter() - started
+        self._host.report("poll", room=self.room, cost=cost, count=len(found), loads=loads)
         return found
+
+    def _absorb(self) -> None:
+        """Turn the oids committed since the last call into what to read; before any ``begin()``.
+
+        What is noted here stays noted until a read succeeds: a read that fails (server away)
+        loses nothing.
+        """
+        if self._changes is None:
+            self._changes = self._host.track_changes()
+        everything, oids = self._changes.take()
+        if everything:
+            self._rescan = self._presence_stale = True
+            return
+        for oid in oids:
+            writer = self._stream_oids.get(oid)
+            if writer is not None:
+                self._stale.add(writer)
+            if oid in self._index_oids:
+                self._rescan = True
+            if oid in self._presence_oids:
+                self._presence_stale = True
 
     def _collect(self) -> list[Message]:
         with self._lock:
+            self._absorb()
+            if not (self._rescan or self._stale):
+                return []  # nothing of this room changed: no transaction, no load
             room = self._room()
-            assert room.count is not None and room.heads is not None
+            assert room.streams is not None
             if self._epoch != room.epoch:
                 self._cursor.clear()
+                self._stream_oids.clear()
+                self._writer_oids.clear()
+                self._rescan = True
                 self._epoch = room.epoch
                 if self._backlog is not None:
-                    for writer, head in self._heads(room):
-                        self._cursor[writer] = (head.count, head.last_key)
+                    for writer, stream in room.streams.items():
+                        last = self._last_key(writer, stream)
+                        if last is not None:
+                            self._cursor[writer] = last
                     backlog, self._backlog = self._backlog, None
-                    return self._history(room, backlog, None)
-            if room.count() == sum(seen for seen, _ in self._cursor.values()):
-                return []
+                    found = self._history(room, backlog, None)
+                    self._map_room(room, list(room.streams.items()))
+                    return found
+            rescan = self._rescan
+            if rescan:
+                streams = list(room.streams.items())
+            else:
+                streams = [(w, s) for w in sorted(self._stale) if (s := room.streams.get(w)) is not None]
             found: list[Message] = []
             cursor = dict(self._cursor)
-            for writer, head in self._heads(room):
-                seen, seen_key = cursor.get(writer, (0, None))
-                if head.count > seen:
-                    found.extend(self._read_stream(room, writer, seen_key, head.last_key))
-                    cursor[writer] = (head.count, head.last_key)
-            self._cursor = cursor  # only now: an outage mid-read must not skip anything
+            for writer, stream in streams:
+                found.extend(self._read_stream(stream, writer, cursor))
+            # Only now: an outage mid-read must neither skip nor repeat anything.
+            self._cursor = cursor
+            self._map_streams(streams)
+            if rescan:
+                self._map_room(room, streams)
+            self._rescan = False
+            self._stale.clear()
             found.sort(key=lambda m: m.key)
             return found
 
-    def _heads(self, room: Room) -> list[tuple[str, _Head]]:
-        """The room's writers and their heads, checked (another client may have written anything)."""
-        assert room.heads is not None
-        heads = []
-        for writer, value in room.heads.items():
-            try:
-                heads.append((writer, _Head.check(value)))
-            except ValueError as exc:
-                if writer not in self._bad_heads:
-                    self._bad_heads.add(writer)
-                    self._skip(f"head of writer {writer!r:.40}", exc)
-        return heads
+    def _map_room(self, room: Room, streams: list[tuple[str, Any]]) -> None:
+        """Note the oids of the room and its streams index: a change there means a rescan."""
+        self._index_oids = {oid for oid in [room._p_oid, *index_oids(room.streams)] if oid is not None}
+        self._map_streams(streams)
+        self._rescan = False
+        self._stale.clear()
 
-    def _read_stream(
-        self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str]
-    ) -> list[Message]:
-        assert room.streams is not None
+    def _map_streams(self, streams: list[tuple[str, Any]]) -> None:
+        """Note each stream's root and right edge: the next append to it changes one of them."""
+        for writer, stream in streams:
+            for oid in self._writer_oids.pop(writer, ()):
+                self._stream_oids.pop(oid, None)
+            try:
+                oids = _edge_oids(stream)
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:  # a crafted node: read it again on every rescan
+                self._skip(f"stream {writer!r:.40}", exc)
+                continue
+            self._writer_oids[writer] = oids
+            for oid in oids:
+                self._stream_oids[oid] = writer
+
+    def _last_key(self, writer: str, stream: Any) -> tuple[float, str] | None:
         try:
-            stream = room.streams[writer]
-            entries = list(stream.items(after, upto, excludemin=after is not None))
+            return stream.maxKey() if stream else None
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:
+            self._skip(f"end of stream {writer!r:.40}", exc)
+            return None
+
+    def _read_stream(self, stream: Any, writer: str, cursor: dict[str, tuple[float, str]]) -> list[Message]:
+        """The messages of ``stream`` after ``cursor[writer]``; moves ``cursor[writer]`` past them."""
+        after = cursor.get(writer)
+        try:
+            entries = list(stream.items(after, excludemin=after is not None))
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
             self._skip(f"stream {writer!r:.40} after {after}", exc)
             return []
+        if entries:
+            cursor[writer] = entries[-1][0]  # past bad records too: each is reported once
         found = (self._check(record, where=f"{writer}@{key!r:.60}") for key, record in entries)
         return [m for m in found if m is not None]
 
@@ -488,28 +635,50 @@ class ChatSession:
         with self._lock, server_boundary(self._host.address_text):
             return self._history(self._room(), n, before)
 
-    def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
-        heads = self._heads(room)
-        if n == 0 or not heads:
-            return []
+    def _ends(self, room: Room) -> list[tuple[str, Any, float, float]]:
+        """``(writer, stream, first time, last time)`` of each non-empty stream, checked."""
         assert room.streams is not None
+        streams = list(room.streams.items())
+        if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
+            _prefetch_edges(room, [stream for _, stream in streams])
+        ends = []
+        for writer, stream in streams:
+            try:
+                if not stream:
+                    continue
+                first, last = stream.minKey(), stream.maxKey()
+                if not (
+                    isinstance(first[0], float) and isinstance(last[0], float) and math.isfinite(last[0])
+                ):
+                    raise ValueError(f"bad keys {first!r:.40} .. {last!r:.40}")
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                self._skip(f"ends of stream {writer!r:.40}", exc)
+                continue
+            ends.append((writer, stream, first[0], last[0]))
+        return ends
+
+    def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
+        if n == 0:
+            return []
+        ends = self._ends(room)
+        if not ends:
+            return []
         top: tuple[float, str] | None = before.key if before is not None else None
-        start = max(head.last for _, head in heads)
+        start = max(last for _, _, _, last in ends)
         if top is not None:
             start = min(start, top[0])
-        oldest = min(head.first for _, head in heads)
-        if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
-            _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads])
+        oldest = min(first for _, _, first, _ in ends)
         window = 1.0
         while True:
             # Only the streams that have messages between low and top; each read is O(log N).
             low = start - window
             items: list[tuple[Any, Any]] = []
-            for writer, head in heads:
-                if head.last < low or (top is not None and head.first > top[0]):
+            for writer, stream, first, last in ends:
+                if last < low or (top is not None and first > top[0]):
                     continue
                 try:
-                    stream = room.streams[writer]
                     items.extend(stream.items((low,), top, excludemax=top is not None))
                 except transaction.interfaces.TransientError:
                     raise
@@ -555,19 +724,43 @@ class ChatSession:
 
     # -- presence ------------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """Record that this client's user is in the room now (the widget calls it periodically)."""
-        user, now = self._host.user, float(self._host.clock())
+    def join(self) -> None:
+        """Say that this client shows the room to its user now; also renews the lease (rarely)."""
+        user, writer, now = self._host.user, self._host.writer, float(self._host.clock())
 
-        def beat(conn: Connection) -> None:
-            self._room_in(conn).beat(user, now)
+        def enter(conn: Connection) -> None:
+            self._room_in(conn).join(user, writer, now)
 
-        self._commit(beat, what=f"announcing presence in {self.room!r}")
+        self._commit(enter, what=f"joining {self.room!r}")
+
+    #: The name of :meth:`join` before presence was a lease: it still works.
+    heartbeat = join
+
+    def leave(self) -> None:
+        """Say that this client no longer shows the room (a widget closes or switches room)."""
+        user, writer = self._host.user, self._host.writer
+
+        def exit_(conn: Connection) -> None:
+            self._room_in(conn).leave(user, writer)
+
+        self._commit(exit_, what=f"leaving {self.room!r}")
 
     def present(self, within: float = 90.0) -> list[str]:
-        """Users whose last heartbeat in this room is at most ``within`` seconds old."""
+        """Users who joined this room, or renewed their lease, at most ``within`` seconds ago.
+
+        Reads the room's presence trees only when they changed since the last call.
+        """
         with self._lock, server_boundary(self._host.address_text):
-            return self._room().present(float(self._host.clock()) - within)
+            self._absorb()
+            if self._presence_stale or self._present is None:
+                room = self._room()
+                self._present = room.presence_entries()
+                # The room too: a first members tree is set on it.
+                oids = [room._p_oid, *index_oids(room.members), *index_oids(room.presence)]
+                self._presence_oids = {oid for oid in oids if oid is not None}
+                self._presence_stale = False
+            since = float(self._host.clock()) - within
+            return sorted({user for user, when in self._present if when >= since})
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
