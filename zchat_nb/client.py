@@ -65,18 +65,20 @@ def default_user() -> str:
 class ClientEvent:
     """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
 
-    #: "invalidation", "connected", "disconnected" (from ZEO's thread, these wake readers), or
-    #: "commit", "poll", "resolved" (from the thread that did it: for inspectors, they wake nobody).
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (this client's
+    #: own commit, for which ZEO sends no invalidation): these wake readers; or "commit", "poll",
+    #: "resolved" (from the thread that did it: for inspectors, they wake nobody).
     kind: str
     time: float
     tid: bytes | None = None
     oids: tuple[bytes, ...] = field(default=())
-    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count; "resolved": count.
+    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count, loads (objects loaded);
+    #: "resolved": count.
     details: dict[str, Any] = field(default_factory=dict)
 
 
 #: Events from ZEO's networking thread; each also wakes readers waiting in ``new_messages``.
-WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected"})
+WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
 #: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 
@@ -256,6 +258,7 @@ class ChatClient:
         for changes in trackers:
             changes.mark(oids)
         self._wake_readers()
+        self._dispatch(ClientEvent("committed", time.time(), oids=oids))
 
     def _wake_readers(self) -> None:
         with self._changed:

@@ -12,11 +12,14 @@ Threads (both daemons, both stopped and joined by :meth:`ChatWidget.close`):
     Reads the shown room with its own :class:`~zchat_nb.model.ChatSession` (cursor in memory, its
     own ZODB connection), counts unread messages of the other rooms, refreshes the room list and
     the status line, and answers the views' requests. It is the only thread that sends messages to
-    the browser. It sleeps until an invalidation, a request or ``poll_interval`` seconds pass.
+    the browser. It sleeps until an invalidation, a commit of its client or a request wakes it: on a
+    ZEO client nothing is read on a timer, and a wake-up reads only what the server said changed
+    (an in-process storage tells nobody of commits: then it also reads every ``poll_interval``).
 ``sender``
     Commits what the user sends, so that the kernel never waits for ZEO (a send to a server that
     is away takes up to the client's ``timeout``). Its outcome goes back through the poller. It
-    also commits a presence heartbeat for the shown room every ``heartbeat_interval`` seconds.
+    also commits presence: a join when a room is shown, a leave when it no longer is, and a lease
+    renewal every ``heartbeat_interval`` seconds (rare: each one makes every reader reload presence).
 
 Messages between the kernel and the views (anywidget custom messages; ``"view": null`` means every
 view, otherwise the answer is for the view that asked)::
@@ -44,6 +47,7 @@ import logging
 import math
 import pathlib
 import queue
+import random
 import threading
 import time
 import uuid
@@ -127,15 +131,15 @@ class ChatWidget(anywidget.AnyWidget):
     ).tag(sync=True)
     height = traitlets.Unicode("22em", help="CSS height of the message list.").tag(sync=True)
     present = traitlets.List(
-        traitlets.Unicode(), help="Users whose heartbeat in the shown room is recent, sorted."
+        traitlets.Unicode(), help="Users who show the shown room now (joined, lease not expired), sorted."
     ).tag(sync=True)
     poll_interval = traitlets.Float(
         1.0,
-        help="Seconds between reads when nothing wakes the poller; ZEO invalidations wake it at once.",
+        help="Seconds between reads, for in-process storages only: a ZEO client's poller wakes on changes.",
     )
     heartbeat_interval = traitlets.Float(
-        30.0,
-        help="Seconds between presence heartbeats; a user counts as present for three intervals.",
+        600.0,
+        help="Seconds between presence lease renewals; a client that vanished counts as present for three.",
     )
 
     def __init__(self, client: ChatClient | None = None, room: str = "general", **kwargs: Any) -> None:
@@ -297,7 +301,7 @@ class ChatWidget(anywidget.AnyWidget):
 
     def _on_client_event(self, event: ClientEvent) -> None:
         # On ZEO's networking thread: no storage calls, no comm messages; just wake the poller.
-        if event.kind != "invalidation":
+        if event.kind in ("connected", "disconnected"):
             self._events.append(event)
         self._wake.set()
 
@@ -311,18 +315,26 @@ class ChatWidget(anywidget.AnyWidget):
                 sessions[room] = self.client.session(room)
             return sessions[room]
 
-        next_beat = time.monotonic() + self.heartbeat_interval  # the room's first load asks for one
+        # The room's first load asks for a join; renewals of many widgets are spread out.
+        next_beat = time.monotonic() + self.heartbeat_interval * random.uniform(0.5, 1.0)
+        joined: str | None = None
         try:
             while True:
                 try:
                     item = self._outbox.get(timeout=max(0.0, next_beat - time.monotonic()))
                 except queue.Empty:
-                    item = _Outgoing(self._shown or self.room)  # time for a heartbeat
+                    item = _Outgoing(self._shown or self.room)  # time to renew the lease
                 if item is None:
                     break
-                if item.future is None:  # a heartbeat
+                if item.leave:
+                    if item.room == joined:
+                        joined = None
+                    self._presence(session, item.room, join=False)
+                    continue
+                if item.future is None:  # a join or a renewal
                     next_beat = time.monotonic() + self.heartbeat_interval
-                    self._heartbeat(session, item.room)
+                    if self._presence(session, item.room, join=True):
+                        joined = item.room
                     continue
                 if self._stopping.is_set():
                     exc = ZChatConnectionError("this ChatWidget was closed before the message was sent")
@@ -337,18 +349,27 @@ class ChatWidget(anywidget.AnyWidget):
                     self.last_sent = message
                     item.future.set_result(message)
                     self._request("sent", item.client_id, message)
+            if joined is not None and not self.client.closed:  # stopped: say goodbye, if the server is there
+                self._presence(session, joined, join=False, stopping=True)
         finally:
             self.client.close_connection()
 
-    def _heartbeat(self, session: Callable[[str], ChatSession], room: str) -> None:
-        if self._stopping.is_set() or not self.client.is_connected():
-            return  # the status line already says the server is away
+    def _presence(
+        self, session: Callable[[str], ChatSession], room: str, *, join: bool, stopping: bool = False
+    ) -> bool:
+        """Commit a join (or renewal) or a leave of ``room``; True if it was committed."""
+        if (self._stopping.is_set() and not stopping) or not self.client.is_connected():
+            return False  # the status line already says the server is away; the lease expires
         try:
-            session(room).heartbeat()
+            if join:
+                session(room).join()
+            else:
+                session(room).leave()
         except Exception as exc:
-            log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
-        else:
-            self._wake.set()  # the poller reads presence; our own commit sends us no invalidation
+            log.debug("zchat_nb: %s %r failed: %s", "joining" if join else "leaving", room, exc)
+            return False
+        self._wake.set()  # the poller reads presence
+        return True
 
     # -- poller thread ---------------------------------------------------------------------
 
@@ -358,7 +379,8 @@ class ChatWidget(anywidget.AnyWidget):
                 self._wake.clear()  # before reading: a wake-up during the read is not lost
                 if not self._step():
                     break
-                self._wake.wait(self.poll_interval)
+                # A ZEO client wakes us on every change; the timer only expires leases (no loads).
+                self._wake.wait(self.heartbeat_interval if self.client.tracks_changes else self.poll_interval)
         except Exception:
             log.exception("zchat_nb: the poller of %r failed", self)
         finally:
@@ -412,6 +434,7 @@ class ChatWidget(anywidget.AnyWidget):
         self._watch.pop(name, None)
         if previous is not None and previous != name:
             self._watch[previous] = self.client.session(previous, backlog=0)
+            self._outbox.put(_Outgoing(previous, leave=True))
         if name in self.unread:
             self.unread = {room: n for room, n in self.unread.items() if room != name}
         self._broadcast_reset()
@@ -548,12 +571,13 @@ class ChatWidget(anywidget.AnyWidget):
 
 @dataclass(frozen=True)
 class _Outgoing:
-    """What the sender thread commits: a message (with a Future), or a heartbeat (without)."""
+    """What the sender thread commits: a message (with a Future), a join or renewal (without), a leave."""
 
     room: str
     text: Any = None
     client_id: str = ""
     future: Future[Message] | None = None
+    leave: bool = False
 
 
 def _before_key(value: Any) -> Message | None:
