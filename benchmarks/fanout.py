@@ -214,10 +214,110 @@ def worker_writer(address: tuple[str, int], room: str, n: int, gap: float) -> No
         _say(sent=n)
 
 
+def _raw_db(address: tuple[str, int], woken: threading.Event | None = None) -> Any:
+    """A plain ZODB.DB on a ClientStorage whose invalidations set ``woken``."""
+    import ZODB
+    from ZEO.ClientStorage import ClientStorage
+
+    class Waking(ClientStorage):  # type: ignore[misc]
+        def invalidateTransaction(self, tid: bytes, oids: Any) -> None:
+            super().invalidateTransaction(tid, oids)
+            if woken is not None:
+                woken.set()
+
+    return ZODB.DB(Waking(address, wait_timeout=30))
+
+
+def worker_raw_readers(address: tuple[str, int], room: str, count: int, n: int, limit: float) -> None:
+    """The floor within ZEO: on each invalidation, begin and load the one object that changed."""
+    import transaction
+
+    events = [threading.Event() for _ in range(count)]
+    dbs = [_raw_db(address, events[k]) for k in range(count)]
+    pairs = []
+    for db in dbs:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        pairs.append((tm, conn, conn.root()[room]))
+    results: list[dict[str, Any]] = [{"latencies": [], "ids": []} for _ in dbs]
+
+    def read(k: int, deadline: float) -> None:
+        tm, _conn, box = pairs[k]
+        seen = box["text"]
+        while len(results[k]["latencies"]) < n and time.monotonic() < deadline:
+            if not events[k].wait(1.0):
+                continue
+            events[k].clear()
+            tm.begin()
+            text = box["text"]  # the one load
+            if text != seen:
+                seen = text
+                found = _SENT_RE.search(text)
+                if found:
+                    results[k]["latencies"].append(time.time() - float(found.group(1)))
+                    results[k]["ids"].append(text)
+
+    _say(ready=True)
+    _wait_line("go")
+    cpu = cpu_seconds()
+    deadline = time.monotonic() + limit
+    threads = [threading.Thread(target=read, args=(k, deadline)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cpu = cpu_seconds() - cpu
+    for db in dbs:
+        db.close()
+    _say(results=results, cpu=cpu)
+
+
+def worker_raw_writer(address: tuple[str, int], room: str, n: int, gap: float) -> None:
+    """Commits a new text to one small object every ``gap`` seconds (the raw control's sends)."""
+    import transaction
+
+    rng = random.Random(7)
+    db = _raw_db(address)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        _say(ready=True)
+        _wait_line("go")
+        box = conn.root()[room]
+        start = time.monotonic()
+        for i in range(n):
+            target = start + i * gap + rng.uniform(0, gap / 10)
+            time.sleep(max(0.0, target - time.monotonic()))
+            tm.begin()
+            box["text"] = f"message {i} {SENT}{time.time()!r}"
+            tm.commit()
+        _say(sent=n)
+    finally:
+        db.close()
+
+
+def worker_raw_setup(address: tuple[str, int], room: str) -> None:
+    import transaction
+    from persistent.mapping import PersistentMapping
+
+    db = _raw_db(address)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        conn.root()[room] = PersistentMapping({"text": "start"})
+        tm.commit()
+        _say(ready=True)
+    finally:
+        db.close()
+
+
 WORKERS = {
     "session_readers": worker_session_readers,
     "widgets": worker_widgets,
     "writer": worker_writer,
+    "raw_readers": worker_raw_readers,
+    "raw_writer": worker_raw_writer,
+    "raw_setup": worker_raw_setup,
 }
 
 
@@ -281,6 +381,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def server_stats(address: Any) -> dict[str, Any]:
+    """The server's counters (``loads``, ``commits``, ...), through a short-lived plain client."""
+    import ZEO
+
+    storage = ZEO.client(tuple(address), wait_timeout=30)
+    try:
+        return dict(storage.server_status())
+    finally:
+        storage.close()
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     from tests.helpers import percentile as pct
 
@@ -303,6 +414,8 @@ def start_readers(
         count = min(PER_PROCESS, clients - start)
         if kind == "session":
             procs.append(Proc(code, "session_readers", address, room, count, n, limit))
+        elif kind == "raw":
+            procs.append(Proc(code, "raw_readers", address, room, count, n, limit))
         else:
             procs.append(Proc(code, "widgets", address, room, count, n, limit, False))
     for p in procs:
@@ -313,10 +426,15 @@ def start_readers(
 def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: int, gap: float) -> Row:
     room = f"{kind}-{label}-{clients}-{random.getrandbits(32):08x}"
     limit = n * gap + 30
+    if kind == "raw":
+        setup = Proc(code, "raw_setup", server.address, room)
+        setup.read(READY_TIMEOUT)
+        setup.finish()
     readers = start_readers(code, kind, server.address, room, clients, n, limit)
-    writer = Proc(code, "writer", server.address, room, n, gap)
+    writer = Proc(code, "raw_writer" if kind == "raw" else "writer", server.address, room, n, gap)
     writer.read(READY_TIMEOUT)
     time.sleep(1.0)  # let the readers settle after the writer's warm-up message
+    stats0 = server_stats(server.address)
     cpu0 = process_cpu(server.proc.pid)
     wall0 = time.monotonic()
     for p in readers:
@@ -326,6 +444,7 @@ def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: in
     outs = [p.read(limit + 30) for p in readers]
     wall = time.monotonic() - wall0
     server_cpu = process_cpu(server.proc.pid) - cpu0
+    stats1 = server_stats(server.address)
     for p in [*readers, writer]:
         p.finish()
     latencies = [x for o in outs for r in o["results"] for x in r["latencies"]]
@@ -341,6 +460,7 @@ def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: in
         "missing / dup": f"{missing} / {duplicated}",
         "server CPU µs / delivery": f"{server_cpu / max(1, delivered) * 1e6:.0f}",
         "server CPU %": f"{server_cpu / wall * 100:.0f}",
+        "server loads / delivery": f"{(stats1['loads'] - stats0['loads']) / max(1, delivered):.2f}",
         "client CPU ms / delivery": f"{client_cpu / max(1, delivered) * 1e3:.2f}",
     }
     return row
@@ -404,7 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "worker":
         return worker_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="session,widget,idle", help="comma-separated: session,widget,idle")
+    parser.add_argument(
+        "--parts", default="raw,session,widget,idle", help="comma-separated: raw,session,widget,idle"
+    )
     parser.add_argument("--clients", default="50,200", help="reader counts of the session part")
     parser.add_argument("--widgets", type=int, default=50, help="widgets of the widget part")
     parser.add_argument("--idle-widgets", type=int, default=200)
@@ -422,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.baseline:
         codes.insert(0, (args.baseline.resolve(), args.baseline_label))
     load_before = os.getloadavg()
-    rows: dict[str, list[Row]] = {"session": [], "widget": [], "idle": []}
+    rows: dict[str, list[Row]] = {"raw": [], "session": [], "widget": [], "idle": []}
     with tempfile.TemporaryDirectory(prefix="zchat-fanout-") as tmp:
         os.environ["ZCHAT_HOME"] = str(Path(tmp) / "home")
         os.environ.pop("ZCHAT_ADDRESS", None)
@@ -430,6 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ServerProcess(Path(tmp) / "chat.fs", log_path=Path(tmp) / "server.log") as server,
             _killing_workers(),
         ):
+            if "raw" in parts:
+                for clients in (int(c) for c in args.clients.split(",")):
+                    print(f"raw ZEO control, {clients} clients ...", flush=True)
+                    rows["raw"].append(
+                        delivery(ROOT, "raw ZEO", "raw", server, clients, args.messages, args.gap)
+                    )
+                    print(table(rows["raw"][-1:]), flush=True)
             for code, label in codes:
                 if "session" in parts:
                     for clients in (int(c) for c in args.clients.split(",")):
@@ -465,6 +594,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             " latency = reader's `time.time()` when it holds the message − writer's `time.time()`"
             " before `add_message`. Server CPU from `/proc/PID/stat` of the server process.",
             "",
+            *(
+                [
+                    "Raw ZEO control (the floor within ZEO: each reader, woken by the invalidation, loads"
+                    " the one small object the writer changed; plain ZODB, no zchat_nb):",
+                    "",
+                    table(rows["raw"]),
+                    "",
+                ]
+                if rows["raw"]
+                else []
+            ),
             *(
                 ["Session path (`ChatSession.new_messages(timeout=1.0)`):", "", table(rows["session"]), ""]
                 if rows["session"]

@@ -134,6 +134,8 @@ class Inspector(ipywidgets.VBox):
             "last_cost": None,
             "max_cost": 0.0,
             "recent": deque(maxlen=HISTORY),
+            "loads": 0,
+            "delivered": 0,
         }
         self._changed = threading.Condition()
         # Inspector-thread state; snapshot() copies _state under _changed.
@@ -154,7 +156,15 @@ class Inspector(ipywidgets.VBox):
             "commits_total": 0,
             "conflicts": 0,
             "resolved": 0,
-            "polls": {"count": 0, "total_cost": 0.0, "last_cost": None, "max_cost": 0.0, "recent": []},
+            "polls": {
+                "count": 0,
+                "total_cost": 0.0,
+                "last_cost": None,
+                "max_cost": 0.0,
+                "recent": [],
+                "loads": 0,
+                "delivered": 0,
+            },
             "dropped": 0,
             "tree": None,
             "messages": None,
@@ -199,7 +209,8 @@ class Inspector(ipywidgets.VBox):
         last ``server_status()``), invalidations (newest last: time, tid, count, objects (oid, kind,
         class, label), more), invalidations_total, commits (time, room, what, latency, conflicts),
         commits_total, conflicts (retried by this client), resolved (by the server, in this
-        client's commits), polls (count, total_cost, last_cost, max_cost, recent), tree (see
+        client's commits), polls (count, total_cost, last_cost, max_cost, recent, loads and
+        delivered: objects loaded and messages returned by all polls), tree (see
         :func:`tree_summary`), messages, updates, error, running, dropped (events lost because
         the inspector fell more than ``MAX_QUEUED`` behind).
         """
@@ -286,7 +297,12 @@ class Inspector(ipywidgets.VBox):
                 polls["total_cost"] += cost
                 polls["last_cost"] = cost
                 polls["max_cost"] = max(polls["max_cost"], cost)
-                polls["recent"].append({"time": event.time, "room": room, "cost": cost, "count": count})
+                loads = int(event.details.get("loads", 0))
+                polls["loads"] += loads
+                polls["delivered"] += count
+                polls["recent"].append(
+                    {"time": event.time, "room": room, "cost": cost, "count": count, "loads": loads}
+                )
         else:
             if len(self._events) == MAX_QUEUED:  # the inspector fell far behind: say so
                 self._dropped += 1
@@ -349,7 +365,7 @@ class Inspector(ipywidgets.VBox):
                         stream = busiest_stream(room)
                         if room is not None and stream is not None:
                             new["tree"] = tree_summary(stream, self.buckets_shown)
-                            new["messages"] = room.count() if room.count is not None else None
+                            new["messages"] = None  # counting would load every bucket
                         else:
                             new["tree"], new["messages"] = None, None
                     if time.monotonic() >= self._status_due:
@@ -537,7 +553,9 @@ class Inspector(ipywidgets.VBox):
             mean = polls["total_cost"] / polls["count"]
             poll_text = (
                 f"{polls['count']} polls, mean {mean * 1e3:.2f} ms, last {polls['last_cost'] * 1e3:.2f} ms, "
-                f"max {polls['max_cost'] * 1e3:.2f} ms; a poll loads from the server only what changed"
+                f"max {polls['max_cost'] * 1e3:.2f} ms; {polls['loads']} objects loaded for "
+                f"{polls['delivered']} messages delivered ({_per_message(polls)}): a poll loads only "
+                "the streams the server said changed"
             )
         else:
             poll_text = "no polls yet"
@@ -560,6 +578,13 @@ class Inspector(ipywidgets.VBox):
     @classmethod
     def _render_tree(cls, state: dict[str, Any]) -> str:
         return f"<h4>Messages BTree</h4>{tree_svg(state['tree'], title=cls._tree_title(state))}"
+
+
+def _per_message(polls: dict[str, Any]) -> str:
+    """Objects loaded per delivered message, the cost of fan-out, in words."""
+    if not polls["delivered"]:
+        return "none delivered yet"
+    return f"{polls['loads'] / polls['delivered']:.2f} per message"
 
 
 def _clock(when: float | None) -> str:

@@ -59,6 +59,11 @@ def _read_room(client: ChatClient, name: str, action: Callable[[Room], _T]) -> _
     """Run ``action(room)`` on a fresh snapshot of this thread's connection: all that was committed."""
     tm, conn = client.connection()
     with server_boundary(client.address_text):
+        # A round trip first: ZEO pushes invalidations asynchronously, and a begin() right after
+        # another client's commit may not see it yet (the exports missed a last message).
+        ping = getattr(client.db.storage, "ping", None)
+        if ping is not None:
+            ping()
         tm.begin()
         try:
             return action(_find_room(client, conn, name))
@@ -227,10 +232,9 @@ def clear_room(client: ChatClient, room: str) -> int:
 
     def clear(conn: Connection) -> int:
         found = _find_room(client, conn, room)
-        assert found.count is not None
-        count = found.count()
+        count = found.message_count()
         found.clear()
-        return int(count)
+        return count
 
     return commit(client, clear, what=f"clearing room {room!r}", room=room, undone="the room was not cleared")
 

@@ -42,6 +42,7 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
         ("heads", "heads"),
         ("count", "count"),
         ("presence", "presence"),
+        ("members", "members"),
     ):
         oid = getattr(getattr(room, attr, None), "_p_oid", None)
         if oid is not None:
@@ -104,13 +105,25 @@ def _guess_tree(node: Any) -> str:
 
 
 def busiest_stream(room: Room | None) -> Any:
-    """The stream (a writer's BTree) with the most messages: the picture shows it."""
-    if room is None or room.heads is None or room.streams is None:
+    """The stream (a writer's BTree) written last: the picture shows it.
+
+    Compares the streams' last keys (their right edges, which readers hold anyway), not their
+    lengths: ``len()`` of a BTree loads every bucket.
+    """
+    if room is None or room.streams is None:
         return None
-    counts = [(head[0], writer) for writer, head in room.heads.items() if isinstance(head, tuple) and head]
-    if not counts:
+    ends = []
+    for writer, stream in room.streams.items():  # one entry per writer: small
+        try:
+            if stream:
+                ends.append((stream.maxKey(), writer))
+        except TransientError:
+            raise
+        except Exception:  # a crafted stream: not drawn
+            continue
+    if not ends:
         return None
-    return room.streams.get(max(counts)[1])
+    return room.streams.get(max(ends, key=lambda end: end[0][0])[1])
 
 
 # -- the tree's right edge ---------------------------------------------------------------------
