@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated data directory, in-thread and out-of-process ZEO servers, free ports.
+"""Shared fixtures: an isolated data directory, ZEO servers in a thread or a child process, clients,
+free ports.
 
 The helpers behind them (shared with the benchmarks) are in ``tests/helpers.py``.
 """
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ZODB
 
 import zchat_nb
+from zchat_nb import ChatClient
 
 from . import helpers
-from .helpers import ServerProcess
+from .helpers import MakeClient, ServerProcess
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +55,31 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     proc.start()
     yield proc
     proc.kill()
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """``make_client(where, user, **options)``: a client, closed after the test.
+
+    ``where`` is a ``ZODB.DB`` (a unit test's in-memory database: ``ChatClient(db, ...)``) or a
+    server's address (``zchat_nb.connect(where, ...)``).
+    """
+    made: list[ChatClient] = []
+
+    def make(where: object, user: str, **options: object) -> ChatClient:
+        if isinstance(where, ZODB.DB):
+            client = ChatClient(where, user=user, **options)
+        else:
+            client = zchat_nb.connect(where, user=user, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> ChatClient:
+    """alice, on an in-memory database of her own (``ZODB.DB(None)``): for unit tests."""
+    return make_client(ZODB.DB(None), "alice")

@@ -12,14 +12,18 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from zchat_nb import ChatClient
 from zchat_nb.local import spawn_server
 from zchat_nb.net import Address, parse_address
 
-__all__ = ["ServerProcess", "free_port", "percentile"]
+__all__ = ["MakeClient", "ServerProcess", "free_port", "percentile"]
+
+#: The type of conftest's ``make_client`` fixture: ``make_client(where, user, **options)``.
+MakeClient = Callable[..., ChatClient]
 
 #: Seconds a server process may take to listen.
 SERVER_START_TIMEOUT = 30.0

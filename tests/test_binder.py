@@ -13,7 +13,7 @@ import pytest
 import zchat_nb
 from zchat_nb.net import parse_address
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 BINDER = Path(__file__).resolve().parent.parent / "binder"
 
@@ -63,6 +63,7 @@ def test_start_is_executable_and_ends_with_exec() -> None:
     assert code[-1] == 'exec "$@"'
 
 
+@integration
 def test_start_exports_the_address_of_a_server_two_clients_chat_through(fresh_env: dict[str, str]) -> None:
     started = run_start(fresh_env, "python", "-c", "import os; print(os.environ['ZCHAT_ADDRESS'])")
     assert started.returncode == 0, started.stderr
@@ -84,5 +85,6 @@ def test_start_exports_the_address_of_a_server_two_clients_chat_through(fresh_en
     assert parse_address(again.stdout.strip()) == address  # the running server is found, not doubled
 
 
+@integration
 def test_start_passes_the_exit_code_of_the_command(fresh_env: dict[str, str]) -> None:
     assert run_start(fresh_env, "sh", "-c", "exit 7").returncode == 7

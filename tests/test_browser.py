@@ -30,6 +30,7 @@ from .browser import (
     type_and_send,
     wait_for_message,
 )
+from .helpers import MakeClient
 
 pytestmark = [
     pytest.mark.integration,
@@ -96,13 +97,6 @@ def two(chat_server: zchat_nb.Server, tmp_path_factory: pytest.TempPathFactory) 
         yield notebooks
 
 
-@pytest.fixture
-def client(chat_server: zchat_nb.Server) -> Iterator[zchat_nb.ChatClient]:
-    c = zchat_nb.connect(chat_server.address, user="observer")
-    yield c
-    c.close()
-
-
 def _unique(prefix: str) -> str:
     return f"{prefix} {secrets.token_hex(3)}"
 
@@ -115,9 +109,9 @@ def test_both_widgets_are_connected_to_the_test_server(two: TwoNotebooks, chat_s
 
 
 def test_enter_in_one_notebook_shows_the_message_in_the_other(
-    two: TwoNotebooks, client: zchat_nb.ChatClient
+    two: TwoNotebooks, chat_server: zchat_nb.Server, make_client: MakeClient
 ) -> None:
-    observer = client.session(ROOM, backlog=0)
+    observer = make_client(chat_server.address, "observer").session(ROOM, backlog=0)
     observer.new_messages()  # the cursor starts here
     text = _unique("hello bob, from alice's notebook")
 

@@ -232,7 +232,9 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
         assert commit.details["latency"] > 0 and commit.details["conflicts"] == 0
         poll = next(e for e in events if e.kind == "poll")
         assert poll.details["count"] == 1 and poll.details["room"] == "general"
-        assert {e.kind for e in quiet} <= {"invalidation", "connected", "disconnected"} and quiet
+        # A plain subscriber hears what wakes readers, its own commits included, and no activity.
+        assert "committed" in {e.kind for e in quiet}
+        assert {e.kind for e in quiet} <= {"invalidation", "connected", "disconnected", "committed"}
         invalidation = next(e for e in events if e.kind == "invalidation")
         assert invalidation.tid and invalidation.oids
 
@@ -262,3 +264,10 @@ def test_a_reader_is_woken_by_a_send_from_its_own_client(server: zchat_nb.Server
         assert reader.new_messages() == []
         writer = client.session("general")
         assert read_while(reader, lambda: writer.add_message("from this very client")) == "woken"
+
+
+def test_the_storage_tells_the_client_from_its_first_connection(server: zchat_nb.Server) -> None:
+    """The events are given to the storage when it is built: its first "connected" is not lost."""
+    with zchat_nb.connect(server.address, user="early") as client:
+        assert client.db.storage.zchat_events is client.events
+        assert client.generation() >= 1  # the "connected" that ZEO sent while connect() waited

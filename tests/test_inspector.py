@@ -1,4 +1,4 @@
-"""The ZEO inspector: tree summaries and pictures (unit), and what it sees of a real server (integration).
+"""The ZEO inspector: what it sees of a real server (the tree picture itself: test_treeview.py).
 
 Integration tests run a hardened ZEO server on a FileStorage (``file_server``), so that the server
 resolves concurrent inserts into one bucket as in production, and connect two clients to it.
@@ -10,154 +10,20 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 
 import zchat_nb
 from zchat_nb import ChatClient, Message
 from zchat_nb.inspector import Inspector
-from zchat_nb.model import ROOMS_KEY, Room
-from zchat_nb.treeview import classify, room_oids, tree_summary, tree_svg
+from zchat_nb.model import ROOMS_KEY
+
+from .helpers import MakeClient
 
 TIMEOUT = 10.0
 SVG = "{http://www.w3.org/2000/svg}"
-
-
-def _all_buckets(tree: OOBTree) -> list[int]:
-    """Every bucket's length, oldest first, by walking the whole tree (what the inspector avoids)."""
-    state = tree.__getstate__()
-    if state is None:
-        return []
-    children = state[0]
-    if len(children) == 1 and isinstance(children[0], tuple):
-        return [len(children[0][0]) // 2]
-    found: list[int] = []
-    for kid in children[::2]:
-        found.extend(_all_buckets(kid) if isinstance(kid, OOBTree) else [len(kid)])
-    return found
-
-
-@pytest.fixture
-def stored_tree() -> Iterator[tuple[OOBTree, transaction.TransactionManager]]:
-    """An empty OOBTree committed to an in-memory database, so that its buckets are persistent."""
-    db = ZODB.DB(None)
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    tree = conn.root()["tree"] = OOBTree()
-    tm.commit()
-    yield tree, tm
-    tm.abort()
-    db.close()
-
-
-def _append(tree: OOBTree, tm: transaction.TransactionManager, upto: int) -> None:
-    """Append messages keyed as in a room's stream up to ``upto`` items, committing every 100."""
-    for i in range(len(tree), upto):
-        tree[(float(i), uuid.uuid4().hex)] = ("id", "author", "text", float(i))
-        if i % 100 == 99:
-            tm.commit()
-    tm.commit()
-
-
-# -- unit: the tree's right edge -----------------------------------------------------------
-
-
-def test_empty_tree_has_no_buckets(stored_tree: tuple[OOBTree, transaction.TransactionManager]) -> None:
-    summary = tree_summary(stored_tree[0])
-    assert summary["depth"] == 0
-    assert summary["buckets"] == 0 and summary["fills"] == []
-    root = ET.fromstring(tree_svg(summary, title="empty"))
-    assert root.tag == f"{SVG}svg"
-
-
-@pytest.mark.parametrize("items", [1, 30, 31, 100, 1000])
-def test_small_tree_is_counted_exactly(
-    stored_tree: tuple[OOBTree, transaction.TransactionManager], items: int
-) -> None:
-    tree, tm = stored_tree
-    _append(tree, tm, items)
-    summary = tree_summary(tree, last=40)
-    buckets = _all_buckets(tree)
-    assert summary["depth"] == 1
-    assert summary["buckets"] == len(buckets) and summary["buckets_exact"]
-    assert summary["fills"] == buckets[-40:]
-    assert all(0 < fill <= summary["max_fill"] == 30 for fill in summary["fills"])
-
-
-def test_large_tree_loads_only_its_right_edge_and_estimates_the_rest(
-    stored_tree: tuple[OOBTree, transaction.TransactionManager],
-) -> None:
-    tree, tm = stored_tree
-    _append(tree, tm, 20_000)
-    buckets = _all_buckets(tree)
-    tm.abort()
-    tree._p_jar.cacheMinimize()
-    summary = tree_summary(tree, last=40)
-    assert summary["depth"] == 2
-    assert summary["fills"] == buckets[-40:]
-    assert not summary["buckets_exact"]
-    assert abs(summary["buckets"] - len(buckets)) <= 0.25 * len(buckets)
-    # the root is exact; the bottom level is shown only where the last 40 buckets hang
-    assert summary["levels"][0] == {"nodes": 1, "exact": True, "shown": summary["levels"][0]["shown"]}
-    assert sum(len(node["children"]) for node in summary["levels"][1]["shown"]) == 40
-    loaded = sum(1 for obj in tree._p_jar._cache.lru_items())
-    assert loaded < len(buckets) / 4, "the summary loaded most of the tree"
-
-
-def test_picture_is_xml_and_escapes_the_title(
-    stored_tree: tuple[OOBTree, transaction.TransactionManager], tmp_path: Path
-) -> None:
-    tree, tm = stored_tree
-    _append(tree, tm, 500)
-    svg = tree_svg(tree_summary(tree), title="room '<img src=x onerror=alert(1)>'")
-    path = tmp_path / "tree.svg"
-    path.write_text(svg, encoding="utf-8")
-    root = ET.parse(path).getroot()
-    assert root.tag == f"{SVG}svg"
-    assert "<img" not in svg
-    assert len(root.findall(f".//{SVG}g[@class='zchat-tree-bucket']")) == len(_all_buckets(tree)[-40:])
-    assert "currentColor" in svg and "var(--jp-" in svg
-
-
-def test_objects_are_named_by_their_role_in_the_room() -> None:
-    db = ZODB.DB(None)
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    rooms = conn.root()[ROOMS_KEY] = OOBTree()
-    room = rooms["general"] = Room("general")
-    other = rooms["other"] = Room("other")
-    room.join("ada", "w1", 1.0)
-    other.append("w2", Message(uuid.uuid4().hex, "bob", "elsewhere", 0.5))
-    for i in range(40):  # a split: the writer's stream gets buckets of its own
-        room.append("w1", Message(uuid.uuid4().hex, "ada", f"m{i}", float(i)))
-    tm.commit()
-    known = room_oids(room, rooms._p_oid)
-    names = {oid: classify(conn, oid, known) for oid in known}
-    assert {e["kind"] for e in names.values()} == {
-        "root",
-        "rooms index",
-        "room",
-        "streams index",
-        "stream of w1",
-        "members",
-    }
-    bucket = room.streams["w1"].__getstate__()[0][0]
-    assert classify(conn, bucket._p_oid, known) | {"oid": ""} == {
-        "oid": "",
-        "kind": "bucket",
-        "class": "OOBucket",
-        "label": "stream bucket",
-    }
-    assert classify(conn, other._p_oid, known)["label"] == "room 'other'"
-    assert classify(conn, other.streams["w2"]._p_oid, known)["label"] == "stream tree node"
-    assert classify(conn, b"\0\0\0\0\0\0\xff\xff", known)["kind"] == "unreadable"
-    tm.abort()
-    db.close()
 
 
 @pytest.mark.parametrize("bad", [{"max_rate": 0}, {"max_rate": float("nan")}, {"status_interval": -1}])
@@ -174,13 +40,11 @@ def _inspector_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def clients(file_server: zchat_nb.Server) -> Iterator[tuple[ChatClient, ChatClient]]:
-    a = zchat_nb.connect(file_server.address, user="alice")
-    b = zchat_nb.connect(file_server.address, user="bob")
+def clients(file_server: zchat_nb.Server, make_client: MakeClient) -> tuple[ChatClient, ChatClient]:
+    """alice and bob on a FileStorage server; alice made the room 'general'."""
+    a, b = make_client(file_server.address, "alice"), make_client(file_server.address, "bob")
     a.session("general").add_message("the room exists")
-    yield a, b
-    a.close()
-    b.close()
+    return a, b
 
 
 @pytest.mark.integration

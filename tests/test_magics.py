@@ -11,7 +11,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import zchat_nb
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 @pytest.fixture
@@ -37,6 +37,15 @@ def test_usage_lists_every_command(
     for command in ["serve", "join", "send", "history", "rooms", "status", "leave", "stop", "inspect"]:
         assert f"%zchat {command}" in out
     assert "%%zchat send" in out
+
+
+def test_readme_shows_each_command_as_its_parser_does() -> None:
+    """The commands are declared once, in the parsers; the README's table must follow them."""
+    from zchat_nb.magics import _parsers, synopsis
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for parser in _parsers().values():
+        assert f"`{synopsis(parser)}`" in readme
 
 
 @pytest.mark.parametrize(
@@ -65,6 +74,7 @@ def test_command_help_does_not_run_the_command(
         zchat(ip, "stop")
 
 
+@integration
 def test_serve_join_send_history_rooms_status_leave_stop(
     ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,6 +128,7 @@ def test_default_user_comes_from_jupyterhub(monkeypatch: pytest.MonkeyPatch) -> 
     assert zchat_nb.default_user() == "student7"
 
 
+@integration
 def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
     zchat(ip, "serve")
     zchat(ip, "join --name ada")
@@ -126,20 +137,24 @@ def test_too_long_a_message_is_a_usage_error(ip: InteractiveShell) -> None:
         zchat(ip, "send --raw", "x" * 70_000)
 
 
-def test_join_with_a_certificate_folder(
+@integration
+def test_serve_and_join_with_certificates(
     ip: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from zchat_nb import certs
 
     classroom = certs.make_classroom(tmp_path, students=["ada"])
-    with zchat_nb.serve(tls=classroom.directory) as server:
-        zchat(ip, "join {}:{} --tls {}".format(*server.address, classroom.bundles["ada"]))
-        zchat(ip, "send over TLS")
-        zchat(ip, "status")
-        assert "as 'ada'" in capsys.readouterr().out
-        zchat(ip, "leave")
+    zchat(ip, f"serve --tls {classroom.directory}")
+    assert "--tls FOLDER" in capsys.readouterr().out
+    zchat(ip, f"join --tls {classroom.bundles['ada']}")  # no address: the server this kernel serves
+    zchat(ip, "send over TLS")
+    zchat(ip, "status")
+    assert "as 'ada'" in capsys.readouterr().out
+    zchat(ip, "leave")
+    zchat(ip, "stop")
 
 
+@integration
 def test_unload_stops_every_widget_poller(ip: InteractiveShell, server: zchat_nb.Server) -> None:
     import threading
 

@@ -13,6 +13,8 @@ from BTrees.OOBTree import OOBTree
 import zchat_nb
 from zchat_nb.model import ROOMS_KEY, Message, Room
 
+from .helpers import MakeClient
+
 
 @pytest.fixture
 def db() -> Iterator[ZODB.DB]:
@@ -21,23 +23,18 @@ def db() -> Iterator[ZODB.DB]:
     database.close()
 
 
-def make_client(db: ZODB.DB, user: str, clock=None) -> zchat_nb.ChatClient:
-    kwargs = {"clock": clock} if clock else {}
-    return zchat_nb.ChatClient(db, user=user, **kwargs)
-
-
 def texts(messages: list[Message]) -> list[str]:
     return [m.text for m in messages]
 
 
-def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB) -> None:
+def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     sent = chat.add_message("hello")
     assert chat.new_messages() == [sent]
     assert chat.new_messages() == []
 
 
-def test_message_fields_and_immutability(db: ZODB.DB) -> None:
+def test_message_fields_and_immutability(db: ZODB.DB, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     msg = chat.add_message("hi *there*")
     assert (msg.author, msg.text) == ("alice", "hi *there*")
@@ -46,7 +43,7 @@ def test_message_fields_and_immutability(db: ZODB.DB) -> None:
         msg.text = "changed"  # type: ignore[misc]
 
 
-def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB) -> None:
+def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB, make_client: MakeClient) -> None:
     ticks = itertools.count(1000.0)
     alice = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
     bob = make_client(db, "bob", clock=lambda: next(ticks)).session("general")
@@ -57,7 +54,7 @@ def test_two_clients_see_each_others_messages_oldest_first(db: ZODB.DB) -> None:
     assert texts(alice.new_messages()) == ["one", "two", "three"]
 
 
-def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB) -> None:
+def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB, make_client: MakeClient) -> None:
     reader = make_client(db, "reader").session("general")
     make_client(db, "fast").session("general").add_message("on time")
     assert texts(reader.new_messages()) == ["on time"]
@@ -67,7 +64,7 @@ def test_late_stamped_message_is_delivered_exactly_once(db: ZODB.DB) -> None:
     assert reader.new_messages() == []
 
 
-def test_ghostified_room_does_not_redeliver(db: ZODB.DB) -> None:
+def test_ghostified_room_does_not_redeliver(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     for i in range(40):
@@ -80,7 +77,7 @@ def test_ghostified_room_does_not_redeliver(db: ZODB.DB) -> None:
     assert texts(chat.new_messages()) == ["after"]
 
 
-def test_history_returns_last_n_oldest_first(db: ZODB.DB) -> None:
+def test_history_returns_last_n_oldest_first(db: ZODB.DB, make_client: MakeClient) -> None:
     ticks = itertools.count(0.0, 0.5)
     chat = make_client(db, "alice", clock=lambda: next(ticks)).session("general")
     for i in range(100):
@@ -92,7 +89,7 @@ def test_history_returns_last_n_oldest_first(db: ZODB.DB) -> None:
     assert chat.history(0) == []
 
 
-def test_history_spans_sparse_and_dense_times(db: ZODB.DB) -> None:
+def test_history_spans_sparse_and_dense_times(db: ZODB.DB, make_client: MakeClient) -> None:
     times = iter([0.0, 1.0, 2.0, 1e6, 1e6 + 0.001, 1e6 + 0.002])
     chat = make_client(db, "alice", clock=lambda: next(times)).session("general")
     for i in range(5):
@@ -101,13 +98,13 @@ def test_history_spans_sparse_and_dense_times(db: ZODB.DB) -> None:
 
 
 @pytest.mark.parametrize("n", [-1, 1.5, "3"])
-def test_history_rejects_bad_counts(db: ZODB.DB, n: object) -> None:
+def test_history_rejects_bad_counts(db: ZODB.DB, n: object, make_client: MakeClient) -> None:
     chat = make_client(db, "alice").session("general")
     with pytest.raises(ValueError, match="history"):
         chat.history(n)  # type: ignore[arg-type]
 
 
-def test_backlog_starts_at_the_end(db: ZODB.DB) -> None:
+def test_backlog_starts_at_the_end(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     writer = client.session("general")
     for i in range(10):
@@ -118,7 +115,7 @@ def test_backlog_starts_at_the_end(db: ZODB.DB) -> None:
     assert texts(reader.new_messages()) == ["m10"]
 
 
-def test_post_is_idempotent(db: ZODB.DB) -> None:
+def test_post_is_idempotent(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     msg = Message("a" * 32, "alice", "once", 5.0)
@@ -130,7 +127,7 @@ def test_post_is_idempotent(db: ZODB.DB) -> None:
     assert conn.root()[ROOMS_KEY]["general"].message_count() == 1
 
 
-def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
+def test_rooms_are_separate_and_listed(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     client.session("general").add_message("a")
     client.session("random").add_message("b")
@@ -138,7 +135,7 @@ def test_rooms_are_separate_and_listed(db: ZODB.DB) -> None:
     assert texts(client.session("random").new_messages()) == ["b"]
 
 
-def test_clear_starts_every_reader_afresh(db: ZODB.DB) -> None:
+def test_clear_starts_every_reader_afresh(db: ZODB.DB, make_client: MakeClient) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     chat.add_message("before")
@@ -163,7 +160,9 @@ def test_clear_starts_every_reader_afresh(db: ZODB.DB) -> None:
         ("é" * (32 * 1024 + 1), "over the 65536-byte limit"),
     ],
 )
-def test_bad_text_is_refused_and_nothing_is_stored(db: ZODB.DB, text: object, match: str) -> None:
+def test_bad_text_is_refused_and_nothing_is_stored(
+    db: ZODB.DB, text: object, match: str, make_client: MakeClient
+) -> None:
     chat = make_client(db, "alice").session("general")
     with pytest.raises(zchat_nb.InvalidMessageError, match=match):
         chat.add_message(text)  # type: ignore[arg-type]
@@ -202,7 +201,9 @@ def test_malformed_records_are_rejected(record: object) -> None:
         Message.from_record(record)
 
 
-def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.DB) -> None:
+def test_malformed_record_from_another_client_is_skipped_and_reported(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
     client = make_client(db, "alice")
     chat = client.session("general")
     chat.add_message("good one")
@@ -221,7 +222,7 @@ def test_malformed_record_from_another_client_is_skipped_and_reported(db: ZODB.D
     assert [where.split()[0] for where, _ in chat.skipped[2:]] == ["ends", "(1.0,"]
 
 
-def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB) -> None:
+def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB, make_client: MakeClient) -> None:
     reader = make_client(db, "bob").session("general")
     assert reader.new_messages() == []  # makes the room
     times = iter([50.0, 50.0, 10.0])
@@ -233,7 +234,7 @@ def test_a_writer_whose_clock_goes_back_keeps_its_order(db: ZODB.DB) -> None:
     assert texts(reader.history(2)) == ["second", "third"]
 
 
-def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB) -> None:
+def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB, make_client: MakeClient) -> None:
     now = [1000.0]
     alice = make_client(db, "alice", clock=lambda: now[0]).session("general")
     bob = make_client(db, "bob", clock=lambda: now[0]).session("general")

@@ -11,11 +11,12 @@ from nbclient import NotebookClient
 
 from zchat_nb.local import stop_local_server
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
+@integration
 def test_demo_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
     path = tmp_path / "chat_demo.ipynb"
     shutil.copy(NOTEBOOKS / "chat_demo.ipynb", path)  # never write outputs into the repository

@@ -12,32 +12,8 @@ import pytest
 
 import zchat_nb
 from zchat_nb.local import local_status, read_state, stop_local_server
-from zchat_nb.net import parse_address
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.mark.parametrize(
-    ("given", "expected"),
-    [
-        ("127.0.0.1:8100", ("127.0.0.1", 8100)),
-        (" localhost:9 ", ("localhost", 9)),
-        ("8100", ("127.0.0.1", 8100)),
-        ("[::1]:8100", ("::1", 8100)),
-        (("10.0.0.2", 8100), ("10.0.0.2", 8100)),
-        (["h", 1], ("h", 1)),
-    ],
-)
-def test_addresses_are_parsed(given: object, expected: tuple[str, int]) -> None:
-    assert parse_address(given) == expected
-
-
-@pytest.mark.parametrize(
-    "bad", ["host:port", "h:0", "h:70000", "", 8100, ("h",), ("h", "1"), ("h", True), None]
-)
-def test_bad_addresses_name_the_value_and_the_form(bad: object) -> None:
-    with pytest.raises(zchat_nb.ZChatConnectionError, match=r"127\.0\.0\.1:8100"):
-        parse_address(bad)
+integration = pytest.mark.integration
 
 
 def test_bad_address_given_to_connect_is_a_zchat_error() -> None:
@@ -45,6 +21,7 @@ def test_bad_address_given_to_connect_is_a_zchat_error() -> None:
         zchat_nb.connect("nowhere:xx")
 
 
+@integration
 def test_no_server_listening_is_reported_quickly_with_the_way_out(free_port: int) -> None:
     port = free_port
     started = time.monotonic()
@@ -55,6 +32,7 @@ def test_no_server_listening_is_reported_quickly_with_the_way_out(free_port: int
     assert "zchat-nb serve" in str(info.value)
 
 
+@integration
 def test_stop_is_safe_twice_and_server_is_a_context_manager() -> None:
     with zchat_nb.serve() as server:
         host, port = server.address
@@ -69,6 +47,7 @@ def test_stop_is_safe_twice_and_server_is_a_context_manager() -> None:
         zchat_nb.connect(server.address, connect_timeout=1)
 
 
+@integration
 def test_file_storage_keeps_messages_across_restarts(tmp_path: Path) -> None:
     path = tmp_path / "chat.fs"
     with zchat_nb.serve(path=path) as server, zchat_nb.connect(server.address, user="a") as client:
@@ -77,17 +56,20 @@ def test_file_storage_keeps_messages_across_restarts(tmp_path: Path) -> None:
         assert [m.text for m in client.session("general").new_messages()] == ["kept"]
 
 
+@integration
 def test_port_in_use_is_a_clear_error(server: zchat_nb.Server) -> None:
     with pytest.raises(zchat_nb.ZChatServerError, match=f"{server.address[1]}.*--port 0"):
         zchat_nb.serve(port=server.address[1])
 
 
+@integration
 def test_zchat_address_names_the_server(monkeypatch: pytest.MonkeyPatch, server: zchat_nb.Server) -> None:
     monkeypatch.setenv("ZCHAT_ADDRESS", "{}:{}".format(*server.address))
     with zchat_nb.connect(user="a") as client:
         assert client.address == server.address
 
 
+@integration
 def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
     """Two clients (here: two processes) calling connect() with no address share one local server."""
     code = (
@@ -120,6 +102,7 @@ def test_embedded_default_is_started_once_and_shared(zchat_home: Path) -> None:
     assert stop_local_server() is False
 
 
+@integration
 def test_cli_status_and_stop_without_a_server(zchat_home: Path) -> None:
     env = {**os.environ, "ZCHAT_HOME": str(zchat_home)}
     status = subprocess.run(
@@ -138,6 +121,7 @@ def test_every_command_has_help(command: str) -> None:
     assert f"zchat-nb {command}" in out.stdout
 
 
+@integration
 def test_a_stale_state_file_does_not_send_clients_to_a_stranger(zchat_home: Path) -> None:
     """A recorded server whose process is gone is replaced, even if its port now answers."""
     from zchat_nb.local import LocalState, write_state
@@ -154,6 +138,7 @@ def test_a_stale_state_file_does_not_send_clients_to_a_stranger(zchat_home: Path
             assert stop_local_server() is True
 
 
+@integration
 def test_a_client_reset_is_not_reported_as_an_error(
     server: zchat_nb.Server, caplog: pytest.LogCaptureFixture
 ) -> None:

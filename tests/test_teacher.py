@@ -1,4 +1,5 @@
-"""Teacher tools against a real ZEO server: export (DataFrame, CSV, Markdown), clear, pack."""
+"""Teacher tools: export (DataFrame, CSV, Markdown) on an in-memory database; clear, pack and the
+commands against a real ZEO server on a FileStorage (marked ``integration``)."""
 
 from __future__ import annotations
 
@@ -12,61 +13,68 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ZODB
 
 import zchat_nb
-from zchat_nb import teacher
+from zchat_nb import ChatClient, Message, teacher
 from zchat_nb.cli import main
 
-pytestmark = pytest.mark.integration
+from .helpers import MakeClient
+
+integration = pytest.mark.integration
 
 # 2026-03-02 09:00:00 UTC, then one second per message
 START = 1772442000.0
 TRICKY = 'comma, "quotes" and\na second line'
+
+#: The teacher's client, and the messages of the room 'lesson'.
+Taught = tuple[ChatClient, list[Message]]
 
 
 def fixed_clock() -> Iterator[float]:
     return (START + i for i in itertools.count())
 
 
-@pytest.fixture
-def client(file_server: zchat_nb.Server) -> Iterator[zchat_nb.ChatClient]:
-    clock = fixed_clock()
-    with zchat_nb.connect(file_server.address, user="teacher", clock=lambda: next(clock)) as c:
-        yield c
-
-
-@pytest.fixture
-def lesson(client: zchat_nb.ChatClient, file_server: zchat_nb.Server) -> list[zchat_nb.Message]:
-    """A room 'lesson' with messages from alice and bob, sent in clock order."""
-    clock = fixed_clock()
+def teach(where: object, make_client: MakeClient) -> Taught:
+    """A teacher's client on ``where``; a room 'lesson' with messages from alice and bob, in clock order."""
+    teacher_clock, clock = fixed_clock(), fixed_clock()
+    client = make_client(where, "teacher", clock=lambda: next(teacher_clock))
     next(clock)  # one second after the teacher's first tick, so times never tie
-    sent = []
-    with zchat_nb.connect(file_server.address, user="alice", clock=lambda: next(clock)) as alice:
-        room = alice.session("lesson")
-        sent.append(room.add_message("hello, class"))
-        sent.append(room.add_message(TRICKY))
-        sent.append(room.add_message("=1+1"))
-    with zchat_nb.connect(file_server.address, user="bob", clock=lambda: START + 100) as bob:
-        sent.append(bob.session("lesson").add_message("- a list\n- `code`"))
-    return sent
+    room = make_client(where, "alice", clock=lambda: next(clock)).session("lesson")
+    sent = [room.add_message("hello, class"), room.add_message(TRICKY), room.add_message("=1+1")]
+    sent.append(
+        make_client(where, "bob", clock=lambda: START + 100)
+        .session("lesson")
+        .add_message("- a list\n- `code`")
+    )
+    return client, sent
 
 
-def test_messages_are_every_message_in_time_order(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message]
-) -> None:
+@pytest.fixture
+def taught(make_client: MakeClient) -> Taught:
+    """The lesson on an in-memory database."""
+    return teach(ZODB.DB(None), make_client)
+
+
+@pytest.fixture
+def served(file_server: zchat_nb.Server, make_client: MakeClient) -> Taught:
+    """The lesson on a ZEO server with a FileStorage."""
+    return teach(file_server.address, make_client)
+
+
+def test_messages_are_every_message_in_time_order(taught: Taught) -> None:
+    client, lesson = taught
     assert teacher.messages(client, "lesson") == lesson
 
 
-def test_unknown_room_is_named_with_the_rooms_there(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message]
-) -> None:
+def test_unknown_room_is_named_with_the_rooms_there(taught: Taught) -> None:
+    client, _ = taught
     with pytest.raises(zchat_nb.ZChatError, match=r"no room 'lessons' .* rooms there: 'lesson'"):
         teacher.messages(client, "lessons")
 
 
-def test_csv_has_a_header_and_round_trips_awkward_text(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message]
-) -> None:
+def test_csv_has_a_header_and_round_trips_awkward_text(taught: Taught) -> None:
+    client, lesson = taught
     rows = list(csv.DictReader(io.StringIO(teacher.to_csv(client, "lesson"))))
     assert list(rows[0]) == list(teacher.COLUMNS)
     assert [r["id"] for r in rows] == [m.id for m in lesson]
@@ -78,9 +86,8 @@ def test_csv_has_a_header_and_round_trips_awkward_text(
     assert raw[2]["text"] == "=1+1"
 
 
-def test_dataframe_has_the_columns_and_types(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message]
-) -> None:
+def test_dataframe_has_the_columns_and_types(taught: Taught) -> None:
+    client, _ = taught
     pd = pytest.importorskip("pandas")
     frame = teacher.to_dataframe(client, "lesson")
     assert list(frame.columns) == list(teacher.COLUMNS)
@@ -90,15 +97,15 @@ def test_dataframe_has_the_columns_and_types(
     assert frame["time"].dtype == "float64"
 
 
-def test_dataframe_without_pandas_says_how_to_get_it(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dataframe_without_pandas_says_how_to_get_it(taught: Taught, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = taught
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
     with pytest.raises(ImportError, match="pip install pandas"):
         teacher.to_dataframe(client, "lesson")
 
 
-def test_markdown_transcript_reads_well(client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message]) -> None:
+def test_markdown_transcript_reads_well(taught: Taught) -> None:
+    client, _ = taught
     text = teacher.to_markdown(client, "lesson", tz=datetime.timezone.utc)
     assert text.startswith("# Chat transcript: lesson\n")
     assert "4 messages from 2 people, 2026-03-02 09:00 to 2026-03-02 09:01 (UTC+0000)" in text
@@ -108,9 +115,8 @@ def test_markdown_transcript_reads_well(client: zchat_nb.ChatClient, lesson: lis
     assert "**bob** · 09:01:40\n\n> - a list\n> - `code`\n" in text
 
 
-def test_export_writes_files_in_either_format(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message], tmp_path: Path
-) -> None:
+def test_export_writes_files_in_either_format(taught: Taught, tmp_path: Path) -> None:
+    client, _ = taught
     assert teacher.export(client, "lesson", tmp_path / "l.csv") == 4
     assert teacher.export(client, "lesson", tmp_path / "l.md", format="md") == 4
     assert (tmp_path / "l.csv").read_text(encoding="utf-8").startswith("id,author,text,time,datetime\n")
@@ -119,31 +125,35 @@ def test_export_writes_files_in_either_format(
         teacher.export(client, "lesson", tmp_path / "l.x", format="xlsx")
 
 
+@integration
 def test_clearing_a_room_restarts_every_reader_and_leaves_other_rooms(
-    client: zchat_nb.ChatClient, lesson: list[zchat_nb.Message], file_server: zchat_nb.Server
+    served: Taught, file_server: zchat_nb.Server, make_client: MakeClient
 ) -> None:
-    with zchat_nb.connect(file_server.address, user="carol") as carol:
-        reader = carol.session("lesson")
-        assert reader.new_messages() == lesson
-        other = client.session("other").add_message("keep me")
-        assert teacher.clear_room(client, "lesson") == 4
-        assert teacher.messages(client, "lesson") == []
-        assert teacher.messages(client, "other") == [other]
-        # Carol's client sees the clear once ZEO's invalidation reaches it: wait for that, not for a clock.
-        deadline = time.monotonic() + 10
-        while True:
-            generation = carol.generation()
-            if reader.history() == []:
-                break
-            assert time.monotonic() < deadline, "the clear never reached the other client"
-            carol.wait_for_change(generation, deadline - time.monotonic())
-        after = client.session("lesson").add_message("a fresh start")
-        assert reader.new_messages(timeout=10) == [after]
+    client, lesson = served
+    carol = make_client(file_server.address, "carol")
+    reader = carol.session("lesson")
+    assert reader.new_messages() == lesson
+    other = client.session("other").add_message("keep me")
+    assert teacher.clear_room(client, "lesson") == 4
+    assert teacher.messages(client, "lesson") == []
+    assert teacher.messages(client, "other") == [other]
+    # Carol's client sees the clear once ZEO's invalidation reaches it: wait for that, not for a clock.
+    deadline = time.monotonic() + 10
+    while True:
+        generation = carol.generation()
+        if reader.history() == []:
+            break
+        assert time.monotonic() < deadline, "the clear never reached the other client"
+        carol.wait_for_change(generation, deadline - time.monotonic())
+    after = client.session("lesson").add_message("a fresh start")
+    assert reader.new_messages(timeout=10) == [after]
 
 
+@integration
 def test_pack_after_clearing_shrinks_the_file_and_keeps_current_messages(
-    client: zchat_nb.ChatClient, file_server: zchat_nb.Server
+    served: Taught, file_server: zchat_nb.Server
 ) -> None:
+    client, _ = served
     assert file_server.path is not None
     chat = client.session("busy")
     for i in range(200):
@@ -159,7 +169,8 @@ def test_pack_after_clearing_shrinks_the_file_and_keeps_current_messages(
     assert chat.add_message("the room still works") in chat.new_messages(timeout=10)
 
 
-def test_pack_refuses_negative_days(client: zchat_nb.ChatClient) -> None:
+def test_pack_refuses_negative_days(taught: Taught) -> None:
+    client, _ = taught
     with pytest.raises(zchat_nb.ZChatError, match="days >= 0"):
         teacher.pack(client, days=-1)
 
@@ -167,8 +178,9 @@ def test_pack_refuses_negative_days(client: zchat_nb.ChatClient) -> None:
 # -- the command line ------------------------------------------------------------------------
 
 
+@integration
 def test_export_clear_and_pack_commands(
-    lesson: list[zchat_nb.Message],
+    served: Taught,
     file_server: zchat_nb.Server,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

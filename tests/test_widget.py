@@ -117,13 +117,6 @@ def comms(monkeypatch: pytest.MonkeyPatch) -> list[RecordingComm]:
 
 
 @pytest.fixture
-def client() -> Iterator[ChatClient]:
-    chat_client = ChatClient(ZODB.DB(None), user="alice")
-    yield chat_client
-    chat_client.close()
-
-
-@pytest.fixture
 def make_widget(comms: list[RecordingComm], client: ChatClient) -> Iterator[Callable[..., ChatWidget]]:
     widgets: list[ChatWidget] = []
 

@@ -43,7 +43,7 @@ from .security import class_factory
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
 
-__all__ = ["ChatClient", "ClientEvent", "connect", "default_user"]
+__all__ = ["ChatClient", "ClientEvent", "ClientEvents", "connect", "default_user"]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def default_user() -> str:
 class ClientEvent:
     """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
 
-    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (this client's
-    #: own commit, for which ZEO sends no invalidation): these wake readers; or "commit", "poll",
-    #: "resolved" (from the thread that did it: for inspectors, they wake nobody).
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (from the thread
+    #: whose commit finished): these wake readers; or "commit", "poll", "resolved" (from the thread
+    #: that did it: for inspectors, they wake nobody).
     kind: str
     time: float
     tid: bytes | None = None
@@ -77,55 +77,129 @@ class ClientEvent:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: Events from ZEO's networking thread; each also wakes readers waiting in ``new_messages``.
+#: Events that wake readers waiting in ``new_messages``: the server's invalidations and
+#: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
 WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
 #: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 
 
-class _WakingClientStorage(ClientStorage):
-    """ClientStorage that tells its ChatClient about invalidations and (dis)connections.
+class ClientEvents:
+    """The wake-ups and the subscribers of one client.
 
-    These run on ZEO's networking thread: they must never make storage calls.
+    Made before the client's storage, which gets it when it is built (so nothing it says while it
+    connects is lost); the :class:`ChatClient` shares it. Readers wait in :meth:`wait_for_change`,
+    subscribers hear the events. :meth:`tell` runs on ZEO's networking thread or a committing one:
+    it makes no storage calls, and neither may the subscribers.
     """
 
-    _zchat_notify: Callable[[ClientEvent], None] | None = None
-    _zchat_report: Callable[..., None] | None = None
-    _zchat_committed: Callable[[tuple[bytes, ...]], None] | None = None
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+        self._trackers: weakref.WeakSet[Changes] = weakref.WeakSet()
+
+    def generation(self) -> int:
+        """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
+        return self._generation
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+
+    def track(self, changes: Changes) -> None:
+        """Fill ``changes`` with the oids of every commit from now on (:class:`~zchat_nb.model.Changes`)."""
+        with self._changed:
+            self._trackers.add(changes)
+
+    def tell(self, event: ClientEvent) -> None:
+        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
+        with self._changed:
+            # Noted before the wake-up, so that a woken reader finds what changed.
+            for changes in self._trackers:
+                if event.kind in ("invalidation", "committed"):
+                    changes.mark(event.oids)
+                elif event.kind == "connected":  # ZEO dropped the whole object cache
+                    changes.mark_all()
+            if event.kind in WAKE_KINDS:
+                self._generation += 1
+                self._changed.notify_all()
+            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("zchat_nb subscriber %r failed", callback)
+
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
+        self.tell(ClientEvent(kind, time.time(), details=details))
+
+    def subscribe(
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+    ) -> Callable[[], None]:
+        """See :meth:`ChatClient.subscribe`."""
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
+        with self._changed:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._changed:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        """Wake every waiting reader, for good."""
+        with self._changed:
+            self._closed = True
+            self._generation += 1
+            self._changed.notify_all()
+
+
+class _WakingClientStorage(ClientStorage):
+    """ClientStorage that tells a :class:`ClientEvents` of invalidations, (dis)connections and commits.
+
+    The events are given at construction: ZEO starts connecting, and calls ``notify_connected`` on
+    its networking thread, before ``__init__`` returns. They run on that thread (or, for commits,
+    on the committing one): they must never make storage calls.
+    """
+
+    def __init__(self, addr: Any, *, events: ClientEvents, **kwargs: Any) -> None:
+        self.zchat_events = events
+        super().__init__(addr, **kwargs)
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("invalidation", time.time(), tid, oids))
+        self.zchat_events.tell(ClientEvent("invalidation", time.time(), tid, oids))
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
         # The oids this transaction stores, read back from ZEO's buffer before it is closed.
-        oids = tuple(oid for oid, _, _ in txn.data(self)) if self._zchat_committed is not None else ()
+        oids = tuple(oid for oid, _, _ in txn.data(self))
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
         # The server sends no invalidation to the client that committed: tell this client's own
-        # readers (other threads, other sessions) as an invalidation would.
-        if self._zchat_committed is not None:
-            self._zchat_committed(oids)
+        # readers and subscribers (other threads, a widget's poller) as an invalidation would.
+        self.zchat_events.tell(ClientEvent("committed", time.time(), tid, oids))
         return tid
 
     def tpc_vote(self, txn: Any) -> Any:
         result = super().tpc_vote(txn)
         buffer = txn.data(self)
         resolved = len(buffer.server_resolved) + len(buffer.client_resolved)
-        if resolved and self._zchat_report is not None:
-            self._zchat_report("resolved", count=resolved)
+        if resolved:
+            self.zchat_events.report("resolved", count=resolved)
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
         super().notify_connected(conn, info)
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("connected", time.time()))
+        self.zchat_events.tell(ClientEvent("connected", time.time()))
 
     def notify_disconnected(self) -> None:
         super().notify_disconnected()
-        if self._zchat_notify is not None:
-            self._zchat_notify(ClientEvent("disconnected", time.time()))
+        self.zchat_events.tell(ClientEvent("disconnected", time.time()))
 
 
 class ChatClient:
@@ -143,6 +217,7 @@ class ChatClient:
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        events: ClientEvents | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -152,20 +227,14 @@ class ChatClient:
         self.policy = policy or SendPolicy()
         self.clock = clock
         self.send_lock = threading.Lock()
-        self._changed = threading.Condition()
-        self._generation = 0
+        #: What wakes readers and what subscribers hear; :func:`connect` gives its storage the same.
+        self.events = events if events is not None else ClientEvents()
+        self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
-        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
-        self._trackers: weakref.WeakSet[Changes] = weakref.WeakSet()
         self._rooms: tuple[Changes, list[str], set[bytes]] | None = None
         self._rooms_lock = threading.Lock()  # one reader of the rooms index at a time: none misses a change
         self._closed = False
-        storage = db.storage
-        if isinstance(storage, _WakingClientStorage):
-            storage._zchat_notify = self._notify
-            storage._zchat_report = self.report
-            storage._zchat_committed = self._committed
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -178,7 +247,7 @@ class ChatClient:
             tm = transaction.TransactionManager()
             pair = (tm, self.db.open(transaction_manager=tm))
             self._local.pair = pair
-            with self._changed:
+            with self._lock:
                 self._connections.append(pair)
         return pair
 
@@ -188,7 +257,7 @@ class ChatClient:
         if pair is None:
             return
         del self._local.pair
-        with self._changed:
+        with self._lock:
             if pair not in self._connections:  # close() got there first
                 return
             self._connections.remove(pair)
@@ -197,11 +266,10 @@ class ChatClient:
         conn.close()
 
     def generation(self) -> int:
-        return self._generation
+        return self.events.generation()
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+        return self.events.wait_for_change(generation, timeout)
 
     def is_connected(self) -> bool:
         storage = self.db.storage
@@ -234,70 +302,26 @@ class ChatClient:
     def track_changes(self) -> Changes:
         """A new :class:`~zchat_nb.model.Changes` filled with every oid committed from now on."""
         changes = Changes(exact=self.tracks_changes)
-        with self._changed:
-            self._trackers.add(changes)
+        self.events.track(changes)
         return changes
 
     # -- events --------------------------------------------------------------------------
 
-    def _notify(self, event: ClientEvent) -> None:
-        with self._changed:
-            trackers = list(self._trackers)
-        for changes in trackers:
-            if event.kind == "invalidation":
-                changes.mark(event.oids)
-            elif event.kind == "connected":  # ZEO dropped the whole object cache
-                changes.mark_all()
-        self._wake_readers()
-        self._dispatch(event)
-
-    def _committed(self, oids: tuple[bytes, ...]) -> None:
-        """After this client's own commit (no invalidation comes for it): note it, wake readers."""
-        with self._changed:
-            trackers = list(self._trackers)
-        for changes in trackers:
-            changes.mark(oids)
-        self._wake_readers()
-        self._dispatch(ClientEvent("committed", time.time(), oids=oids))
-
-    def _wake_readers(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
-
     def report(self, kind: str, **details: Any) -> None:
         """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
-        self._dispatch(ClientEvent(kind, time.time(), details=details))
-
-    def _dispatch(self, event: ClientEvent) -> None:
-        with self._changed:
-            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
-        for callback in subscribers:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("zchat_nb subscriber %r failed", callback)
+        self.events.report(kind, **details)
 
     def subscribe(
         self, callback: Callable[[ClientEvent], None], *, activity: bool = False
     ) -> Callable[[], None]:
-        """Call ``callback(event)`` on each invalidation and (dis)connection; returns an unsubscribe.
+        """Call ``callback(event)`` on each event of :data:`WAKE_KINDS`; returns an unsubscribe.
 
         With ``activity=True`` the callback also hears this client's own "commit", "poll" and
         "resolved" events (an inspector wants them; a poller must not wake on its own polls).
         The callback runs on ZEO's networking thread or the acting thread: it must be quick and
         make no storage calls.
         """
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
-        with self._changed:
-            self._subscribers.append(entry)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if entry in self._subscribers:
-                    self._subscribers.remove(entry)
-
-        return unsubscribe
+        return self.events.subscribe(callback, activity=activity)
 
     # -- rooms ---------------------------------------------------------------------------
 
@@ -340,13 +364,12 @@ class ChatClient:
 
     def close(self) -> None:
         """Close every connection and the database; wakes and ends any waiting reader."""
-        with self._changed:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._generation += 1
-            self._changed.notify_all()
             pairs, self._connections = self._connections, []
+        self.events.close()
         for tm, conn in pairs:
             try:
                 tm.abort()
@@ -422,8 +445,11 @@ def connect(
             f"no ZEO server answers at {where}; start one with `zchat-nb serve --port {addr[1]}` "
             "or `%zchat serve`, or connect() with no address to use the local default"
         )
+    events = ClientEvents()
     try:
-        storage = _WakingClientStorage(addr, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl)
+        storage = _WakingClientStorage(
+            addr, events=events, wait=False, wait_timeout=timeout, cache_size=cache_size, ssl=ssl
+        )
     except Exception as exc:
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
     try:
@@ -451,6 +477,7 @@ def connect(
             max_text_bytes=max_text_bytes,
             policy=SendPolicy(timeout=timeout),
             clock=clock,
+            events=events,
         )
     except BaseException:
         db.close()

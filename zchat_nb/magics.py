@@ -9,6 +9,7 @@ import argparse
 import atexit
 import shlex
 import sys
+import textwrap
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -23,25 +24,7 @@ from .net import format_address, parse_address
 from .render import format_line
 from .server import Server, serve
 
-__all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension"]
-
-USAGE = """\
-%zchat serve [--host H] [--port P] [--path FILE]   start a ZEO server in this kernel; prints its address
-%zchat join [ADDRESS] [--room R] [--name N]        join a chat and show the widget (no ADDRESS: the local
-           [--tls FOLDER]                          default server, started if needed; or $ZCHAT_ADDRESS;
-                                                   --tls: your certificate folder for a classroom server)
-%zchat send TEXT                                   send TEXT to the room you joined
-%%zchat send [--raw]                               the cell body as one message (a code block unless --raw)
-%zchat history [-n N]                              print the last N messages (default 20)
-%zchat rooms                                       list the rooms
-%zchat status                                      connection, user, room and server
-%zchat inspect                                     show the live ZEO inspector beside the chat
-%zchat leave                                       close the widgets and the connection
-%zchat stop                                        stop the server this kernel started
-%zchat --help                                      this text; `%zchat COMMAND --help` for one command
-
-Settings: %config ZChat.user = "ada", %config ZChat.poll_interval = 0.5, %config ZChat.room = "general"
-"""
+__all__ = ["ZChat", "ZChatMagics", "load_ipython_extension", "unload_ipython_extension", "usage"]
 
 
 class ZChat(Configurable):
@@ -86,35 +69,70 @@ class _Done(Exception):
 
 
 def _parsers() -> dict[str, _Parser]:
+    """Every command's arguments, declared once: parsing, ``--help`` and :func:`usage` come from here."""
+
     def make(name: str, description: str) -> _Parser:
         return _Parser(prog=f"%zchat {name}", description=description, add_help=True)
 
     p = {}
-    p["serve"] = make("serve", "Start a hardened ZEO server inside this kernel.")
-    p["serve"].add_argument("--host", default="127.0.0.1")
-    p["serve"].add_argument("--port", type=int, default=0)
-    p["serve"].add_argument("--path", default=None, help="FileStorage file (default: in memory)")
-    p["join"] = make("join", "Join a chat and show the widget.")
-    p["join"].add_argument("address", nargs="?", default=None)
-    p["join"].add_argument("--room", default=None)
-    p["join"].add_argument("--name", default=None)
+    p["serve"] = make("serve", "Start a hardened ZEO server inside this kernel; prints the address to join.")
+    p["serve"].add_argument("--host", default="127.0.0.1", metavar="H", help="interface (default 127.0.0.1)")
+    p["serve"].add_argument("--port", type=int, default=0, metavar="P", help="port (default 0: any free one)")
+    p["serve"].add_argument("--path", default=None, metavar="FILE", help="FileStorage (default: in memory)")
+    p["serve"].add_argument(
+        "--tls",
+        default=None,
+        metavar="DIR",
+        help="admit only clients with a certificate from the classroom directory DIR (zchat-nb certs DIR)",
+    )
+    p["join"] = make(
+        "join",
+        "Join a chat and show the widget (no ADDRESS: the server this kernel serves, else $ZCHAT_ADDRESS, "
+        "else the local default server, started if needed).",
+    )
+    p["join"].add_argument("address", nargs="?", default=None, metavar="ADDRESS", help="host:port")
+    p["join"].add_argument("--room", default=None, metavar="R", help="the room (default: ZChat.room)")
+    p["join"].add_argument("--name", default=None, metavar="N", help="your name (default: ZChat.user)")
     p["join"].add_argument(
         "--tls", default=None, metavar="FOLDER", help="your certificate folder (zchat-nb certs)"
     )
-    p["send"] = make("send", "Send a message to the room you joined.")
-    p["send"].add_argument("text", nargs="*")
+    p["send"] = make(
+        "send",
+        "Send TEXT to the room you joined. As `%%zchat send [--raw]`: the cell body as one message "
+        "(a code block unless --raw).",
+    )
+    p["send"].add_argument("text", nargs="*", metavar="TEXT")
     p["send"].add_argument("--raw", action="store_true", help="cell body as typed, not as a code block")
-    p["history"] = make("history", "Print the last messages of the room you joined.")
-    p["history"].add_argument("-n", type=int, default=20)
+    p["history"] = make("history", "Print the last N messages of the room you joined.")
+    p["history"].add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     for name, text in [
         ("rooms", "List the rooms."),
         ("status", "Show the connection, user, room and server."),
-        ("inspect", "Show the live ZEO inspector."),
+        ("inspect", "Show the live ZEO inspector beside the chat."),
         ("leave", "Close the widgets and the connection."),
         ("stop", "Stop the server this kernel started."),
     ]:
         p[name] = make(name, text)
     return p
+
+
+def synopsis(parser: argparse.ArgumentParser) -> str:
+    """One command's usage line, as argparse makes it, without ``usage:`` and ``[-h]``."""
+    text = " ".join(parser.format_usage().split())
+    return text.removeprefix("usage: ").replace(" [-h]", "")
+
+
+def usage(parsers: dict[str, _Parser]) -> str:
+    """What ``%zchat --help`` prints: every command and setting, from the parsers and traitlets."""
+    lines = []
+    for parser in parsers.values():
+        lines.append(synopsis(parser))
+        lines += textwrap.wrap(parser.description or "", 96, initial_indent="    ", subsequent_indent="    ")
+    lines += ["", "`%zchat COMMAND --help` for one command's options. Settings (%config ZChat.NAME = VALUE):"]
+    for name, trait in sorted(ZChat.class_traits(config=True).items()):
+        setting = f"ZChat.{name}: {trait.help}"
+        lines += textwrap.wrap(setting, 96, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 @magics_class
@@ -144,12 +162,14 @@ class ZChatMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%zchat: cannot parse {line!r}: {exc}") from None
         if not words or words[0] in ("-h", "--help", "help"):
-            print(USAGE)
+            print(usage(self._parsers))
             return None
         command = words[0]
         parser = self._parsers.get(command)
         if parser is None:
-            raise UsageError(f"%zchat: unknown command {command!r}; the commands are:\n\n{USAGE}")
+            raise UsageError(
+                f"%zchat: unknown command {command!r}; the commands are:\n\n{usage(self._parsers)}"
+            )
         if cell is not None and command != "send":
             raise UsageError(f"%%zchat {command}: only `%%zchat send` takes a cell body")
         try:
@@ -172,10 +192,11 @@ class ZChatMagics(Magics):
                 f"%zchat serve: this kernel already serves at {format_address(self.server.address)}; "
                 "`%zchat stop` it first"
             )
-        self.server = serve(args.path, args.host, args.port)
+        self.server = serve(args.path, args.host, args.port, tls=args.tls)
         where = format_address(self.server.address)
         print(f"ZEO server listening on {where} ({args.path or 'in memory'}).")
-        print(f"Join from any kernel on this machine with:  %zchat join {where}")
+        with_tls = " --tls FOLDER   (FOLDER: a student's certificate folder)" if args.tls else ""
+        print(f"Join from any kernel on this machine with:  %zchat join {where}{with_tls}")
 
     def _join(self, args: argparse.Namespace, cell: str | None) -> Any:
         from IPython.display import display

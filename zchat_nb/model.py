@@ -385,7 +385,7 @@ class SessionHost(Protocol):
         """This thread's transaction manager and connection."""
 
     def generation(self) -> int:
-        """A counter bumped on every invalidation and every (dis)connect."""
+        """A counter bumped on every invalidation, (dis)connect and commit of this client."""
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
         """Block until :meth:`generation` differs from ``generation``, or ``timeout`` passes."""

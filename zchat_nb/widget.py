@@ -4,7 +4,7 @@ The data path, end to end::
 
     browser "send" --> sender thread: ChatSession.add_message() --> commit over ZEO
     server pushes the invalidation --> client.subscribe() wakes the poller
-    poller thread: new_messages() --> render.message_payload() --> widget.send({"type": "append"})
+    poller thread: new_messages() --> render.message_payload() --> widget.send(Append(...).to_wire())
 
 Threads (both daemons, both stopped and joined by :meth:`ChatWidget.close`):
 
@@ -21,19 +21,9 @@ Threads (both daemons, both stopped and joined by :meth:`ChatWidget.close`):
     also commits presence: a join when a room is shown, a leave when it no longer is, and a lease
     renewal every ``heartbeat_interval`` seconds (rare: each one makes every reader reload presence).
 
-Messages between the kernel and the views (anywidget custom messages; ``"view": null`` means every
-view, otherwise the answer is for the view that asked)::
-
-    view -> kernel
-      {"type": "hello", "view": V}                          a view was drawn: send it the room
-      {"type": "send", "text": T, "client_id": C, "room": R}
-      {"type": "older", "view": V, "room": R, "before": {"id": I, "ts": F}}
-    kernel -> views
-      {"type": "reset", "view": V|null, "room": R, "messages": [...], "more": bool}
-      {"type": "append", "view": null, "room": R, "messages": [...]}     only the new ones
-      {"type": "older", "view": V|null, "room": R, "messages": [...], "more": bool}
-      {"type": "sent", "view": null, "client_id": C, "id": message id}
-      {"type": "send_failed", "view": null, "client_id": C, "error": text}
+The frames between the kernel and the views (anywidget custom messages) are the dataclasses of
+:mod:`zchat_nb.frames`; what a view sends is parsed there and a malformed frame is dropped. The
+sender thread and the views' frames reach the poller as typed requests (``_Request``).
 
 Each message is :func:`zchat_nb.render.message_payload`: sanitised HTML plus author, initials,
 colour, ISO time and id. A view shows a message id once, so overlapping batches are harmless.
@@ -62,6 +52,19 @@ import anywidget
 import traitlets
 
 from .exceptions import InvalidMessageError, ZChatConnectionError
+from .frames import (
+    Append,
+    Before,
+    FrameError,
+    Hello,
+    Older,
+    OlderBatch,
+    Reset,
+    Send,
+    SendFailed,
+    Sent,
+    parse_view_frame,
+)
 from .model import Message, check_room_name
 from .render import message_payload
 
@@ -79,7 +82,6 @@ _STATIC = pathlib.Path(__file__).parent / "static"
 BACKLOG = 200
 #: Seconds :meth:`ChatWidget.close` waits for each thread.
 JOIN_TIMEOUT = 5.0
-_MAX_ID_CHARS = 64
 
 _live: weakref.WeakSet[ChatWidget] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
@@ -152,7 +154,7 @@ class ChatWidget(anywidget.AnyWidget):
         self._owns_client = owns_client
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._requests: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
         self._events: deque[ClientEvent] = deque(maxlen=16)
         # Poller-only state: only the poller thread reads or writes these.
@@ -230,7 +232,7 @@ class ChatWidget(anywidget.AnyWidget):
 
     def load_older(self) -> None:
         """Add up to :data:`BACKLOG` messages before the oldest shown to every view."""
-        self._request("older", None, self._shown, None)
+        self._request(_OlderRequest(None, self._shown, None))
 
     def close(self) -> None:
         """Stop the poller and sender, remove the views and, if the widget made it, close the client."""
@@ -268,24 +270,19 @@ class ChatWidget(anywidget.AnyWidget):
     # -- from the views (kernel thread) ----------------------------------------------------
 
     def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
-        if not isinstance(content, dict):
+        try:
+            frame = parse_view_frame(content)
+        except FrameError as exc:  # not from our view: nothing to answer
+            log.debug("zchat_nb: dropped a frame from a view: %s", exc)
             return
-        kind = content.get("type")
-        view = content.get("view")
-        if not (isinstance(view, str) and 0 < len(view) <= _MAX_ID_CHARS):
-            view = None
-        if kind == "hello" and view:
-            self._request("hello", view)
-        elif kind == "send":
-            client_id = content.get("client_id")
-            if not (isinstance(client_id, str) and 0 < len(client_id) <= _MAX_ID_CHARS):
-                client_id = uuid.uuid4().hex
-            room = content.get("room")
-            self._submit(content.get("text"), client_id, room if isinstance(room, str) else self.room)
-        elif kind == "older" and view:
-            self._request("older", view, content.get("room"), _before_key(content.get("before")))
+        if isinstance(frame, Hello):
+            self._request(_HelloRequest(frame.view))
+        elif isinstance(frame, Send):
+            self._submit(frame.text, frame.client_id, frame.room)
+        elif isinstance(frame, Older):
+            self._request(_OlderRequest(frame.view, frame.room, frame.before))
 
-    def _request(self, *request: Any) -> None:
+    def _request(self, request: _Request) -> None:
         self._requests.put(request)
         self._wake.set()
 
@@ -294,13 +291,14 @@ class ChatWidget(anywidget.AnyWidget):
         if self._stopping.is_set():
             exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
-            self._request("failed", client_id, f"not sent: {exc}")
+            self._request(_FailedRequest(client_id, f"not sent: {exc}"))
         else:
             self._outbox.put(_Outgoing(room, text, client_id, future))
         return future
 
     def _on_client_event(self, event: ClientEvent) -> None:
-        # On ZEO's networking thread: no storage calls, no comm messages; just wake the poller.
+        # On ZEO's networking thread or a committing one (this widget's own commits included):
+        # no storage calls, no comm messages; just wake the poller.
         if event.kind in ("connected", "disconnected"):
             self._events.append(event)
         self._wake.set()
@@ -344,11 +342,11 @@ class ChatWidget(anywidget.AnyWidget):
                     message = session(item.room).add_message(item.text)
                 except Exception as exc:
                     item.future.set_exception(exc)
-                    self._request("failed", item.client_id, f"not sent: {exc}")
+                    self._request(_FailedRequest(item.client_id, f"not sent: {exc}"))
                 else:
                     self.last_sent = message
                     item.future.set_result(message)
-                    self._request("sent", item.client_id, message)
+                    self._request(_SentRequest(item.client_id, message))
             if joined is not None and not self.client.closed:  # stopped: say goodbye, if the server is there
                 self._presence(session, joined, join=False, stopping=True)
         finally:
@@ -362,13 +360,12 @@ class ChatWidget(anywidget.AnyWidget):
             return False  # the status line already says the server is away; the lease expires
         try:
             if join:
-                session(room).join()
+                session(room).join()  # its commit wakes the poller, which reads presence
             else:
                 session(room).leave()
         except Exception as exc:
             log.debug("zchat_nb: %s %r failed: %s", "joining" if join else "leaving", room, exc)
             return False
-        self._wake.set()  # the poller reads presence
         return True
 
     # -- poller thread ---------------------------------------------------------------------
@@ -440,15 +437,7 @@ class ChatWidget(anywidget.AnyWidget):
         self._broadcast_reset()
 
     def _broadcast_reset(self, view: str | None = None) -> None:
-        self.send(
-            {
-                "type": "reset",
-                "view": view,
-                "room": self._shown,
-                "messages": list(self._cache),
-                "more": self._more,
-            }
-        )
+        self.send(Reset(view, self._shown, list(self._cache), self._more).to_wire())
 
     def _deliver(self, messages: list[Message]) -> None:
         if not messages:
@@ -462,7 +451,7 @@ class ChatWidget(anywidget.AnyWidget):
             self._oldest = messages[-BACKLOG]
             self._broadcast_reset()
         else:
-            self.send({"type": "append", "view": None, "room": self._shown, "messages": payloads})
+            self.send(Append(self._shown, payloads).to_wire())
 
     def _refresh_rooms(self) -> None:
         names = sorted(self.client.rooms())
@@ -494,25 +483,25 @@ class ChatWidget(anywidget.AnyWidget):
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
-            kind = request[0]
-            if kind == "hello":
+            if isinstance(request, _HelloRequest):
                 if self._shown is not None:
-                    self._broadcast_reset(view=request[1])
-            elif kind == "older":
-                self._send_older(*request[1:])
-            elif kind == "sent":
-                _, client_id, message = request
+                    self._broadcast_reset(view=request.view)
+            elif isinstance(request, _OlderRequest):
+                self._send_older(request)
+            elif isinstance(request, _SentRequest):
                 self.error = ""
-                self.send({"type": "sent", "view": None, "client_id": client_id, "id": message.id})
-            elif kind == "failed":
-                _, client_id, text = request
-                self.error = text
-                self.send({"type": "send_failed", "view": None, "client_id": client_id, "error": text})
+                self.send(Sent(request.client_id, request.message.id).to_wire())
+            elif isinstance(request, _FailedRequest):
+                self.error = request.error
+                self.send(SendFailed(request.client_id, request.error).to_wire())
 
-    def _send_older(self, view: str | None, room: Any, before: Message | None) -> None:
+    def _send_older(self, request: _OlderRequest) -> None:
+        view, room = request.view, request.room
         if self._session is None or (room is not None and room != self._shown):
             return  # asked about a room no longer shown
-        before = before or self._oldest
+        # A view's "before" is used for its key only.
+        given = request.before
+        before = Message(given.id, "", "", given.ts) if given is not None else self._oldest
         older: list[Message] = []
         if before is not None:
             if not self.client.is_connected():
@@ -525,15 +514,8 @@ class ChatWidget(anywidget.AnyWidget):
                 return
         if older and (self._oldest is None or older[0].key < self._oldest.key):
             self._oldest = older[0]
-        self.send(
-            {
-                "type": "older",
-                "view": view,
-                "room": self._shown,
-                "messages": [self._payload(m) for m in older],
-                "more": len(older) >= BACKLOG,
-            }
-        )
+        payloads = [self._payload(m) for m in older]
+        self.send(OlderBatch(view, self._shown, payloads, len(older) >= BACKLOG).to_wire())
 
     def _payload(self, message: Message) -> dict[str, Any]:
         return message_payload(message, own=message.author == self.client.user)
@@ -580,16 +562,42 @@ class _Outgoing:
     leave: bool = False
 
 
-def _before_key(value: Any) -> Message | None:
-    """The "before" of a view's "older" request, as a Message usable for its key only."""
-    if not isinstance(value, dict):
-        return None
-    id_, ts = value.get("id"), value.get("ts")
-    if not (isinstance(id_, str) and 0 < len(id_) <= _MAX_ID_CHARS):
-        return None
-    if not (isinstance(ts, (int, float)) and math.isfinite(ts)):
-        return None
-    return Message(id=id_, author="", text="", time=float(ts))
+# -- what reaches the poller: the sender's outcomes and the views' requests -------------------
+
+
+@dataclass(frozen=True)
+class _HelloRequest:
+    """A view was drawn: send it the room."""
+
+    view: str
+
+
+@dataclass(frozen=True)
+class _OlderRequest:
+    """Send ``view`` (None: all) the messages of ``room`` before ``before`` (None: the oldest shown)."""
+
+    view: str | None
+    room: str | None
+    before: Before | None
+
+
+@dataclass(frozen=True)
+class _SentRequest:
+    """The sender committed the message the view sent as ``client_id``."""
+
+    client_id: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class _FailedRequest:
+    """The message the view sent as ``client_id`` was not sent, for the reason ``error``."""
+
+    client_id: str
+    error: str
+
+
+_Request = _HelloRequest | _OlderRequest | _SentRequest | _FailedRequest
 
 
 def close_all() -> None:
