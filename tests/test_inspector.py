@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import ZODB
 
 import zchat_nb
-from zchat_nb import ChatClient, Message
+from zchat_nb import ChatClient
 from zchat_nb.inspector import Inspector
 from zchat_nb.model import ROOMS_KEY
 

@@ -542,9 +542,9 @@ class ChatSession:
                         if last is not None:
                             self._cursor[writer] = last
                     backlog, self._backlog = self._backlog, None
-                    found = self._history(room, backlog, None)
+                    first = self._history(room, backlog, None)
                     self._map_room(room, list(room.streams.items()))
-                    return found
+                    return first
             rescan = self._rescan
             if rescan:
                 streams = list(room.streams.items())
