@@ -67,6 +67,8 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
         zchat_nb.Message("0123456789abcdef", c.user, "into the void", 1.0)
     ),
     "ChatSession.heartbeat": lambda c: c.session("lab").heartbeat(),
+    "ChatSession.join": lambda c: c.session("lab").join(),
+    "ChatSession.leave": lambda c: c.session("lab").leave(),
     "teacher.clear_room": lambda c: teacher.clear_room(c, "lab"),
 }
 
