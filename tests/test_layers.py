@@ -18,10 +18,10 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"exceptions", "seed"},
-    {"model", "security", "net"},
-    {"server", "render", "certs", "treeview", "frames"},
+    {"model", "security", "net", "events", "storage"},
+    {"server", "render", "certs", "treeview", "frames", "pgwake"},
     {"local", "client"},
-    {"widget", "inspector", "teacher"},
+    {"widget", "inspector", "teacher", "terminal", "demo"},
     {"cli"},
     {"magics"},
     {"__init__", "__main__"},

@@ -16,9 +16,7 @@ import ssl as ssl_module
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import transaction
@@ -26,8 +24,9 @@ import ZODB
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
+from .events import ClientEvent, ClientEvents
 from .exceptions import ZChatConnectionError, server_boundary
-from .local import resolve_address
+from .local import ENV_ADDRESS, resolve_address
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
@@ -38,10 +37,14 @@ from .model import (
     index_oids,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
+from .pgwake import DEFAULT_FALLBACK
 from .security import class_factory
+from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
+
+    from .pgwake import PostgresLink
 
 __all__ = ["ChatClient", "ClientEvent", "ClientEvents", "connect", "default_user"]
 
@@ -59,104 +62,6 @@ def default_user() -> str:
         return getpass.getuser()
     except Exception:  # no login name in some containers
         return "anonymous"
-
-
-@dataclass(frozen=True)
-class ClientEvent:
-    """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
-
-    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (from the thread
-    #: whose commit finished): these wake readers; or "commit", "poll", "resolved" (from the thread
-    #: that did it: for inspectors, they wake nobody).
-    kind: str
-    time: float
-    tid: bytes | None = None
-    oids: tuple[bytes, ...] = field(default=())
-    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count, loads (objects loaded);
-    #: "resolved": count.
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-#: Events that wake readers waiting in ``new_messages``: the server's invalidations and
-#: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
-WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
-#: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
-ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
-
-
-class ClientEvents:
-    """The wake-ups and the subscribers of one client.
-
-    Made before the client's storage, which gets it when it is built (so nothing it says while it
-    connects is lost); the :class:`ChatClient` shares it. Readers wait in :meth:`wait_for_change`,
-    subscribers hear the events. :meth:`tell` runs on ZEO's networking thread or a committing one:
-    it makes no storage calls, and neither may the subscribers.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._generation = 0
-        self._closed = False
-        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
-        self._trackers: weakref.WeakSet[Changes] = weakref.WeakSet()
-
-    def generation(self) -> int:
-        """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
-        return self._generation
-
-    def wait_for_change(self, generation: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
-
-    def track(self, changes: Changes) -> None:
-        """Fill ``changes`` with the oids of every commit from now on (:class:`~zchat_nb.model.Changes`)."""
-        with self._changed:
-            self._trackers.add(changes)
-
-    def tell(self, event: ClientEvent) -> None:
-        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
-        with self._changed:
-            # Noted before the wake-up, so that a woken reader finds what changed.
-            for changes in self._trackers:
-                if event.kind in ("invalidation", "committed"):
-                    changes.mark(event.oids)
-                elif event.kind == "connected":  # ZEO dropped the whole object cache
-                    changes.mark_all()
-            if event.kind in WAKE_KINDS:
-                self._generation += 1
-                self._changed.notify_all()
-            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
-        for callback in subscribers:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("zchat_nb subscriber %r failed", callback)
-
-    def report(self, kind: str, **details: Any) -> None:
-        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
-        self.tell(ClientEvent(kind, time.time(), details=details))
-
-    def subscribe(
-        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
-    ) -> Callable[[], None]:
-        """See :meth:`ChatClient.subscribe`."""
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
-        with self._changed:
-            self._subscribers.append(entry)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if entry in self._subscribers:
-                    self._subscribers.remove(entry)
-
-        return unsubscribe
-
-    def close(self) -> None:
-        """Wake every waiting reader, for good."""
-        with self._changed:
-            self._closed = True
-            self._generation += 1
-            self._changed.notify_all()
 
 
 class _WakingClientStorage(ClientStorage):
@@ -194,6 +99,10 @@ class _WakingClientStorage(ClientStorage):
         return result
 
     def notify_connected(self, conn: Any, info: Any) -> None:
+        # Object ids pre-fetched from the server before a restart may be handed out again by the
+        # restarted storage (it starts after the largest oid it stored): creating an object with
+        # one would collide ("A different object already has the same oid"). Ask afresh.
+        del self._oids[:]
         super().notify_connected(conn, info)
         self.zchat_events.tell(ClientEvent("connected", time.time()))
 
@@ -218,6 +127,7 @@ class ChatClient:
         policy: SendPolicy | None = None,
         clock: Callable[[], float] = time.time,
         events: ClientEvents | None = None,
+        link: PostgresLink | None = None,
     ) -> None:
         self.db = db
         self.user = check_author(user if user is not None else default_user())
@@ -235,6 +145,11 @@ class ChatClient:
         self._rooms: tuple[Changes, list[str], set[bytes]] | None = None
         self._rooms_lock = threading.Lock()  # one reader of the rooms index at a time: none misses a change
         self._closed = False
+        # PostgreSQL (RelStorage) instead of ZEO: the link's LISTEN thread tells ``events`` of
+        # commits and says whether the database answers.
+        self._link = link
+        if link is not None:
+            link.start(self.events)
 
     # -- SessionHost -----------------------------------------------------------------------
 
@@ -272,6 +187,8 @@ class ChatClient:
         return self.events.wait_for_change(generation, timeout)
 
     def is_connected(self) -> bool:
+        if self._link is not None:
+            return self._link.is_connected()
         storage = self.db.storage
         return bool(storage.is_connected()) if hasattr(storage, "is_connected") else True
 
@@ -279,6 +196,8 @@ class ChatClient:
         storage = self.db.storage
         if self._closed:
             return False
+        if self._link is not None:
+            return self._link.wait_connected(timeout)
         if self.is_connected():
             return True
         try:
@@ -289,13 +208,34 @@ class ChatClient:
 
     @property
     def address_text(self) -> str:
+        if self._link is not None:
+            return self._link.target.display  # never shows the password
         return format_address(self.address) if self.address else "(in-process storage)"
 
     @property
-    def tracks_changes(self) -> bool:
-        """True if this client hears of every commit (ZEO), so readers can skip what did not change.
+    def target(self) -> Address | PostgresTarget | None:
+        """Where this client's data lives: a ZEO address, a PostgreSQL target, or None (in-process)."""
+        return self._link.target if self._link is not None else self.address
 
-        False for in-process storages: their readers read everything on each call.
+    @property
+    def storage_text(self) -> str:
+        """Which storage this client uses, in words (no password)."""
+        if self._link is not None:
+            return self._link.target.description
+        return f"ZEO server at {format_address(self.address)}" if self.address else "in-process storage"
+
+    def server_status(self) -> dict[str, Any]:
+        """The server's statistics (ZEO), or the PostgreSQL link's (storage, notifications, polls)."""
+        if self._link is not None:
+            return self._link.status()
+        return dict(self.db.storage.server_status())
+
+    @property
+    def tracks_changes(self) -> bool:
+        """True if this client hears the oids of every commit (ZEO), so readers skip what did not change.
+
+        False for in-process storages and PostgreSQL (its notifications name no objects): their
+        readers check every stream of their room on each call.
         """
         return isinstance(self.db.storage, _WakingClientStorage)
 
@@ -376,6 +316,8 @@ class ChatClient:
                 conn.close()
             except Exception:  # a connection still in use by another thread
                 log.debug("closing a zchat_nb connection failed", exc_info=True)
+        if self._link is not None:
+            self._link.close()
         self.db.close()
 
     def __enter__(self) -> ChatClient:
@@ -401,14 +343,17 @@ def connect(
     tls: str | os.PathLike[str] | None = None,
     allow: Iterable[tuple[str, str]] = (),
     clock: Callable[[], float] = time.time,
+    fallback: float = DEFAULT_FALLBACK,
 ) -> ChatClient:
     """Connect to a chat server.
 
     Parameters
     ----------
     address
-        ``(host, port)``, ``"host:port"`` or None: ``$ZCHAT_ADDRESS``, else the embedded default
-        (the local server recorded in the user data directory, started if none answers).
+        ``(host, port)``, ``"host:port"``, a PostgreSQL URI
+        (``"postgresql://user:password@host:port/dbname"``, see :mod:`zchat_nb.storage`) or None:
+        ``$ZCHAT_ADDRESS``, else the embedded default (the local server recorded in the user data
+        directory, started if none answers).
     user
         The name shown with this client's messages; default: JupyterHub user or login name.
     timeout
@@ -428,7 +373,26 @@ def connect(
         Extra ``(module, name)`` globals that records may name (the allow-list is otherwise fixed).
     clock
         Where message times come from (tests pass a slow clock).
+    fallback
+        PostgreSQL only: seconds between wake-ups of waiting readers when no notification came.
     """
+    target = address if address is not None else os.environ.get(ENV_ADDRESS)
+    if is_storage_uri(target):
+        if ssl is not None or tls is not None:
+            raise ZChatConnectionError(
+                "ssl=/tls= are for ZEO servers; for PostgreSQL put sslmode=verify-full (and "
+                "sslrootcert=...) in the URI's query"
+            )
+        return _connect_postgres(
+            parse_storage_uri(str(target)),
+            user,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_text_bytes=max_text_bytes,
+            allow=allow,
+            clock=clock,
+            fallback=fallback,
+        )
     if tls is not None:
         from .certs import load_bundle
 
@@ -482,3 +446,59 @@ def connect(
     except BaseException:
         db.close()
         raise
+
+
+def _connect_postgres(
+    target: PostgresTarget,
+    user: str | None,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_text_bytes: int,
+    allow: Iterable[tuple[str, str]],
+    clock: Callable[[], float],
+    fallback: float,
+) -> ChatClient:
+    """A ChatClient on RelStorage: same model and allow-lists, wake-ups by LISTEN/NOTIFY."""
+    from .pgwake import PostgresLink
+    from .security import harden_conflict_resolution
+    from .server import _ensure_root
+    from .storage import install_notify_trigger, open_relstorage
+
+    # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
+    harden_conflict_resolution()
+    storage = open_relstorage(target, connect_timeout=connect_timeout)
+    try:
+        _ensure_root(storage)  # two first clients at once must not both create the root
+        link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))
+        # Set before ZODB.DB makes the per-connection instances, which copy them.
+        storage._zchat_on_lost = link.lost
+        storage._zchat_after_commit = link.committed
+        db = ZODB.DB(storage, class_factory=class_factory(allow))
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        client = ChatClient(
+            db,
+            user=user,
+            max_text_bytes=max_text_bytes,
+            policy=SendPolicy(timeout=timeout),
+            clock=clock,
+            link=link,
+        )
+    except BaseException:
+        link.close()
+        db.close()
+        raise
+    if link.trigger_problem is not None:
+        log.warning(
+            "zchat_nb: commits to %s send no notification (%s); readers learn of them every %g s",
+            target.display,
+            link.trigger_problem,
+            fallback,
+        )
+    if not link.wait_connected(connect_timeout):
+        client.close()
+        raise ZChatConnectionError(f"{target.description} does not answer: {link.last_error}")
+    return client

@@ -370,7 +370,7 @@ class Inspector(ipywidgets.VBox):
                             new["tree"], new["messages"] = None, None
                     if time.monotonic() >= self._status_due:
                         self._status_due = time.monotonic() + self.status_interval
-                        new["server"] = dict(self.client.db.storage.server_status())
+                        new["server"] = self.client.server_status()  # ZEO's, or the PostgreSQL link's
                     new["local_tid"] = self.client.db.storage.lastTransaction()
             else:
                 self._status_due = time.monotonic() + self.status_interval

@@ -299,13 +299,14 @@ def run_foreground(
     ready_fd: int | None = None,
     ssl: ssl_module.SSLContext | None = None,
     announce: bool = True,
+    storage: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (``zchat-nb serve``); optionally record the embedded state."""
     try:
-        server = serve(path, host, port, ssl=ssl)
+        server = serve(path, host, port, ssl=ssl, storage=storage)
     except ZChatServerError:
         if port and state_file:  # the recorded port is taken: any free one will do
-            server = serve(path, host, 0, ssl=ssl)
+            server = serve(path, host, 0, ssl=ssl, storage=storage)
         else:
             raise
     text = format_address(server.address)
@@ -314,7 +315,7 @@ def run_foreground(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     if announce:
-        print(f"zchat_nb: ZEO server listening on {text} ({path or 'in memory'})", flush=True)
+        print(f"zchat_nb: ZEO server listening on {text} ({server.storage_text})", flush=True)
         if host != "localhost" and not host.startswith("127.") and host != "::1":
             print(public_notice(server.address, tls=ssl is not None), flush=True)
     if ready_fd is not None:

@@ -208,14 +208,14 @@ class ZChatMagics(Magics):
         address = args.address
         if address is None and self.server is not None:
             address = self.server.address
-        wanted = parse_address(address) if address is not None else None
+        wanted = _target(address) if address is not None else None
         client = self.client
         reuse = (
             client is not None
             and not client.closed
             and not args.tls
             and client.user == user
-            and (wanted is None or wanted == client.address)
+            and (wanted is None or wanted == client.target)
         )
         if client is None or not reuse:
             self._close_client()
@@ -280,6 +280,7 @@ class ZChatMagics(Magics):
             return
         state = "connected" if self.client.is_connected() else "disconnected (reconnecting)"
         print(f"chat:      {state} to {self.client.address_text} as {self.client.user!r}, room {self.room!r}")
+        print(f"storage:   {self.client.storage_text}")
         print(f"widgets:   {sum(1 for w in self.widgets if not getattr(w, 'closed', False))} open")
 
     def _inspect(self, args: argparse.Namespace, cell: str | None) -> Any:
@@ -369,3 +370,10 @@ def unload_ipython_extension(ipython: Any) -> None:
     ipython.magics_manager.magics["cell"].pop("zchat", None)
     atexit.unregister(_close_at_exit)
     _magics = None
+
+
+def _target(address: object) -> object:
+    """What ``%zchat join ADDRESS`` names: a ZEO ``(host, port)`` or a PostgreSQL target."""
+    from .storage import is_storage_uri, parse_storage_uri
+
+    return parse_storage_uri(str(address)) if is_storage_uri(address) else parse_address(address)

@@ -24,6 +24,7 @@ __all__ = [
     "CONFLICT_RESOLUTION_GLOBALS",
     "WIRE_GLOBALS",
     "class_factory",
+    "harden_conflict_resolution",
     "harden_server_process",
 ]
 
@@ -101,4 +102,14 @@ def harden_server_process() -> None:
     import ZODB.ConflictResolution as cr
 
     marshal.server_find_global = _wire_find_global
+    cr.find_global = _conflict_find_global
+
+
+def harden_conflict_resolution() -> None:
+    """Put the conflict allow-list into ZODB's conflict resolution in this process (idempotent).
+
+    RelStorage resolves conflicts in the client, unpickling states other clients wrote.
+    """
+    import ZODB.ConflictResolution as cr
+
     cr.find_global = _conflict_find_global

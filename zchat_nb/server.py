@@ -104,6 +104,7 @@ class Server:
         port: int = 0,
         *,
         ssl: ssl_module.SSLContext | None = None,
+        storage_uri: str | None = None,
     ) -> None:
         from ZEO.StorageServer import StorageServer
         from ZODB.FileStorage import FileStorage
@@ -111,7 +112,19 @@ class Server:
         harden_server_process()
         _demote_client_disconnects()
         self.path = None if path is None else Path(path)
-        storage = MemoryStorage() if self.path is None else FileStorage(str(self.path), pack_keep_old=False)
+        self.storage_text = "in memory" if self.path is None else str(self.path)
+        if storage_uri is not None:  # PostgreSQL through RelStorage (zchat_nb.storage)
+            if path is not None:
+                raise ZChatServerError("give the server a FileStorage path or a --storage URI, not both")
+            from .storage import open_relstorage, parse_storage_uri
+
+            target = parse_storage_uri(storage_uri)
+            self.storage_text = target.description
+            storage = open_relstorage(target)
+        elif self.path is None:
+            storage = MemoryStorage()
+        else:
+            storage = FileStorage(str(self.path), pack_keep_old=False)
         try:
             _ensure_root(storage)
             # ZEO binds by running an event loop in the calling thread, which fails where one already
@@ -187,8 +200,7 @@ class Server:
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped.is_set() else "running"
-        where = self.path or "memory"
-        return f"<zchat_nb.Server {format_address(self.address)} {where} {state}>"
+        return f"<zchat_nb.Server {format_address(self.address)} {self.storage_text} {state}>"
 
 
 def serve(
@@ -198,8 +210,12 @@ def serve(
     *,
     ssl: ssl_module.SSLContext | None = None,
     tls: str | os.PathLike[str] | None = None,
+    storage: str | None = None,
 ) -> Server:
-    """Start a ZEO server in this process: in memory, or in the FileStorage at ``path``.
+    """Start a ZEO server in this process: in memory, in the FileStorage at ``path``, or in PostgreSQL.
+
+    ``storage``: a ``postgresql://`` URI (:mod:`zchat_nb.storage`); the data then lives in that
+    database, through RelStorage.
 
     Binds 127.0.0.1 unless told otherwise; ``port=0`` picks a free port (see ``.address``).
     ``tls`` (instead of ``ssl``): a classroom directory made by ``zchat-nb certs``; clients then
@@ -211,4 +227,4 @@ def serve(
         if ssl is not None:
             raise ZChatServerError("give serve() tls= (a classroom directory) or ssl=, not both")
         ssl = server_context(tls)
-    return Server(path, host, port, ssl=ssl)
+    return Server(path, host, port, ssl=ssl, storage_uri=storage)

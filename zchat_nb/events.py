@@ -1,0 +1,130 @@
+"""What a client tells its readers and subscribers: :class:`ClientEvent` and :class:`ClientEvents`.
+
+ZEO pushes invalidations on its networking thread (PostgreSQL clients get notifications on a
+listener thread instead); each becomes a :class:`ClientEvent` that wakes readers blocked in
+``new_messages`` and is handed to subscribers (a widget's poller, the inspector). Nothing here
+knows ZEO or PostgreSQL, so both storages' wake-ups share it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["ACTIVITY_KINDS", "WAKE_KINDS", "ChangeTracker", "ClientEvent", "ClientEvents"]
+
+log = logging.getLogger("zchat_nb.client")
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """What a subscriber of :meth:`ChatClient.subscribe` is told, on ZEO's networking thread."""
+
+    #: "invalidation", "connected", "disconnected" (from ZEO's thread), "committed" (from the thread
+    #: whose commit finished): these wake readers; or "commit", "poll", "resolved" (from the thread
+    #: that did it: for inspectors, they wake nobody).
+    kind: str
+    time: float
+    tid: bytes | None = None
+    oids: tuple[bytes, ...] = field(default=())
+    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count, loads (objects loaded);
+    #: "resolved": count.
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+#: Events that wake readers waiting in ``new_messages``: the server's invalidations and
+#: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
+WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
+#: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
+ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
+
+
+class ChangeTracker(Protocol):
+    """What :meth:`ClientEvents.track` fills (``zchat_nb.model.Changes``)."""
+
+    def mark(self, oids: Iterable[bytes]) -> None: ...
+
+    def mark_all(self) -> None: ...
+
+
+class ClientEvents:
+    """The wake-ups and the subscribers of one client.
+
+    Made before the client's storage, which gets it when it is built (so nothing it says while it
+    connects is lost); the :class:`ChatClient` shares it. Readers wait in :meth:`wait_for_change`,
+    subscribers hear the events. :meth:`tell` runs on ZEO's networking thread or a committing one:
+    it makes no storage calls, and neither may the subscribers.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._closed = False
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+        self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def generation(self) -> int:
+        """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
+        return self._generation
+
+    def wait_for_change(self, generation: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
+
+    def track(self, changes: ChangeTracker) -> None:
+        """Tell ``changes`` the oids of every commit from now on, or that everything changed.
+
+        Held weakly: a session that is gone stops being told.
+        """
+        with self._changed:
+            self._trackers.add(changes)
+
+    def tell(self, event: ClientEvent) -> None:
+        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
+        with self._changed:
+            # Noted before the wake-up, so that a woken reader finds what changed.
+            for changes in self._trackers:
+                if event.kind in ("invalidation", "committed"):
+                    changes.mark(event.oids)
+                elif event.kind == "connected":  # ZEO dropped the whole object cache
+                    changes.mark_all()
+            if event.kind in WAKE_KINDS:
+                self._generation += 1
+                self._changed.notify_all()
+            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("zchat_nb subscriber %r failed", callback)
+
+    def report(self, kind: str, **details: Any) -> None:
+        """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
+        self.tell(ClientEvent(kind, time.time(), details=details))
+
+    def subscribe(
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+    ) -> Callable[[], None]:
+        """See :meth:`ChatClient.subscribe`."""
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
+        with self._changed:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._changed:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        """Wake every waiting reader, for good."""
+        with self._changed:
+            self._closed = True
+            self._generation += 1
+            self._changed.notify_all()
