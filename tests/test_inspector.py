@@ -82,6 +82,7 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         # Messages never need merging (each writer has its own stream), presence can: A joins
         # while B renews its lease, two keys of one bucket at once, and the server merges them
         chat_b.join()
+        a.db.storage.ping()  # a round trip: A has heard of B's join (the members tree) now
         tm, conn = a.connection()
         tm.begin()
         room = conn.root()[ROOMS_KEY]["general"]
