@@ -177,8 +177,8 @@ def worker_widgets(address: tuple[str, int], room: str, count: int, n: int, limi
     with done:
         if not done.wait_for(lambda: all(reset), READY_TIMEOUT):
             raise SystemExit("widgets did not load their room in time")
-    for w in widgets:  # connected and first heartbeat sent
-        while w.status != "connected":
+    for w in widgets:  # connected, and its join committed and read back: no start-up in the measurement
+        while w.status != "connected" or w.user not in w.present:
             time.sleep(0.05)
     _say(ready=True)
     _wait_line("go")
