@@ -136,7 +136,9 @@ def _recording_comm() -> Any:
     return RecordingComm
 
 
-def worker_widgets(address: tuple[str, int], room: str, count: int, n: int, limit: float, idle: bool) -> None:
+def worker_widgets(
+    address: tuple[str, int], room: str, count: int, n: int, limit: float, idle: bool, lease: float = 0.0
+) -> None:
     """``count`` ChatWidgets, each with its own ChatClient; time "append" frames (or sit idle)."""
     _recording_comm()
     import zchat_nb
@@ -171,7 +173,7 @@ def worker_widgets(address: tuple[str, int], room: str, count: int, n: int, limi
 
     widgets = []
     for k, client in enumerate(clients):
-        widget = ChatWidget(client=client, room=room)
+        widget = ChatWidget(client=client, room=room, **({"heartbeat_interval": lease} if lease else {}))
         widget.comm.listeners.append(listener(k))
         widgets.append(widget)
     with done:
@@ -466,12 +468,12 @@ def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: in
     return row
 
 
-def idle(code: Path, label: str, server: Any, widgets: int, seconds: float) -> Row:
+def idle(code: Path, label: str, server: Any, widgets: int, seconds: float, lease: float = 0.0) -> Row:
     room = f"idle-{label}-{random.getrandbits(32):08x}"
     procs = []
     for start in range(0, widgets, PER_PROCESS):
         count = min(PER_PROCESS, widgets - start)
-        procs.append(Proc(code, "widgets", server.address, room, count, 0, 0.0, True))
+        procs.append(Proc(code, "widgets", server.address, room, count, 0, 0.0, True, lease))
     for p in procs:
         p.read(READY_TIMEOUT)
     time.sleep(2.0)  # the joins' invalidations settle
@@ -488,7 +490,7 @@ def idle(code: Path, label: str, server: Any, widgets: int, seconds: float) -> R
     for p in procs:
         p.finish()
     per_process = [o["cpu"] / wall * 100 for o in outs]
-    row = Row("idle", label, widgets)
+    row = Row("idle" + (f", lease {lease:g} s" if lease else ""), label, widgets)
     row.cells = {
         "seconds": f"{wall:.0f}",
         "server CPU % of a core": f"{server_cpu / wall * 100:.2f}",
@@ -531,6 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--widgets", type=int, default=50, help="widgets of the widget part")
     parser.add_argument("--idle-widgets", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=0.0,
+        help="also measure idle widgets with this heartbeat_interval (renewals inside the window)",
+    )
     parser.add_argument("--messages", type=int, default=40)
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between messages (10/s)")
     parser.add_argument("--baseline", type=Path, help="another checkout to measure in the same run")
@@ -579,6 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     rows["idle"].append(idle(code, label, server, args.idle_widgets, args.idle_seconds))
                     print(table(rows["idle"][-1:]), flush=True)
+                    if args.lease and code == ROOT:
+                        print(f"idle, {label}, lease {args.lease:g} s ...", flush=True)
+                        rows["idle"].append(
+                            idle(code, label, server, args.idle_widgets, args.idle_seconds, args.lease)
+                        )
+                        print(table(rows["idle"][-1:]), flush=True)
     load_after = os.getloadavg()
     versions = ", ".join(f"{label} = {commit_of(code)}" for code, label in codes)
     text = "\n".join(
