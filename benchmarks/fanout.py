@@ -179,8 +179,11 @@ def worker_widgets(
     with done:
         if not done.wait_for(lambda: all(reset), READY_TIMEOUT):
             raise SystemExit("widgets did not load their room in time")
-    for w in widgets:  # connected, and its join committed and read back: no start-up in the measurement
-        while w.status != "connected" or w.user not in w.present:
+    # Connected, and (within a minute: 200 first joins at once may need retries) its join committed
+    # and read back, so that the start-up stays out of the measurement.
+    settle = time.monotonic() + 60
+    for w in widgets:
+        while w.status != "connected" or (w.user not in w.present and time.monotonic() < settle):
             time.sleep(0.05)
     _say(ready=True)
     _wait_line("go")

@@ -257,8 +257,8 @@ class Changes:
     commits) with the oids of each transaction, or marks everything changed (first use, a
     (re)connect, which makes ZEO drop the whole cache). The session takes the marks *before* it
     begins a transaction, so that a commit arriving during its read is still there for the next
-    one. ``exact=False`` is for storages that tell nobody of commits (in-process ``ZODB.DB``):
-    then every read is a full one, as if everything changed.
+    one. ``exact=False`` is for storages whose notices name no objects (in-process ``ZODB.DB``,
+    PostgreSQL): then every read is a full one, as if everything changed.
     """
 
     #: More pending oids than this and the set is dropped for "everything changed": bounded memory
@@ -272,17 +272,19 @@ class Changes:
         self._oids: set[bytes] = set()
 
     def mark(self, oids: Iterable[bytes]) -> None:
+        if not self.exact:  # every take() says "everything" anyway
+            return
         with self._lock:
             if not self._all:
                 self._oids.update(oids)
                 if len(self._oids) > self.MAX_PENDING:
-                    self.mark_all_locked()
+                    self._mark_all_locked()
 
     def mark_all(self) -> None:
         with self._lock:
-            self.mark_all_locked()
+            self._mark_all_locked()
 
-    def mark_all_locked(self) -> None:
+    def _mark_all_locked(self) -> None:
         self._all, self._oids = True, set()
 
     def take(self) -> tuple[bool, set[bytes]]:
