@@ -316,6 +316,15 @@ def worker_raw_setup(address: tuple[str, int], room: str) -> None:
         db.close()
 
 
+def worker_make_room(address: tuple[str, int], room: str) -> None:
+    """Create the room before its readers start: 50 first readers at once only fight over it."""
+    import zchat_nb
+
+    with zchat_nb.connect(address, user="organiser") as client:
+        client.session(room).new_messages()
+    _say(ready=True)
+
+
 WORKERS = {
     "session_readers": worker_session_readers,
     "widgets": worker_widgets,
@@ -323,6 +332,7 @@ WORKERS = {
     "raw_readers": worker_raw_readers,
     "raw_writer": worker_raw_writer,
     "raw_setup": worker_raw_setup,
+    "make_room": worker_make_room,
 }
 
 
@@ -431,10 +441,9 @@ def start_readers(
 def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: int, gap: float) -> Row:
     room = f"{kind}-{label}-{clients}-{random.getrandbits(32):08x}"
     limit = n * gap + 30
-    if kind == "raw":
-        setup = Proc(code, "raw_setup", server.address, room)
-        setup.read(READY_TIMEOUT)
-        setup.finish()
+    setup = Proc(code, "raw_setup" if kind == "raw" else "make_room", server.address, room)
+    setup.read(READY_TIMEOUT)
+    setup.finish()
     readers = start_readers(code, kind, server.address, room, clients, n, limit)
     writer = Proc(code, "raw_writer" if kind == "raw" else "writer", server.address, room, n, gap)
     writer.read(READY_TIMEOUT)
@@ -473,6 +482,9 @@ def delivery(code: Path, label: str, kind: str, server: Any, clients: int, n: in
 
 def idle(code: Path, label: str, server: Any, widgets: int, seconds: float, lease: float = 0.0) -> Row:
     room = f"idle-{label}-{random.getrandbits(32):08x}"
+    setup = Proc(code, "make_room", server.address, room)
+    setup.read(READY_TIMEOUT)
+    setup.finish()
     procs = []
     for start in range(0, widgets, PER_PROCESS):
         count = min(PER_PROCESS, widgets - start)
