@@ -194,11 +194,11 @@ def worker_widgets(
         with done:
             done.wait_for(lambda: all(len(r["latencies"]) >= n for r in results), limit)
     cpu = cpu_seconds() - cpu
+    _say(results=results, cpu=cpu)  # before closing: the widgets' leave commits are not measured
     for w in widgets:
         w.close()
     for c in clients:
         c.close()
-    _say(results=results, cpu=cpu)
 
 
 def worker_writer(address: tuple[str, int], room: str, n: int, gap: float) -> None:
