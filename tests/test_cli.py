@@ -146,3 +146,12 @@ def test_export_overwrites_only_with_force(server: zchat_nb.Server, tmp_path: Pa
     assert out.read_text() == "old\n"
     assert main(["export", "general", "-o", str(out), "--force", *address]) == 0
     assert "exported" in out.read_text()
+
+
+def test_status_of_a_stopped_local_default_names_the_command_that_brings_it_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["status"]) == 3
+    out, err = capsys.readouterr()
+    assert json.loads(out)["running"] is False
+    assert "`zchat-nb serve --local` brings it back with its data" in err

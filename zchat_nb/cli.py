@@ -258,7 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import os
 
-    from .local import ENV_ADDRESS, local_status
+    from .local import ENV_ADDRESS, local_status, restart_hint
     from .net import parse_address, probe
     from .storage import is_storage_uri, parse_storage_uri, postgres_status
 
@@ -271,6 +271,10 @@ def _status(args: argparse.Namespace) -> int:
         status = {"address": env, "storage": "ZEO server", "running": probe(address), "from": ENV_ADDRESS}
     else:
         status = {**local_status(), "storage": "ZEO server (local default)"}
+    if not status.get("running") and not is_storage_uri(env):
+        # The JSON stays machine-readable on stdout; the way back goes to a person, on stderr.
+        status["hint"] = restart_hint(parse_address(status["address"]))
+        print(f"zchat-nb: the server is not running; {status['hint']}", file=sys.stderr)
     print(json.dumps(status, indent=2))
     return 0 if status.get("running") else 3
 
