@@ -79,6 +79,8 @@ def test_the_local_default_listens_on_a_socket_in_a_private_directory(
     for name, info in files.items():
         if stat.S_ISSOCK(info.st_mode):
             assert stat.S_IMODE(info.st_mode) & 0o077 == 0, name
+        elif stat.S_ISDIR(info.st_mode):  # the blob directory of shared pictures
+            assert stat.S_IMODE(info.st_mode) == 0o700, f"{name} is {stat.S_IMODE(info.st_mode):o}"
         else:
             assert stat.S_IMODE(info.st_mode) == 0o600, f"{name} is {stat.S_IMODE(info.st_mode):o}"
 
