@@ -331,7 +331,7 @@ class ChatClient:
     def rooms(self) -> list[str]:
         """Names of the rooms in the database."""
         tm, conn = self.connection()
-        with server_boundary(self.address_text, self.restart_hint):
+        with server_boundary(self.address_text, lambda: self.restart_hint):
             tm.begin()
             return room_names(conn.root().get(ROOMS_KEY))
 
@@ -351,7 +351,7 @@ class ChatClient:
         if not self.is_connected():  # the blob may be on the server only: say so now, not later
             raise disconnected(self.address_text, self.restart_hint)
         tm, conn = self.connection()
-        with server_boundary(self.address_text, self.restart_hint):
+        with server_boundary(self.address_text, lambda: self.restart_hint):
             tm.begin()
             try:
                 return read_attachment(conn, message.attachments[index], self.max_attachment_bytes)

@@ -24,7 +24,7 @@ once, because the message id is made by the sender and checked.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from transaction.interfaces import TransientError
 from ZODB.POSException import ConflictError
@@ -96,8 +96,11 @@ def disconnected(where: str, hint: str = "") -> ZChatDisconnected:
 
 
 @contextlib.contextmanager
-def server_boundary(where: str, hint: str = "") -> Iterator[None]:
+def server_boundary(where: str, hint: str | Callable[[], str] = "") -> Iterator[None]:
     """Turn a server that went away, mid-call, into :class:`ZChatDisconnected` naming ``where``.
+
+    ``hint`` (or a callable that makes it, called only on failure: it may look at files) says how to
+    bring that server back with its data.
 
     ZEO's ``ClientDisconnected`` is a ``transaction.interfaces.TransientError``, which is caught here
     without importing ZEO. A ``ConflictError`` is transient too but says nothing about the server,
@@ -108,4 +111,4 @@ def server_boundary(where: str, hint: str = "") -> Iterator[None]:
     except (ZChatError, ConflictError):
         raise
     except TransientError as exc:
-        raise disconnected(where, hint) from exc
+        raise disconnected(where, hint() if callable(hint) else hint) from exc

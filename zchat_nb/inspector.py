@@ -350,7 +350,7 @@ class Inspector(ipywidgets.VBox):
             connected = self.client.is_connected()
             new["connected"] = connected
             if connected:
-                with server_boundary(self.client.address_text, self.client.restart_hint):
+                with server_boundary(self.client.address_text, lambda: self.client.restart_hint):
                     tm, conn = self.client.connection()
                     tm.begin()
                     rooms = conn.root().get(ROOMS_KEY)

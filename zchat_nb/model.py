@@ -741,7 +741,7 @@ class ChatSession:
                     raise disconnected(self._host.address_text, self._host.restart_hint)
             generation = self._host.generation()
             try:
-                with server_boundary(self._host.address_text, self._host.restart_hint):
+                with server_boundary(self._host.address_text, lambda: self._host.restart_hint):
                     messages = self._poll()
             except ZChatDisconnected:  # the server went away mid-read: wait for it, if there is time
                 if deadline is None or time.monotonic() >= deadline:
@@ -867,7 +867,7 @@ class ChatSession:
         """
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"history(n) needs an int n >= 0, not {n!r}")
-        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
+        with self._lock, server_boundary(self._host.address_text, lambda: self._host.restart_hint):
             room = self._room()
             return [] if room is None else self._history(room, n, before)
 
@@ -1040,7 +1040,7 @@ class ChatSession:
 
     def present(self, within: float = 90.0) -> list[str]:
         """Users whose last heartbeat in this room is at most ``within`` seconds old."""
-        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
+        with self._lock, server_boundary(self._host.address_text, lambda: self._host.restart_hint):
             room = self._room()
             return [] if room is None else room.present(float(self._host.clock()) - within)
 
@@ -1079,14 +1079,14 @@ class ChatSession:
             raise ZChatConnectionError("the client of this session is closed")
         if not self._host.is_connected():
             raise disconnected(self._host.address_text, self._host.restart_hint)
-        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
+        with self._lock, server_boundary(self._host.address_text, lambda: self._host.restart_hint):
             self._fresh = self._poll()  # kept for the next new_messages()
             changed, self._changed = list(self._changed.values()), {}
         return changed
 
     def everything(self) -> list[Message]:
         """Every message of the room in time order, in its current state (reads it all: for exports)."""
-        with self._lock, server_boundary(self._host.address_text, self._host.restart_hint):
+        with self._lock, server_boundary(self._host.address_text, lambda: self._host.restart_hint):
             room = self._room()
             if room is None:
                 return []

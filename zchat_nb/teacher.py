@@ -71,7 +71,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def _read_room(client: ChatClient, name: str, action: Callable[[Room], _T]) -> _T:
     """Run ``action(room)`` on a fresh snapshot of this thread's connection: all that was committed."""
     tm, conn = client.connection()
-    with server_boundary(client.address_text, client.restart_hint):
+    with server_boundary(client.address_text, lambda: client.restart_hint):
         tm.begin()
         try:
             return action(_find_room(client, conn, name))
@@ -291,5 +291,5 @@ def pack(client: ChatClient, days: float = 0.0) -> None:
     """
     if days < 0:
         raise ZChatError(f"pack(days={days}) needs days >= 0")
-    with server_boundary(client.address_text, client.restart_hint):
+    with server_boundary(client.address_text, lambda: client.restart_hint):
         client.db.pack(days=days)
