@@ -348,13 +348,8 @@ class ChatWidget(anywidget.AnyWidget):
         self, text: Any, client_id: str, room: str, *, attachment: Any = None, name: str | None = None
     ) -> Future[Message]:
         future: Future[Message] = Future()
-        if self._stopping.is_set():
-            exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
-            future.set_exception(exc)
-            self._request(_FailedRequest(client_id, f"not sent: {exc}"))
-        else:
-            self._outbox.put(_Outgoing(room, text, client_id, future, attachment=attachment, name=name))
-        return future
+        outgoing = _Outgoing(room, text, client_id, future, attachment=attachment, name=name)
+        return self._enqueue(outgoing, future, "not sent")
 
     def _on_client_event(self, event: ClientEvent) -> None:
         # On ZEO's networking thread or a committing one (this widget's own commits included):
@@ -670,13 +665,17 @@ class ChatWidget(anywidget.AnyWidget):
     def _act(self, action: str, message: Message, arg: Any, client_id: str = "") -> Future[Message]:
         future: Future[Message] = Future()
         client_id = client_id or uuid.uuid4().hex
-        room = self._shown or self.room
+        outgoing = _Outgoing(self._shown or self.room, arg, client_id, future, action=action, target=message)
+        return self._enqueue(outgoing, future, f"{action} failed")
+
+    def _enqueue(self, outgoing: _Outgoing, future: Future[Message], failed: str) -> Future[Message]:
+        """Hand ``outgoing`` to the sender thread, or fail its future at once if the widget is closed."""
         if self._stopping.is_set():
             exc = ZChatConnectionError("this ChatWidget is closed; make a new one with ChatWidget(client)")
             future.set_exception(exc)
-            self._request(_FailedRequest(client_id, f"{action} failed: {exc}"))
+            self._request(_FailedRequest(outgoing.client_id, f"{failed}: {exc}"))
         else:
-            self._outbox.put(_Outgoing(room, arg, client_id, future, action=action, target=message))
+            self._outbox.put(outgoing)
         return future
 
     def _amend_from_view(self, frame: Amend) -> None:
