@@ -8,6 +8,10 @@ import struct
 import time
 from pathlib import Path
 
+import ZEO
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import load_current
+
 import zchat_nb
 
 
@@ -132,3 +136,17 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def overwrite(address: object, oid: bytes, data: bytes) -> None:
+    """Store ``data`` as the new state of ``oid`` through the raw storage API, as a hostile client would."""
+    storage = ZEO.client(address, wait_timeout=10)
+    try:
+        serial = load_current(storage, oid)[1]
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        storage.store(oid, serial, data, "", txn)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+    finally:
+        storage.close()

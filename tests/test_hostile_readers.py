@@ -20,15 +20,13 @@ import transaction
 import ZEO
 import ZODB
 from BTrees.OOBTree import OOBTree
-from ZODB.Connection import TransactionMetaData
-from ZODB.utils import load_current
 
 import zchat_nb
 from zchat_nb import model
 from zchat_nb.guard import ServerLimits
 from zchat_nb.model import ROOMS_KEY, Message
 
-from .attacks import dag_pickle, honest_pair_works
+from .attacks import dag_pickle, honest_pair_works, overwrite
 from .conftest import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -53,19 +51,6 @@ def as_attacker(address: object, change: Callable[[ZODB.Connection.Connection], 
         conn.close()
     finally:
         db.close()
-
-
-def overwrite(address: object, oid: bytes, data: bytes) -> None:
-    storage = ZEO.client(address, wait_timeout=10)
-    try:
-        serial = load_current(storage, oid)[1]
-        txn = TransactionMetaData()
-        storage.tpc_begin(txn)
-        storage.store(oid, serial, data, "", txn)
-        storage.tpc_vote(txn)
-        storage.tpc_finish(txn)
-    finally:
-        storage.close()
 
 
 def stream_oid(client: zchat_nb.ChatClient, room: str = "general") -> tuple[bytes, tuple[float, str]]:

@@ -15,11 +15,11 @@ import ZEO
 from BTrees.OOBTree import OOBTree
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
-from ZODB.utils import load_current
 
 import zchat_nb
 from zchat_nb.model import ROOMS_KEY
 
+from .attacks import overwrite
 from .helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -40,20 +40,6 @@ def payloads(marker: Path) -> list[Payload]:
         Payload(os.system, f"touch {marker}"),
         Payload(eval, f"open({str(marker)!r}, 'w').close()"),
     ]
-
-
-def overwrite(address: tuple[str, int], oid: bytes, data: bytes) -> None:
-    """Store ``data`` as the new state of ``oid`` through the raw storage API."""
-    storage = ZEO.client(address)
-    try:
-        serial = load_current(storage, oid)[1]
-        txn = TransactionMetaData()
-        storage.tpc_begin(txn)
-        storage.store(oid, serial, data, "", txn)
-        storage.tpc_vote(txn)
-        storage.tpc_finish(txn)
-    finally:
-        storage.close()
 
 
 @pytest.mark.parametrize("which", ["os.system", "builtins.eval"])
