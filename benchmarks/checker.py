@@ -4,13 +4,20 @@ Usage::
 
     python -m benchmarks.checker             # from the repository root; about 20 s
     python -m benchmarks.checker --repeat 9  # more repeats per cell (best is kept)
+    python -m benchmarks.checker --history 100000   # also cold history(200) over ZEO, both checkers
 
 The records are real: a room written by the model into an in-memory ZODB (one writer, 20,000
 messages: its stream's buckets and BTree inner nodes), plus the small records around them; the ZEO
 frames are what ZEO's own encoder makes of a commit's ``storea`` (a server checks it) and of a
 ``loadBefore`` reply (a client checks it). The baseline is the checker as first written, read from
 git (``BASELINE``): a generator of opcode names and one object per stack value. Each cell is the
-best of ``--repeat`` passes over every pickle of that kind. Importing this module does nothing.
+best of ``--repeat`` passes over every pickle of that kind.
+
+``--history N`` also builds a FileStorage with a room of N messages from 20 writers (as
+``benchmarks.run`` does), serves it with ``zchat-nb serve`` in a child process, and times
+``history(200)`` right after a fresh connect in this process, alternating the two checkers (the
+baseline is swapped in where the client calls it: records and server frames); then prints the top
+of a cProfile of one cold call with each. Importing this module does nothing.
 """
 
 from __future__ import annotations
@@ -134,10 +141,85 @@ def commit() -> str:
     return found.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
 
 
+def cold_history(size: int, repeat: int, old: types.ModuleType) -> list[str]:
+    """Cold ``history(200)`` over ZEO with each checker: a table, then the top of each profile."""
+    import contextlib
+    import cProfile
+    import io
+    import pstats
+    import tempfile
+
+    import zchat_nb
+    import zchat_nb.client
+    import zchat_nb.security
+    from benchmarks.run import build_ours, human
+    from tests.helpers import ServerProcess
+
+    new_record, new_frame = zchat_nb.client.check_record, zchat_nb.security.check_pickle
+
+    def use(module: types.ModuleType | None) -> None:
+        zchat_nb.client.check_record = module.check_record if module else new_record  # type: ignore[attr-defined]
+        zchat_nb.security.check_pickle = module.check_pickle if module else new_frame  # type: ignore[attr-defined]
+
+    room = f"r{human(size)}"
+    times: dict[str, list[float]] = {"baseline": [], "new": []}
+    profiles: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "history.fs"
+        start = time.perf_counter()
+        build_ours(path, [size], 2.0)
+        built = time.perf_counter() - start
+        with ServerProcess(path) as server:
+            for i in range(repeat + 1):
+                for name, module in (("baseline", old), ("new", None)):
+                    use(module)
+                    try:
+                        with zchat_nb.connect(server.address, user="history", cache_size=1 << 20) as client:
+                            session = client.session(room, backlog=0)
+                            profile = cProfile.Profile() if i == repeat else None
+                            with profile or contextlib.nullcontext():
+                                start = time.perf_counter()
+                                found = session.history(200)
+                                took = time.perf_counter() - start
+                            assert len(found) == 200, len(found)
+                    finally:
+                        use(None)
+                    if profile is None:
+                        times[name].append(took)
+                    else:
+                        out = io.StringIO()
+                        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(8)
+                        profiles[name] = out.getvalue()
+    lines = [
+        "",
+        f"Cold `history(200)` over ZEO, room of {size} messages from 20 writers (built in {built:.0f} s), "
+        f"`zchat-nb serve` in a child process; median of {repeat} fresh connects each, alternating:",
+        "",
+        "| checker | cold history(200) median (ms) | min (ms) |",
+        "|---|---:|---:|",
+    ]
+    for name, found in times.items():
+        found.sort()
+        lines.append(f"| {name} | {found[len(found) // 2] * 1e3:.1f} | {found[0] * 1e3:.1f} |")
+    for name, text in profiles.items():
+        top = [line for line in text.splitlines() if line.strip()]
+        lines += [
+            "",
+            f"cProfile of one cold history(200), {name} checker (top by own time):",
+            "```",
+            *top[-10:],
+            "```",
+        ]
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000, help="messages in the room (default 20000)")
     parser.add_argument("--repeat", type=int, default=5, help="passes per cell, best kept (default 5)")
+    parser.add_argument(
+        "--history", type=int, default=0, metavar="N", help="also time cold history(200) at N"
+    )
     args = parser.parse_args(argv)
 
     import zchat_nb.pickles as new
@@ -163,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{before / len(pickles) * 1e6:.1f} | {after / len(pickles) * 1e6:.1f} | "
             f"{size / after / 1e6:.1f} | {before / after:.1f}x |"
         )
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    if args.history:
+        print("\n".join(cold_history(args.history, args.repeat, old)))
     return 0
 
 
