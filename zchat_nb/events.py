@@ -47,7 +47,7 @@ ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 class ChangeTracker(Protocol):
     """What :meth:`ClientEvents.track` fills (``zchat_nb.model.Changes``)."""
 
-    def mark(self, oids: Iterable[bytes]) -> None: ...
+    def mark(self, oids: Iterable[bytes], tid: bytes | None = None) -> None: ...
 
     def mark_all(self) -> None: ...
 
@@ -90,7 +90,7 @@ class ClientEvents:
             # Noted before the wake-up, so that a woken reader finds what changed.
             if event.kind in ("invalidation", "committed"):
                 for changes in self._trackers:
-                    changes.mark(event.oids)
+                    changes.mark(event.oids, event.tid)
             elif event.kind == "connected":  # ZEO dropped the whole object cache
                 for changes in self._trackers:
                     changes.mark_all()

@@ -578,27 +578,38 @@ class Changes:
         self.exact = exact
         self._lock = threading.Lock()
         self._all = True
-        self._oids: set[bytes] = set()
+        #: ``oid -> tid`` of the latest commit that changed it (None: not known).
+        self._oids: dict[bytes, bytes | None] = {}
 
-    def mark(self, oids: Iterable[bytes]) -> None:
+    def mark(self, oids: Iterable[bytes], tid: bytes | None = None) -> None:
         if not self.exact:  # every take() says "everything" anyway
             return
         with self._lock:
             if not self._all:
-                self._oids.update(oids)
+                self._oids.update(dict.fromkeys(oids, tid))
                 if len(self._oids) > self.MAX_PENDING:
-                    self._all, self._oids = True, set()
+                    self._all, self._oids = True, {}
 
     def mark_all(self) -> None:
         with self._lock:
-            self._all, self._oids = True, set()
+            self._all, self._oids = True, {}
 
-    def take(self) -> tuple[bool, set[bytes]]:
-        """``(everything changed, changed oids)`` since the last take; clears them."""
+    def take(self, before: bytes | None = None) -> tuple[bool, set[bytes]]:
+        """``(everything changed, changed oids)`` since the last take; clears what it returns.
+
+        ``before``: only the oids of commits before that tid (a snapshot that sees them is being
+        read now); later ones stay for the next take.
+        """
         with self._lock:
-            everything, oids = self._all or not self.exact, self._oids
-            self._all, self._oids = False, set()
-            return everything, oids
+            everything = self._all or not self.exact
+            if before is None or everything:
+                oids = set(self._oids)
+                self._all, self._oids = False, {}
+                return everything, oids
+            seen = {oid for oid, tid in self._oids.items() if tid is not None and tid < before}
+            for oid in seen:
+                del self._oids[oid]
+            return False, seen
 
 
 def _children(node: Any) -> list[Any]:
@@ -929,15 +940,19 @@ class ChatSession:
         self._host.report("poll", room=self.room, cost=cost, count=len(found), loads=loads)
         return found
 
-    def _absorb_changes(self) -> None:
+    def _absorb_changes(self, conn: Connection | None = None) -> None:
         """Turn the oids committed since the last call into what to read; before any ``begin()``.
 
-        What is noted here stays noted until a read succeeds: a read that fails (server away)
-        loses nothing.
+        With ``conn`` (right after its ``begin()``): the commits its snapshot sees, so that they
+        are read now and not once more by the next call. What is noted here stays noted until a
+        read succeeds: a read that fails (server away) loses nothing.
         """
         if self._changes is None:
             self._changes = self._host.track_changes()
-        everything, oids = self._changes.take()
+        before = getattr(getattr(conn, "_storage", None), "_start", None) if conn is not None else None
+        if conn is not None and not isinstance(before, bytes):
+            return
+        everything, oids = self._changes.take(before)
         if everything:
             self._rescan()
             self._presence_stale = True
@@ -966,6 +981,7 @@ class ChatSession:
             if room is None:
                 return []
             assert room.streams is not None
+            self._absorb_changes(self._host.connection()[1])
             epoch = _epoch_of(room)
             if self._epoch != epoch:
                 if isinstance(epoch, str):
@@ -1419,6 +1435,7 @@ class ChatSession:
                 room = self._room()
                 if room is None:
                     return []
+                self._absorb_changes(self._host.connection()[1])
                 self._present = room.presence_entries(10 * MAX_WRITERS_PER_CALL)
                 # The room too: a first members tree is set on it.
                 oids = [room._p_oid, *index_oids(room.members), *index_oids(room.presence)]
