@@ -630,6 +630,7 @@ def measure_writers(
             "lost": len(set(sent) - set(stored)),
             "duplicates": len(stored) - len(set(stored)),
             "conflicts": after["conflicts"] - before["conflicts"],
+            "resolved": after.get("conflicts_resolved", 0) - before.get("conflicts_resolved", 0),
             "retries": [x for d in done for x in d.get("retries", [])],
             "commits": after["commits"] - before["commits"],
         }
@@ -658,6 +659,8 @@ def measure_writers(
         f"{title}: aggregate / raw {k}-client rate",
         f"{s['rate'] / rawk['seed']:.2f}",
         f"{o['rate'] / rawk['ours']:.2f}",
+        "≥ 0.9",
+        o["rate"] / rawk["ours"] >= 0.9,
     )
     rep.add(f"{title}: per-commit p50 (ms)", ms(median(s["latencies"])), ms(median(o["latencies"])))
     rep.add(
@@ -678,6 +681,13 @@ def measure_writers(
         f"{title}: conflicts the server could not resolve / commits",
         f"{s['conflicts']} / {s['commits']}",
         f"{o['conflicts']} / {o['commits']}",
+    )
+    rep.add(
+        f"{title}: conflicts the server resolved (merged) / commits",
+        f"{s['resolved']} / {s['commits']}",
+        f"{o['resolved']} / {o['commits']}",
+        "none per message",
+        o["resolved"] <= o["commits"] // 100,
     )
     if o["retries"]:
         hit = sum(1 for r in o["retries"] if r)

@@ -79,6 +79,8 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
         zchat_nb.Message("0123456789abcdef", c.user, "into the void", 1.0)
     ),
     "ChatSession.heartbeat": lambda c: c.session("lab").heartbeat(),
+    "ChatSession.join": lambda c: c.session("lab").join(),
+    "ChatSession.leave": lambda c: c.session("lab").leave(),
     "ChatSession.edit": lambda c: c.session("lab").edit(_SHOWN, "into the void"),
     "ChatSession.delete": lambda c: c.session("lab").delete(_SHOWN),
     "ChatSession.react": lambda c: c.session("lab").react(_SHOWN, "👍"),
@@ -91,6 +93,7 @@ WRITES: dict[str, Callable[[ChatClient], Any]] = {
 #: Calls that do not ask the server: they work while it is away.
 LOCAL: dict[str, Callable[[ChatClient], Any]] = {
     "ChatSession.draft": lambda c: c.session("lab").draft("built offline"),
+    "ChatSession.behind": lambda c: c.session("lab").behind,
 }
 
 

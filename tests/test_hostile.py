@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import ZEO
+from BTrees.Length import Length
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
@@ -143,10 +144,14 @@ def test_a_dag_in_a_conflict_state_stays_a_conflict(file_server: zchat_nb.Server
         chat.add_message("first")
         tm, conn = client.connection()
         tm.begin()
-        length = conn.root()[ROOMS_KEY]["general"].count
+        conn.root()["counter"] = Length()  # an object the server resolves conflicts of
+        tm.commit()
+        tm.begin()
+        length = conn.root()["counter"]
         oid, serial = length._p_oid, length._p_serial
-        tm.abort()
-        chat.add_message("second: the Length moves on, the attacker's serial is now old")
+        length.change(1)
+        tm.commit()  # the Length moves on, the attacker's serial is now old
+        chat.add_message("second")
     # A Length state that is a DAG, stored against the old serial: the server tries to resolve it.
     crafted = pickle.dumps(type(length), 3) + dag_pickle(DEPTH, "plain")[0:] + b"."
     storage = ZEO.client(file_server.address, wait_timeout=10)

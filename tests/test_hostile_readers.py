@@ -8,6 +8,7 @@ in time bounded by what they return, report what they skip, and keep the other r
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import signal
@@ -24,7 +25,7 @@ from BTrees.OOBTree import OOBTree
 import zchat_nb
 from zchat_nb import model
 from zchat_nb.guard import ServerLimits
-from zchat_nb.model import ROOMS_KEY, Message
+from zchat_nb.model import ROOMS_KEY, Message, Room
 
 from .attacks import dag_pickle, honest_pair_works, overwrite
 from .conftest import ServerProcess
@@ -67,10 +68,13 @@ def bucket_record(items: bytes) -> bytes:
     return pickle.dumps(OOBTree, 3) + b"\x80\x03(" + items + b"t\x85\x85\x85."
 
 
-def mixed_tree(tree: OOBTree, extra: list[tuple[object, object]]) -> OOBTree:
-    """A copy of ``tree`` with keys BTrees would refuse (they do not compare with str), set by state."""
+def mixed_tree(tree: OOBTree, extra: list[tuple[object, object]], *, first: bool = False) -> OOBTree:
+    """A copy of ``tree`` with keys BTrees would refuse (they do not compare with str), set by state.
+
+    ``first``: put them before the others, where every search of the bucket meets them.
+    """
     flat: list[object] = []
-    for key, value in [*tree.items(), *extra]:
+    for key, value in [*extra, *tree.items()] if first else [*tree.items(), *extra]:
         flat += [key, value]
     crafted = OOBTree()
     crafted.__setstate__((((tuple(flat),),),))
@@ -129,6 +133,43 @@ def test_a_crafted_stream_record_is_skipped(lenient_server: zchat_nb.Server, how
     honest_pair_works(address)
 
 
+def test_bad_streams_epoch_presence_and_room_keys_are_skipped(lenient_server: zchat_nb.Server) -> None:
+    address = lenient_server.address
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session("general").add_message("hello")
+        alice.session("other").add_message("in another room")
+        alice.session("general").join()
+
+    def vandalise(conn: ZODB.Connection.Connection) -> None:
+        rooms = conn.root()[ROOMS_KEY]
+        room = rooms["general"]
+        room.streams["w-not-a-tree"] = ("not", "a stream")
+        room.streams["w-bad-keys"] = OOBTree({"not a key": "not a record"})
+        room.streams = mixed_tree(room.streams, [(("not", "a str"), OOBTree())], first=True)
+        room.heads = mixed_tree(OOBTree({"w-inf": (1, -math.inf, 5.0, "x")}), [((1,), "x")])  # old shape
+        room.epoch = math.nan
+        room.presence = mixed_tree(OOBTree({"eve": "not a time", "inf": math.inf}), [(("tuple",), 3.0)])
+        room.members = mixed_tree(room.members, [("not a pair", 3.0), (("mallory", "w"), math.nan)])
+        conn.root()[ROOMS_KEY] = mixed_tree(rooms, [(("a", "tuple"), Room("bad"))], first=True)
+
+    as_attacker(address, vandalise)
+    with zchat_nb.connect(address, user="reader") as client:
+        assert sorted(client.rooms()) == ["general", "other"]
+        chat = client.session("general")
+        assert [m.text for m in chat.new_messages()] == ["hello"]
+        for _ in range(3):  # NaN != NaN: no re-delivery on every poll
+            assert chat.new_messages() == []
+        assert [m.text for m in chat.history(10)] == ["hello"]
+        assert chat.present() == ["alice"]
+        assert [m.text for m in client.session("other").new_messages()] == ["in another room"]
+        places = " ".join(where for where, _ in chat.skipped)
+        assert "w-not-a-tree" in places and "w-bad-keys" in places and "epoch" in places
+        assert "'not', 'a str'" in places  # the key that is not a writer
+    # a fresh client's first send to the room repairs the index it cannot search
+    honest_pair_works(address)
+    honest_pair_works(address, room="other")
+
+
 def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.Server) -> None:
     address = lenient_server.address
     with zchat_nb.connect(address, user="alice") as alice:
@@ -145,6 +186,86 @@ def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.S
         assert broken.history() == []
         assert broken.skipped and "broken" in broken.skipped[0][0]
         assert [m.text for m in client.session("general").new_messages()] == ["fine"]
+
+
+def test_a_huge_stream_is_delivered_in_bounded_calls_without_skip_or_repeat(
+    lenient_server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = lenient_server.address
+    monkeypatch.setattr(model, "MAX_PER_CALL", 100)
+    total = 1050
+
+    def flood(conn: ZODB.Connection.Connection) -> None:
+        rooms = model.rooms_of(conn)
+        room = rooms["general"] = Room("general", 1.0)
+        assert room.streams is not None
+        stream = room.streams["flooder"] = OOBTree()
+        for i in range(total):
+            message = Message(f"id{i:06d}", "flooder", f"m{i}", 1000.0 + i * 1e-3)
+            stream[message.key] = message.to_record()
+
+    as_attacker(address, flood)
+    with zchat_nb.connect(address, user="reader") as client:
+        chat = client.session("general")
+        seen: list[str] = []
+        while batch := chat.new_messages():
+            assert len(batch) <= 100
+            seen += [m.id for m in batch]
+        assert len(seen) == total and len(set(seen)) == total
+        assert len(chat.history(5000)) == total
+        assert not chat.skipped
+        waiting = client.session("general")  # with a timeout: each call still returns at most 100
+        assert len(waiting.new_messages(timeout=10)) == 100
+    honest_pair_works(address)
+
+
+class Loads:
+    """Counts the objects a client's storage loads (wraps its ``loadBefore``)."""
+
+    def __init__(self, client: zchat_nb.ChatClient) -> None:
+        self.count = 0
+        storage = client.db.storage
+        real = storage.loadBefore
+
+        def load_before(*args: object) -> object:
+            self.count += 1
+            return real(*args)
+
+        storage.loadBefore = load_before
+
+
+def test_many_writers_are_read_a_slice_per_call_and_none_is_starved(
+    lenient_server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = lenient_server.address
+    monkeypatch.setattr(model, "MAX_WRITERS_PER_CALL", 500)
+    writers = 2000
+    with zchat_nb.connect(address, user="alice") as alice:
+        alice.session().add_message("honest")
+
+    def flood(conn: ZODB.Connection.Connection) -> None:
+        room = conn.root()[ROOMS_KEY]["general"]
+        for i in range(writers):  # streams with nothing in them, and some that are not streams
+            room.streams[f"ghost{i:05d}"] = OOBTree() if i % 2 else ("x",)
+
+    as_attacker(address, flood)
+    with (
+        zchat_nb.connect(address, user="reader") as client,
+        zchat_nb.connect(address, user="bob") as bob,
+    ):
+        chat = client.session("general")
+        loads = Loads(client)
+        got: list[str] = []
+        for call in range(2 * writers // 500 + 2):
+            before = loads.count
+            got += [m.text for m in chat.new_messages()]
+            assert loads.count - before <= 500 + 50, "a call looked at more than its slice"
+            if call == 1:  # a new writer during the first pass: found by this pass or the next
+                bob.session().add_message("late")
+        assert sorted(got) == ["honest", "late"]
+        assert not chat.behind
+        assert len(chat.skipped) <= model.MAX_SKIPPED
+    honest_pair_works(address)
 
 
 def test_a_lost_answer_says_the_message_may_have_been_sent_and_a_retry_stores_it_once(

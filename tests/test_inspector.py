@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import ZODB
 
 import zchat_nb
-from zchat_nb import ChatClient, Message
+from zchat_nb import ChatClient
 from zchat_nb.inspector import Inspector
 from zchat_nb.model import ROOMS_KEY
 
@@ -73,9 +72,10 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         sent = chat_b.add_message("hello from bob")
         seen = inspector.wait_for(lambda s: s["invalidations_total"] >= 1, TIMEOUT)
         invalidation = seen["invalidations"][-1]
-        assert invalidation["count"] == len(invalidation["objects"]) >= 4
+        # B's first message: its new stream and the index that gets it; nothing shared besides
+        assert invalidation["count"] == len(invalidation["objects"]) == 2
         kinds = {o["kind"] for o in invalidation["objects"]}
-        assert {f"stream of {b.writer}", "heads", "count"} <= kinds
+        assert kinds == {f"stream of {b.writer}", "streams index"}
         assert seen["last_tid"] >= invalidation["tid"]
 
         # A's own commit, with its latency; A's poll, with its cost
@@ -87,12 +87,15 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         assert commit["room"] == "general" and commit["latency"] > 0 and commit["conflicts"] == 0
         assert mine["polls"]["last_cost"] is not None and mine["polls"]["recent"][-1]["room"] == "general"
 
-        # A and B insert into the same bucket at once: the server merges them
+        # Messages never need merging (each writer has its own stream), presence can: A joins
+        # while B renews its lease, two keys of one bucket at once, and the server merges them
+        chat_b.join()
+        a.db.storage.ping()  # a round trip: A has heard of B's join (the members tree) now
         tm, conn = a.connection()
         tm.begin()
         room = conn.root()[ROOMS_KEY]["general"]
-        room.append(a.writer, Message(uuid.uuid4().hex, "alice", "racing", time.time()))
-        chat_b.add_message("racing too")
+        room.join("alice", a.writer, time.time())
+        chat_b.join()
         tm.commit()
         inspector.wait_for(lambda s: s["resolved"] >= 1, TIMEOUT)
 
@@ -100,9 +103,9 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         for i in range(100):
             chat_b.add_message(f"message {i}")
         grown = inspector.wait_for(
-            lambda s: s["tree"]["buckets"] > buckets_before and s["messages"] == 105, TIMEOUT
+            lambda s: s["tree"]["buckets"] > buckets_before and s["messages"] == 103, TIMEOUT
         )
-        assert sum(grown["tree"]["fills"]) == 102  # B's stream, small: every bucket is shown
+        assert sum(grown["tree"]["fills"]) == 101  # B's stream, small: every bucket is shown
         path = tmp_path / "tree.svg"
         path.write_text(inspector.tree_svg(), encoding="utf-8")
         assert ET.parse(path).getroot().tag == f"{SVG}svg"
@@ -111,7 +114,7 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         html_by_class = {tuple(child._dom_classes): child.value for child in inspector.children}
         assert "zchat-inspector" in inspector._dom_classes
         assert "<svg" in html_by_class[("zchat-inspector-tree",)]
-        assert "bob&#x27;s stream: 102 of 105 messages" in html_by_class[("zchat-inspector-tree",)]
+        assert "bob&#x27;s stream: 101 of 103 messages" in html_by_class[("zchat-inspector-tree",)]
         assert "stream bucket" in html_by_class[("zchat-inspector-invalidations",)]
         assert "sending to room" in html_by_class[("zchat-inspector-commits",)]
         assert a.address_text in html_by_class[("zchat-inspector-server",)]

@@ -14,7 +14,7 @@ import ZODB
 from BTrees.OOBTree import OOBTree
 
 import zchat_nb
-from zchat_nb.model import ROOMS_KEY, Message, Room
+from zchat_nb.model import ROOMS_KEY, Changes, Message, Room
 
 
 class CountingDB:
@@ -76,30 +76,50 @@ def cold_history_loads(counting: CountingDB) -> int:
     return loads
 
 
-def idle_poll_loads(counting: CountingDB) -> tuple[int, int]:
+def idle_poll_loads(counting: CountingDB, exact: bool) -> dict[str, int]:
+    """Loads of a reader's first, warm idle and cold idle ``new_messages()``.
+
+    ``exact``: the reader's client hears of every commit (a ZEO client; none comes here), so an idle
+    call reads nothing; else (in-process storage) each call checks every stream's end.
+    """
     client = zchat_nb.ChatClient(counting.db, user="reader")
+    if exact:
+        client.track_changes = lambda: Changes(exact=True)  # type: ignore[method-assign]
     chat = client.session("general", backlog=0)
-    assert chat.new_messages() == [] and chat.new_messages() == []
+    first = counting.count(chat.new_messages)
+    assert chat.new_messages() == []
     warm = counting.count(chat.new_messages)
     _, conn = client.connection()
     conn.cacheMinimize()
     cold = counting.count(chat.new_messages)
     conn.close()
-    return warm, cold
+    return {"first": first, "warm": warm, "cold": cold}
 
 
 @pytest.mark.slow
 def test_history_reads_the_same_amount_at_1k_and_1m(small: CountingDB, large: CountingDB) -> None:
     at_1k, at_1m = cold_history_loads(small), cold_history_loads(large)
-    # The rooms' 8 writers each load their stream's root, inner node and a bucket or two (200
+    # The rooms' 8 writers each load their stream's root, its first and last inner nodes, its first
+    # bucket (the stream's first key: where history may stop) and a bucket or two at the end (200
     # records are about 8 buckets of 30); a full read at 1M would be ~33,000 buckets.
-    assert at_1m <= 8 * 4 + 8, at_1m
+    assert at_1m <= 8 * 5 + 8, at_1m
     assert at_1m <= at_1k + 8, (at_1k, at_1m)  # one more tree level per stream
 
 
 @pytest.mark.slow
 def test_idle_new_messages_reads_nothing_at_1k_and_1m(small: CountingDB, large: CountingDB) -> None:
-    warm_1k, cold_1k = idle_poll_loads(small)
-    warm_1m, cold_1m = idle_poll_loads(large)
-    assert warm_1k == warm_1m == 0
-    assert cold_1m == cold_1k <= 6, (cold_1k, cold_1m)  # root, rooms, room, count: not the messages
+    at_1k, at_1m = idle_poll_loads(small, exact=True), idle_poll_loads(large, exact=True)
+    assert at_1k["warm"] == at_1k["cold"] == at_1m["warm"] == at_1m["cold"] == 0
+    # the first call reads the root, the rooms, the room, its streams index and each of the 8
+    # streams' right edge (root, inner node, last bucket at 1M), not the messages
+    assert at_1m["first"] <= 4 + 8 * 3, at_1m
+
+
+@pytest.mark.slow
+def test_without_change_notices_an_idle_call_checks_each_streams_end(
+    small: CountingDB, large: CountingDB
+) -> None:
+    at_1k, at_1m = idle_poll_loads(small, exact=False), idle_poll_loads(large, exact=False)
+    assert at_1k["warm"] == at_1m["warm"] == 0  # all in the object cache
+    assert at_1m["cold"] <= 6 + 8 * 3, at_1m  # the room and the right edges again, not the messages
+    assert at_1m["cold"] <= at_1k["cold"] + 8, (at_1k, at_1m)  # one more tree level per stream

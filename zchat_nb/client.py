@@ -35,12 +35,14 @@ from .media import DEFAULT_MAX_ATTACHMENT_BYTES
 from .model import (
     DEFAULT_MAX_TEXT_BYTES,
     ROOMS_KEY,
+    Changes,
     ChatSession,
     Message,
     SendPolicy,
     Signer,
     Verifier,
     check_author,
+    index_oids,
     read_attachment,
     room_names,
 )
@@ -145,10 +147,12 @@ class _WakingClientStorage(ClientStorage):
         self.zchat_events.tell(ClientEvent("invalidation", time.time(), tid, oids))
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
+        # The oids this transaction stores, read back from ZEO's buffer before it is closed.
+        oids = tuple(oid for oid, _, _ in txn.data(self))
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
         # The server sends no invalidation to the client that committed: tell this client's own
         # readers and subscribers (other threads, a widget's poller) as an invalidation would.
-        self.zchat_events.tell(ClientEvent("committed", time.time(), tid))
+        self.zchat_events.tell(ClientEvent("committed", time.time(), tid, oids))
         return tid
 
     def tpc_vote(self, txn: Any) -> Any:
@@ -209,6 +213,8 @@ class ChatClient:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[tuple[transaction.TransactionManager, Connection]] = []
+        self._rooms: tuple[Changes, list[str], set[bytes]] | None = None
+        self._rooms_lock = threading.Lock()  # one reader of the rooms index at a time: none misses a change
         self._closed = False
         # PostgreSQL (RelStorage) instead of ZEO: the link's LISTEN thread tells ``events`` of
         # commits and says whether the database answers.
@@ -300,6 +306,21 @@ class ChatClient:
             return self._link.status()
         return dict(self.db.storage.server_status())
 
+    @property
+    def tracks_changes(self) -> bool:
+        """True if this client hears the oids of every commit (ZEO), so readers skip what did not change.
+
+        False for in-process storages and PostgreSQL (its notifications name no objects): their
+        readers check every stream of their room on each call.
+        """
+        return isinstance(self.db.storage, _WakingClientStorage)
+
+    def track_changes(self) -> Changes:
+        """A new :class:`~zchat_nb.model.Changes` filled with every oid committed from now on."""
+        changes = Changes(exact=self.tracks_changes)
+        self.events.track(changes)
+        return changes
+
     # -- events --------------------------------------------------------------------------
 
     def report(self, kind: str, **details: Any) -> None:
@@ -329,11 +350,27 @@ class ChatClient:
         return ChatSession(self, room, backlog=backlog)
 
     def rooms(self) -> list[str]:
-        """Names of the rooms in the database."""
-        tm, conn = self.connection()
-        with server_boundary(self.address_text, lambda: self.restart_hint):
-            tm.begin()
-            return room_names(conn.root().get(ROOMS_KEY))
+        """Names of the rooms in the database; read again only when the rooms index changed."""
+        with self._rooms_lock:
+            if self._rooms is None:
+                self._rooms = (self.track_changes(), [], set())
+            changes, names, oids = self._rooms
+            everything, changed = changes.take()
+            if not everything and not (changed & oids):
+                return list(names)
+            tm, conn = self.connection()
+            try:
+                with server_boundary(self.address_text, lambda: self.restart_hint):
+                    tm.begin()
+                    root = conn.root()
+                    rooms = root.get(ROOMS_KEY)
+                    names = room_names(rooms)
+                    oids = {oid for oid in [root._p_oid, *index_oids(rooms)] if oid is not None}
+            except BaseException:
+                changes.mark_all()  # read it again next time
+                raise
+            self._rooms = (changes, names, oids)
+            return list(names)
 
     # -- attachments -----------------------------------------------------------------------
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["ACTIVITY_KINDS", "WAKE_KINDS", "ClientEvent", "ClientEvents"]
+__all__ = ["ACTIVITY_KINDS", "WAKE_KINDS", "ChangeTracker", "ClientEvent", "ClientEvents"]
 
 log = logging.getLogger("zchat_nb.client")
 
@@ -31,7 +32,8 @@ class ClientEvent:
     time: float
     tid: bytes | None = None
     oids: tuple[bytes, ...] = field(default=())
-    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count; "resolved": count.
+    #: For "commit": latency (s), conflicts, what; "poll": cost (s), count, loads (objects loaded);
+    #: "resolved": count.
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -40,6 +42,14 @@ class ClientEvent:
 WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
 #: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
+
+
+class ChangeTracker(Protocol):
+    """What :meth:`ClientEvents.track` fills (``zchat_nb.model.Changes``)."""
+
+    def mark(self, oids: Iterable[bytes], tid: bytes | None = None) -> None: ...
+
+    def mark_all(self) -> None: ...
 
 
 class ClientEvents:
@@ -56,6 +66,7 @@ class ClientEvents:
         self._generation = 0
         self._closed = False
         self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+        self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def generation(self) -> int:
         """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
@@ -65,9 +76,24 @@ class ClientEvents:
         with self._changed:
             return self._changed.wait_for(lambda: self._generation != generation or self._closed, timeout)
 
+    def track(self, changes: ChangeTracker) -> None:
+        """Tell ``changes`` the oids of every commit from now on, or that everything changed.
+
+        Held weakly: a session that is gone stops being told.
+        """
+        with self._changed:
+            self._trackers.add(changes)
+
     def tell(self, event: ClientEvent) -> None:
         """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
         with self._changed:
+            # Noted before the wake-up, so that a woken reader finds what changed.
+            if event.kind in ("invalidation", "committed"):
+                for changes in self._trackers:
+                    changes.mark(event.oids, event.tid)
+            elif event.kind == "connected":  # ZEO dropped the whole object cache
+                for changes in self._trackers:
+                    changes.mark_all()
             if event.kind in WAKE_KINDS:
                 self._generation += 1
                 self._changed.notify_all()

@@ -144,7 +144,11 @@ class Inspector(ipywidgets.VBox):
             "last_cost": None,
             "max_cost": 0.0,
             "recent": deque(maxlen=HISTORY),
+            "loads": 0,
+            "delivered": 0,
         }
+        #: ``stream oid -> (last key, records)``: the picture's counts, updated by what was appended.
+        self._counts: dict[bytes, tuple[Any, int]] = {}
         self._changed = threading.Condition()
         # Inspector-thread state; snapshot() copies _state under _changed.
         self._labels: dict[bytes, dict[str, str]] = {}
@@ -164,7 +168,15 @@ class Inspector(ipywidgets.VBox):
             "commits_total": 0,
             "conflicts": 0,
             "resolved": 0,
-            "polls": {"count": 0, "total_cost": 0.0, "last_cost": None, "max_cost": 0.0, "recent": []},
+            "polls": {
+                "count": 0,
+                "total_cost": 0.0,
+                "last_cost": None,
+                "max_cost": 0.0,
+                "recent": [],
+                "loads": 0,
+                "delivered": 0,
+            },
             "dropped": 0,
             "tree": None,
             "messages": None,
@@ -210,7 +222,8 @@ class Inspector(ipywidgets.VBox):
         last ``server_status()``), invalidations (newest last: time, tid, count, objects (oid, kind,
         class, label), more), invalidations_total, commits (time, room, what, latency, conflicts),
         commits_total, conflicts (retried by this client), resolved (by the server, in this
-        client's commits), polls (count, total_cost, last_cost, max_cost, recent), tree (see
+        client's commits), polls (count, total_cost, last_cost, max_cost, recent, loads and
+        delivered: objects loaded and messages returned by all polls), tree (see
         :func:`tree_summary`), messages, updates, error, running, dropped (events lost because
         the inspector fell more than ``MAX_QUEUED`` behind).
         """
@@ -298,7 +311,12 @@ class Inspector(ipywidgets.VBox):
                 polls["total_cost"] += cost
                 polls["last_cost"] = cost
                 polls["max_cost"] = max(polls["max_cost"], cost)
-                polls["recent"].append({"time": event.time, "room": room, "cost": cost, "count": count})
+                loads = int(event.details.get("loads", 0))
+                polls["loads"] += loads
+                polls["delivered"] += count
+                polls["recent"].append(
+                    {"time": event.time, "room": room, "cost": cost, "count": count, "loads": loads}
+                )
         else:
             if len(self._events) == MAX_QUEUED:  # the inspector fell far behind: say so
                 self._dropped += 1
@@ -358,7 +376,7 @@ class Inspector(ipywidgets.VBox):
                     known = room_oids(room, getattr(rooms, "_p_oid", None))
                     described = [self._describe(conn, e, known) for e in invalidations]
                     if tree_changed or state["tree"] is None:
-                        drawn = drawn_stream(room)
+                        drawn = drawn_stream(room, self._counts)
                         if room is not None and drawn is not None:
                             new["tree"] = tree_summary(drawn.pop("stream"), self.buckets_shown)
                             new["messages"], new["stream"] = drawn["total"], drawn
@@ -587,7 +605,9 @@ class Inspector(ipywidgets.VBox):
             mean = polls["total_cost"] / polls["count"]
             poll_text = (
                 f"{polls['count']} polls, mean {mean * 1e3:.2f} ms, last {polls['last_cost'] * 1e3:.2f} ms, "
-                f"max {polls['max_cost'] * 1e3:.2f} ms; a poll loads from the server only what changed"
+                f"max {polls['max_cost'] * 1e3:.2f} ms; {polls['loads']} objects loaded for "
+                f"{polls['delivered']} messages delivered ({_per_message(polls)}): a poll loads only "
+                "the streams the server said changed"
             )
         else:
             poll_text = "no polls yet"
@@ -615,6 +635,13 @@ class Inspector(ipywidgets.VBox):
             f'<h4 title="{html.escape(STREAMS_HELP)}">One writer\'s messages BTree</h4>'
             f"{tree_svg(state['tree'], title=title, subtitle=subtitle)}"
         )
+
+
+def _per_message(polls: dict[str, Any]) -> str:
+    """Objects loaded per delivered message, the cost of fan-out, in words."""
+    if not polls["delivered"]:
+        return "none delivered yet"
+    return f"{polls['loads'] / polls['delivered']:.2f} per message"
 
 
 def _clock(when: float | None) -> str:

@@ -7,14 +7,22 @@ one shared BTree makes bucket splits, which cannot be merged, conflict all the t
 
 Here each writer (one per :class:`~zchat_nb.client.ChatClient`) appends to a stream of its own,
 ``Room.streams[writer]``, keyed by ``(time, id)``, where times only grow: a writer's key order is
-its commit order. A reader's cursor is the last key it was given from each stream, held by the
-:class:`ChatSession` in ordinary memory, never on a persistent object. Writers touch only their own
-stream, their own key of ``Room.heads`` and the ``Room.count`` counter, all of which merge, so
-concurrent senders do not conflict. History merges the recent ends of the streams by time.
+its commit order. A send changes only the writer's own objects (its stream's last bucket; on a
+split a node of its stream; on its first message the ``streams`` index), so concurrent senders
+neither conflict nor make the server resolve anything. A reader's cursor is the last key it was
+given from each stream, held by the :class:`ChatSession` in ordinary memory, never on a persistent
+object. History merges the recent ends of the streams by time.
 Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
 
+Fan-out: a reader learns from the oids its client is told were committed (:class:`Changes`) which
+streams changed, and reads only those, from its cursor on: one load (the stream's last bucket) per
+delivered message, and no load at all while nothing of its room changed. Each call reads at most
+:data:`MAX_PER_CALL` records and looks at most at :data:`MAX_WRITERS_PER_CALL` streams; the rest
+comes with the next calls, so a crafted room cannot make one call unbounded.
+
 This module knows nothing of ZEO, widgets or IPython: a :class:`ChatSession` gets its connection,
-its wake-ups and its clock from a :class:`SessionHost` (``zchat_nb.client.ChatClient`` in practice).
+its wake-ups, its change notices and its clock from a :class:`SessionHost`
+(``zchat_nb.client.ChatClient`` in practice).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import collections
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -31,7 +40,7 @@ import reprlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
@@ -80,6 +89,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_TEXT_BYTES",
     "Attachment",
+    "Changes",
     "ChatSession",
     "Message",
     "Room",
@@ -98,6 +108,11 @@ MAX_ROOM_CHARS = 64
 MAX_SKIPPED = 100
 _LOGGED_SKIPS = 10
 _MAX_REASON = 300
+#: Records (messages and amendments) one ``new_messages()`` call reads at most; the rest comes next.
+MAX_PER_CALL = 1000
+#: Streams one call looks at, at most (a room of 100k writers is read a slice per call, in turn);
+#: history and a backlog start look at ten times as many.
+MAX_WRITERS_PER_CALL = 1000
 #: Rounds of history's window search (the window at least doubles each round).
 _MAX_WINDOW_ROUNDS = 200
 _ID_CHARS = 32
@@ -321,13 +336,16 @@ class Room(Persistent):
     #: ``writer -> stream``; a stream is an ``OOBTree`` of ``(time, id) -> record`` that only its
     #: writer appends to, so writers never conflict. A writer's times increase in commit order.
     streams: OOBTree | None = None
-    #: ``writer -> (count, first time, last time, last id)``. Writers change only their own key,
-    #: so concurrent commits merge.
+    #: Written by zchat_nb before the fan-out rework (``writer -> (count, first, last, last id)``
+    #: and a ``Length``); every send changed them, so every reader reloaded them. No longer read
+    #: or written: the streams' own first and last keys say the same.
     heads: OOBTree | None = None
-    #: Number of messages in this epoch; a reader with as many delivered is idle.
     count: Length | None = None
-    #: ``user -> last heartbeat time``; one key per user, so concurrent heartbeats merge.
+    #: ``user -> last heartbeat time``, written by zchat_nb before members; still read.
     presence: OOBTree | None = None
+    #: ``(user, writer) -> time joined or lease renewed``; one key per client, changed on join,
+    #: leave and (rarely) a lease renewal, so readers reload it only when someone comes or goes.
+    members: OOBTree | None = None
     #: ``writer -> OOBTree(target key -> records)``: each writer's latest edit, delete and reactions
     #: per message it amended (see :mod:`zchat_nb.amend`); only that writer changes its tree.
     amends: OOBTree | None = None
@@ -341,10 +359,24 @@ class Room(Persistent):
 
     def _new_trees(self) -> None:
         self.streams = OOBTree()
-        self.heads = OOBTree()
-        self.count = Length()
+        if self.heads is not None or self.count is not None:  # a room of the old shape: not kept up
+            self.heads = self.count = None
         if self.amends is not None:
             self.amends = OOBTree()
+
+    def _own_stream(self, writer: str) -> OOBTree:
+        """``writer``'s stream, made on its first message (the only change to the shared index)."""
+        assert self.streams is not None
+        try:
+            stream = self.streams.get(writer)
+            if stream is None:
+                stream = self.streams[writer] = OOBTree()
+        except TypeError:  # another client put keys there that do not compare with str
+            self.streams = _str_keyed(self.streams)
+            stream = self.streams.get(writer)
+            if stream is None:
+                stream = self.streams[writer] = OOBTree()
+        return stream
 
     def append(self, writer: str, message: _Item, seal: Callable[[_Item], _Item] | None = None) -> _Item:
         """Add ``message`` to the end of ``writer``'s stream and return it as stored.
@@ -352,25 +384,20 @@ class Room(Persistent):
         Its time is moved just past the writer's previous message if the writer's clock went back,
         so that each stream's key order is its commit order. A message whose id is already in the
         stream (a retried send whose first commit did happen, even with later sends since) is left
-        alone.
+        alone. Changes only the writer's own stream (and the ``streams`` index on its first message).
         """
-        assert self.streams is not None and self.heads is not None and self.count is not None
-        stream = self.streams.get(writer)
-        if stream is None:
-            stream = self.streams[writer] = OOBTree()
-        count, first, last, last_id = self.heads.get(writer, (0, message.time, -math.inf, ""))
-        if last_id == message.id:
-            return parse_record(stream[(last, last_id)], 2**30)  # type: ignore[return-value]
+        stream = self._own_stream(writer)
+        last: tuple[float, str] | None = stream.maxKey() if stream else None
+        if last is not None and last[1] == message.id:
+            return parse_record(stream[last], 2**30)  # type: ignore[return-value]
         stored = _find_retried(stream, message)
         if stored is not None:
             return stored
-        if message.time <= last:
-            message = dataclasses.replace(message, time=math.nextafter(last, math.inf))
+        if last is not None and message.time <= last[0]:
+            message = dataclasses.replace(message, time=math.nextafter(last[0], math.inf))
         if seal is not None:  # signs the record with its final time
             message = seal(message)
         stream[message.key] = message.to_record()
-        self.heads[writer] = (count + 1, first, message.time, message.id)
-        self.count.change(1)
         return message
 
     # -- amendments (edits, deletes, reactions; see zchat_nb.amend) --------------------------
@@ -430,20 +457,52 @@ class Room(Persistent):
         assert self.streams is not None
         return heapq.merge(*(stream.items() for stream in self.streams.values()), key=lambda item: item[0])
 
-    def beat(self, user: str, when: float) -> None:
-        if self.presence is None:
-            self.presence = OOBTree()
-        self.presence[user] = when
+    def message_count(self) -> int:
+        """How many records the room holds; walks every bucket of every stream (a teacher's reset)."""
+        assert self.streams is not None
+        return sum(len(stream) for stream in self.streams.values())
+
+    def join(self, user: str, writer: str, when: float) -> None:
+        """Say that ``writer``'s client shows this room to ``user`` from ``when`` (or still does)."""
+        if self.members is None:
+            self.members = OOBTree()
+        try:
+            self.members[(user, writer)] = when
+        except TypeError:  # another client put keys there that do not compare with ours
+            self.members = _repaired(self.members, _is_member)
+            self.members[(user, writer)] = when
+
+    def leave(self, user: str, writer: str) -> None:
+        if self.members is None:
+            return
+        try:
+            found = (user, writer) in self.members
+        except TypeError:
+            self.members = _repaired(self.members, _is_member)
+            found = (user, writer) in self.members
+        if found:
+            del self.members[(user, writer)]
+
+    def presence_entries(self, limit: int = 10_000) -> list[tuple[str, float]]:
+        """``(user, time joined, renewed or beaten)`` of up to ``limit`` members and old heartbeats.
+
+        Entries that are not ``((str, str), float)`` or ``(str, float)`` are ignored.
+        """
+        entries: list[tuple[object, object]] = []
+        if isinstance(self.members, OOBTree):
+            members = itertools.islice(self.members.items(), limit)
+            entries += ((key[0], when) for key, when in members if _is_member(key))
+        if isinstance(self.presence, OOBTree):
+            entries += itertools.islice(self.presence.items(), limit)
+        return [
+            (user, when)
+            for user, when in entries
+            if type(user) is str and type(when) is float and math.isfinite(when)
+        ]
 
     def present(self, since: float) -> list[str]:
-        """Users whose heartbeat is at least ``since``; entries that are not (str, float) are ignored."""
-        if self.presence is None:
-            return []
-        return sorted(
-            user
-            for user, when in self.presence.items()
-            if type(user) is str and type(when) is float and math.isfinite(when) and when >= since
-        )
+        """Users who joined (or renewed, or beat the old heartbeat) at ``since`` or later."""
+        return sorted({user for user, when in self.presence_entries() if when >= since})
 
     def clear(self) -> None:
         """Forget every message (a teacher's reset); readers notice through :attr:`epoch`."""
@@ -475,58 +534,143 @@ def _find_retried(stream: OOBTree, message: _Item) -> _Item | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Head:
-    """A writer's entry in ``Room.heads``, checked."""
-
-    count: int
-    first: float
-    last: float
-    last_id: str
-
-    @property
-    def last_key(self) -> tuple[float, str]:
-        return (self.last, self.last_id)
-
-    @classmethod
-    def check(cls, value: object) -> _Head:
-        if not (isinstance(value, tuple) and len(value) == 4):
-            raise ValueError(f"head is not a 4-tuple: {type(value).__name__}")
-        count, first, last, last_id = value
-        if not (isinstance(count, int) and count > 0 and isinstance(last_id, str)):
-            raise ValueError(f"bad head {_capped(value)}")
-        if not (
-            isinstance(first, float)
-            and isinstance(last, float)
-            and math.isfinite(first)
-            and math.isfinite(last)
-            and first <= last
-        ):  # an infinite or NaN time would make history's window search run for ever
-            raise ValueError(f"bad head times {_capped(value)}")
-        return cls(count, first, last, last_id)
+def _is_member(key: object) -> bool:
+    return type(key) is tuple and len(key) == 2 and type(key[0]) is str and type(key[1]) is str
 
 
-def _prefetch_right_edges(room: Room, trees: list[Any], levels: int = 4) -> None:
-    """Ask ZEO for the recent end of each stream in one pipelined round trip per tree level.
+def _is_key(key: object) -> bool:
+    """Whether ``key`` is a stream key ``(time, id)`` as writers store them."""
+    return (
+        type(key) is tuple
+        and len(key) == 2
+        and type(key[0]) is float
+        and math.isfinite(key[0])
+        and type(key[1]) is str
+    )
 
-    History reads the newest buckets of many streams; loading them one by one costs a round trip
-    each (about 60 for 20 writers). ``Connection.prefetch`` sends the loads together instead.
-    Uses the BTree node state: ``(child0, key1, child1, ...)`` then the first bucket; a small tree
-    keeps its one bucket inline instead.
+
+def _str_keyed(tree: OOBTree) -> OOBTree:
+    return _repaired(tree, lambda key: type(key) is str)
+
+
+def _repaired(tree: OOBTree, good: Callable[[object], bool], limit: int = 1_000_000) -> OOBTree:
+    """A copy of ``tree`` with only the keys ``good`` accepts: what a writer does when another client
+    made a shared index unusable (keys that do not compare). Values are kept as they are."""
+    return OOBTree({key: value for key, value in itertools.islice(tree.items(), limit) if good(key)})
+
+
+class Changes:
+    """The oids committed since a :class:`ChatSession` last looked: what it must read again.
+
+    Its client fills it (on ZEO's networking thread, or the committing thread for its own
+    commits) with the oids of each transaction, or marks everything changed (first use, a
+    (re)connect, which makes ZEO drop the whole cache). The session takes the marks *before* it
+    begins a transaction, so that a commit arriving during its read is still there for the next
+    one. ``exact=False`` is for storages whose notices name no objects (in-process ``ZODB.DB``,
+    PostgreSQL): then every read is a full one, as if everything changed.
+    """
+
+    #: More pending oids than this and the set is dropped for "everything changed": bounded memory
+    #: for a session that is never read (a widget's sender, a room nobody looks at).
+    MAX_PENDING = 10_000
+
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
+        self._lock = threading.Lock()
+        self._all = True
+        #: ``oid -> tid`` of the latest commit that changed it (None: not known).
+        self._oids: dict[bytes, bytes | None] = {}
+
+    def mark(self, oids: Iterable[bytes], tid: bytes | None = None) -> None:
+        if not self.exact:  # every take() says "everything" anyway
+            return
+        with self._lock:
+            if not self._all:
+                self._oids.update(dict.fromkeys(oids, tid))
+                if len(self._oids) > self.MAX_PENDING:
+                    self._all, self._oids = True, {}
+
+    def mark_all(self) -> None:
+        with self._lock:
+            self._all, self._oids = True, {}
+
+    def take(self, before: bytes | None = None) -> tuple[bool, set[bytes]]:
+        """``(everything changed, changed oids)`` since the last take; clears what it returns.
+
+        ``before``: only the oids of commits before that tid (a snapshot that sees them is being
+        read now); later ones stay for the next take.
+        """
+        with self._lock:
+            everything = self._all or not self.exact
+            if before is None or everything:
+                oids = set(self._oids)
+                self._all, self._oids = False, {}
+                return everything, oids
+            seen = {oid for oid, tid in self._oids.items() if tid is not None and tid < before}
+            for oid in seen:
+                del self._oids[oid]
+            return False, seen
+
+
+def _children(node: Any) -> list[Any]:
+    """The persistent children of a BTree node, from its state, in key order (none for a bucket).
+
+    Only inner nodes are loaded: a child's oid is known without loading it.
+    """
+    if not type(node).__name__.endswith("BTree"):
+        return []
+    state = node.__getstate__()
+    if not state or len(state) != 2:  # empty, or a small tree holding its one bucket inline
+        return []
+    return [child for child in state[0][::2] if isinstance(child, Persistent)]
+
+
+def _edge_oids(tree: Any) -> list[bytes]:
+    """Oids of a BTree's root and its right edge: the objects an append at the end changes."""
+    oids, node = [], tree
+    for _ in range(32):  # deeper than any real tree: bounded even for a crafted cycle
+        if node is None or node._p_oid is None:
+            break
+        oids.append(node._p_oid)
+        children = _children(node)
+        node = children[-1] if children else None
+    return oids
+
+
+def index_oids(tree: Any, limit: int = 100_000) -> list[bytes]:
+    """Oids of every node of a BTree index (the streams, the members): any insert changes one.
+
+    Loads only the inner nodes (a few for 100k entries), not the buckets.
+    """
+    oids: list[bytes] = []
+    todo = [tree] if isinstance(tree, Persistent) else []
+    while todo and len(oids) < limit:
+        node = todo.pop()
+        if node._p_oid is not None:
+            oids.append(node._p_oid)
+        todo.extend(_children(node))
+    return oids
+
+
+def _prefetch_edges(room: Room, trees: list[Any], levels: int = 4) -> None:
+    """Ask ZEO for both ends of each stream in one pipelined round trip per tree level.
+
+    History reads the newest buckets and the first keys of many streams; loading them one by one
+    costs a round trip each (about 60 for 20 writers). ``Connection.prefetch`` sends the loads
+    together instead.
     """
     jar = room._p_jar
     if jar is None or not hasattr(jar.db().storage, "prefetch"):  # in-process storages: no round trips
         return
-    nodes = [tree for tree in trees if tree is not None]
+    nodes = [tree for tree in trees if isinstance(tree, Persistent)]
     for _ in range(levels):
         if not nodes:
             return
         jar.prefetch(nodes)
         children: list[Persistent] = []
         for node in nodes:
-            state = node.__getstate__() if type(node).__name__.endswith("BTree") else None
-            if state and len(state) == 2 and isinstance(state[0][-1], Persistent):  # an inner node
-                children.append(state[0][-1])
+            below = _children(node)
+            children.extend({id(c): c for c in (below[:1] + below[-1:])}.values())
         nodes = children
 
 
@@ -554,7 +698,7 @@ def find_room(rooms: object, name: str) -> Room | None:
     try:
         return rooms.get(name)
     except TypeError:  # a key that does not compare with str: look at the str keys one by one
-        for key, room in rooms.items():
+        for key, room in itertools.islice(rooms.items(), 10 * MAX_WRITERS_PER_CALL):
             if type(key) is str and key == name:
                 return room
         return None
@@ -564,7 +708,11 @@ def room_names(rooms: object) -> list[str]:
     """The names in a rooms tree, skipping keys that are not room names (another client's doing)."""
     if not isinstance(rooms, OOBTree):
         return []
-    return [key for key in rooms if type(key) is str and 0 < len(key) <= MAX_ROOM_CHARS]
+    return [
+        key
+        for key in itertools.islice(rooms.keys(), 10 * MAX_WRITERS_PER_CALL)
+        if type(key) is str and 0 < len(key) <= MAX_ROOM_CHARS
+    ]
 
 
 def rooms_of(conn: Connection) -> OOBTree:
@@ -637,6 +785,9 @@ class SessionHost(Protocol):
 
     def is_connected(self) -> bool: ...
 
+    def track_changes(self) -> Changes:
+        """A new :class:`Changes` that this host fills with every oid committed from now on."""
+
     def report(self, kind: str, **details: Any) -> None:
         """Tell observers (the inspector) about a commit or a poll."""
 
@@ -662,9 +813,8 @@ class ChatSession:
     def __init__(self, host: SessionHost, room: str, *, backlog: int | None = None) -> None:
         self._host = host
         self.room = check_room_name(room)
-        #: ``writer -> (messages delivered, key of the last one)``; plain memory, never persisted.
-        self._cursor: dict[str, tuple[int, tuple[float, str] | None]] = {}
-        self._bad_heads: set[str] = set()
+        #: ``writer -> key of the last record read``; plain memory, never persisted.
+        self._cursor: dict[str, tuple[float, str]] = {}
         #: The room's epoch as last seen; a bad one (NaN...) as a stable str, so it is seen once.
         self._epoch: int | str | None = None
         self._reported: set[str] = set()
@@ -683,6 +833,19 @@ class ChatSession:
         self._returned_ids: set[str] = set()
         #: Ids of refused amendments already counted in :attr:`skipped`.
         self._refused: set[str] = set()
+        # What to read next, from the oids the host said changed (see _absorb).
+        self._changes: Changes | None = None  # made on the first read: a sender never drains it
+        #: Where the pass over the streams index is: ``(last writer looked at, how many)``; None
+        #: when no pass is due. A pass looks at every stream (first read, new writers, reconnect).
+        self._scan: tuple[str | None, int] | None = (None, 0)
+        self._scan_again = False  # the index changed during a pass: another one after it
+        self._stale: set[str] = set()  # writers whose stream changed (or was not read to its end)
+        self._index_oids: set[bytes] = set()  # the room and its streams index
+        self._stream_oids: dict[bytes, str] = {}  # a stream's root and right edge -> writer
+        self._writer_oids: dict[str, list[bytes]] = {}  # writer -> its stream's root, right edge
+        self._presence_stale = True
+        self._presence_oids: set[bytes] = set()
+        self._present: list[tuple[str, float]] | None = None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -702,10 +865,8 @@ class ChatSession:
                 room = find_room(conn.root().get(ROOMS_KEY), self.room)
             if not isinstance(room, Room):
                 raise TypeError(f"the room's record is a {type(room).__name__}, not a Room")
-            if not (isinstance(room.streams, OOBTree) and isinstance(room.heads, OOBTree)):
-                raise TypeError("the room's streams or heads are not BTrees")
-            if not isinstance(room.count, Length):
-                raise TypeError("the room's count is not a Length")
+            if not isinstance(room.streams, OOBTree):
+                raise TypeError("the room's streams are not a BTree")
             return room
         except transaction.interfaces.TransientError:
             raise
@@ -719,17 +880,28 @@ class ChatSession:
     def _room_in(self, conn: Connection) -> Room:
         """The room in ``conn``'s current transaction, added to it if missing (the caller commits)."""
         rooms = rooms_of(conn)
-        room = rooms.get(self.room)
+        room = find_room(rooms, self.room)
         if room is None:
-            room = rooms[self.room] = Room(self.room, created=float(self._host.clock()))
+            room = Room(self.room, created=float(self._host.clock()))
+            try:
+                rooms[self.room] = room
+            except TypeError:  # another client put keys there that do not compare with str
+                rooms = conn.root()[ROOMS_KEY] = _str_keyed(rooms)
+                rooms[self.room] = room
         return room
+
+    @property
+    def behind(self) -> bool:
+        """True if the last read stopped at a per-call bound: the next call has more to read now."""
+        return self._scan is not None or bool(self._stale)
 
     def new_messages(self, timeout: float | None = None) -> list[Message]:
         """Messages this session has not returned yet, oldest first.
 
         With ``timeout``, wait up to that many seconds for at least one, woken by the server's
         invalidations rather than by polling. Raises :class:`ZChatDisconnected` if the server is
-        away (and, with ``timeout``, stays away that long).
+        away (and, with ``timeout``, stays away that long). One call returns at most
+        :data:`MAX_PER_CALL` messages; the next ones return the rest.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -752,80 +924,230 @@ class ChatSession:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            self._host.wait_for_change(generation, remaining)
+            if not self.behind:  # else: more to read at once (a slice of a very large room)
+                self._host.wait_for_change(generation, remaining)
 
     def _poll(self) -> list[Message]:
         started = time.perf_counter()
+        _, conn = self._host.connection()
+        loads = getattr(conn, "_load_count", 0)  # objects this thread's connection loaded
         with self._lock:
             collected = self._collect()
             # Messages an updated_messages() poll gathered go first; updates may have refreshed them.
             found, self._fresh = self._fresh + collected, []
-        self._host.report("poll", room=self.room, cost=time.perf_counter() - started, count=len(found))
+        loads = getattr(conn, "_load_count", 0) - loads
+        cost = time.perf_counter() - started
+        self._host.report("poll", room=self.room, cost=cost, count=len(found), loads=loads)
         return found
+
+    def _absorb_changes(self, conn: Connection | None = None) -> None:
+        """Turn the oids committed since the last call into what to read; before any ``begin()``.
+
+        With ``conn`` (right after its ``begin()``): the commits its snapshot sees, so that they
+        are read now and not once more by the next call. What is noted here stays noted until a
+        read succeeds: a read that fails (server away) loses nothing.
+        """
+        if self._changes is None:
+            self._changes = self._host.track_changes()
+        before = getattr(getattr(conn, "_storage", None), "_start", None) if conn is not None else None
+        if conn is not None and not isinstance(before, bytes):
+            return
+        everything, oids = self._changes.take(before)
+        if everything:
+            self._rescan()
+            self._presence_stale = True
+            return
+        for oid in oids:
+            writer = self._stream_oids.get(oid)
+            if writer is not None:
+                self._stale.add(writer)
+            if oid in self._index_oids:
+                self._rescan()
+            if oid in self._presence_oids:
+                self._presence_stale = True
+
+    def _rescan(self) -> None:
+        if self._scan is None:
+            self._scan = (None, 0)
+        else:
+            self._scan_again = True
 
     def _collect(self) -> list[Message]:
         with self._lock:
+            self._absorb_changes()
+            if not self.behind:
+                return []  # nothing of this room changed: no transaction, no load
             room = self._room()
             if room is None:
                 return []
-            assert room.count is not None and room.heads is not None
+            assert room.streams is not None
+            self._absorb_changes(self._host.connection()[1])
             epoch = _epoch_of(room)
             if self._epoch != epoch:
                 if isinstance(epoch, str):
                     self._skip(f"epoch of room {self.room!r}", ValueError(epoch), once=True)
                 self._cursor.clear()
                 self._reset_amendments()
+                self._stream_oids, self._writer_oids = {}, {}
+                self._stale, self._scan, self._scan_again = set(), (None, 0), False
                 self._epoch = epoch
                 if self._backlog is not None:
-                    for writer, head in self._heads(room):
-                        self._cursor[writer] = (head.count, head.last_key)
-                        self._start[writer] = head.last_key
+                    ends = self._ends(room, prefetch=self._backlog > 0)
+                    for writer, _, _, last in ends:
+                        self._cursor[writer] = last
+                        self._start[writer] = last
                     backlog, self._backlog = self._backlog, None
-                    first = self._history(room, backlog, None)
+                    first = self._history(room, backlog, None, ends)
                     self._returned_ids.update(m.id for m in first)
                     return first
-            if room.count() == sum(seen for seen, _ in self._cursor.values()):
-                return []
-            found: list[tuple[str, Message | Event]] = []
-            cursor = dict(self._cursor)
-            for writer, head in self._heads(room):
-                seen, seen_key = cursor.get(writer, (0, None))
-                if head.count > seen:
-                    found.extend(
-                        (writer, item) for item in self._read_stream(room, writer, seen_key, head.last_key)
-                    )
-                    cursor[writer] = (head.count, head.last_key)
-            absorbed = self._absorb(room, found, cursor)
-            self._cursor = cursor  # only now: an outage mid-read must not skip anything
-            return absorbed
+            return self._read(room)
 
-    def _heads(self, room: Room) -> list[tuple[str, _Head]]:
-        """The room's writers and their heads, checked (another client may have written anything)."""
-        assert room.heads is not None
-        heads = []
-        for writer, value in room.heads.items():
+    def _read(self, room: Room) -> list[Message]:
+        """Read the changed streams and a slice of the pass over the index, within the bounds."""
+        assert room.streams is not None
+        _, conn = self._host.connection()
+        cursor, stale = dict(self._cursor), set(self._stale)
+        scan, again = self._scan, self._scan_again
+        mapped: dict[str, list[bytes]] = {}
+        index_oids_now: set[bytes] | None = None
+        found: list[tuple[str, Message | Event]] = []
+        budget = MAX_PER_CALL
+
+        def read(writer: str, stream: Any) -> bool:
+            """Read ``writer``'s stream from the cursor; True if it has more than the budget allowed."""
+            nonlocal budget
+            items, consumed, more = self._read_stream(stream, writer, cursor, budget)
+            budget -= consumed
+            found.extend((writer, item) for item in items)
+            mapped[writer] = self._edges(writer, stream)
+            return more
+
+        # The streams the server said changed, found by oid (no index lookup).
+        for writer in sorted(stale)[:MAX_WRITERS_PER_CALL]:
+            if budget <= 0:
+                break
+            oids = self._writer_oids.get(writer)
+            if not oids:  # not mapped (cannot happen but by a crafted record): the pass finds it
+                stale.discard(writer)
+                scan = scan if scan is not None else (None, 0)
+                continue
             try:
-                heads.append((writer, _Head.check(value)))
-            except ValueError as exc:
-                if writer not in self._bad_heads:
-                    self._bad_heads.add(writer)
-                    self._skip(f"head of writer {writer!r:.40}", exc)
-        return heads
+                stream = conn.get(oids[0])
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:  # gone (packed away, crafted): the next pass looks again
+                self._skip(f"stream {writer!r:.40}", exc, once=True)
+                stale.discard(writer)
+                scan = scan if scan is not None else (None, 0)
+                continue
+            if not read(writer, stream):
+                stale.discard(writer)
+        # A slice of the pass over every stream (new writers, first read, reconnect).
+        if scan is not None and budget > 0:
+            after, position = scan
+            if after is None:  # a pass starts: note the index's nodes, whose change means a new pass
+                index_oids_now = {oid for oid in [room._p_oid, *index_oids(room.streams)] if oid}
+            # Not prefetched: pipelined loads behind a huge record make the server drop the
+            # connection (its unread-output limit), so one crafted record could knock readers off.
+            entries = self._index_slice(room, after, position)
+            looked = 0
+            for writer, stream in entries:
+                looked += 1
+                if not (type(writer) is str and 0 < len(writer) <= _ID_CHARS):
+                    bad = ValueError("a writer's key is not a short str")
+                    self._skip(f"writer {_capped(writer, 40)} of room {self.room!r}", bad, once=True)
+                    continue
+                if not isinstance(stream, OOBTree):
+                    bad = TypeError(f"a {type(stream).__name__}, not an OOBTree")
+                    self._skip(f"stream {writer!r:.40}", bad, once=True)
+                    continue
+                if read(writer, stream):
+                    stale.add(writer)
+                if budget <= 0:
+                    break
+            if looked == len(entries) and len(entries) < MAX_WRITERS_PER_CALL:  # the pass is over
+                scan, again = ((None, 0), False) if again else (None, False)
+            else:
+                scan = (entries[looked - 1][0] if looked else after, position + looked)
+        absorbed = self._absorb(room, found, cursor)
+        # Only now: an outage mid-read must neither skip nor repeat anything.
+        self._cursor, self._stale, self._scan, self._scan_again = cursor, stale, scan, again
+        if index_oids_now is not None:
+            self._index_oids = index_oids_now
+        for writer, oids in mapped.items():
+            for oid in self._writer_oids.pop(writer, ()):
+                self._stream_oids.pop(oid, None)
+            self._writer_oids[writer] = oids
+            for oid in oids:
+                self._stream_oids[oid] = writer
+        return absorbed
+
+    def _index_slice(self, room: Room, after: str | None, position: int) -> list[tuple[Any, Any]]:
+        """Up to :data:`MAX_WRITERS_PER_CALL` entries of the streams index after ``after``."""
+        assert room.streams is not None
+        streams, n = room.streams, MAX_WRITERS_PER_CALL
+        try:
+            part = streams.items() if after is None else streams.items(after, excludemin=True)
+            return list(itertools.islice(part, n))
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # keys another client made incomparable: go by position instead
+            self._skip(f"streams index of room {self.room!r}", exc, once=True)
+            try:
+                return list(itertools.islice(streams.items(), position, position + n))
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as again:
+                self._skip(f"streams index of room {self.room!r}", again, once=True)
+                return []
+
+    def _edges(self, writer: str, stream: Any) -> list[bytes]:
+        try:
+            return _edge_oids(stream)
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # a crafted node: the stream is read again on the next pass
+            self._skip(f"stream {writer!r:.40}", exc, once=True)
+            return []
 
     def _read_stream(
-        self, room: Room, writer: str, after: tuple[float, str] | None, upto: tuple[float, str]
-    ) -> list[Message | Event]:
-        assert room.streams is not None
+        self, stream: Any, writer: str, cursor: dict[str, tuple[float, str]], limit: int
+    ) -> tuple[list[Message | Event], int, bool]:
+        """Up to ``limit`` records of ``stream`` after ``cursor[writer]``, moving the cursor past them.
+
+        Returns them (bad ones skipped), how many entries were read and whether the stream has more.
+        """
+        after = cursor.get(writer)
         try:
-            stream = room.streams[writer]
-            entries = list(stream.items(after, upto, excludemin=after is not None))
+            if not isinstance(stream, OOBTree):
+                raise TypeError(f"the stream is a {type(stream).__name__}, not an OOBTree")
+            part = stream.items() if after is None else stream.items(after, excludemin=True)
+            entries = list(itertools.islice(part, limit + 1))
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
-            self._skip(f"stream {writer!r:.40} after {after}", exc)
-            return []
-        found = (self._check(record, f"{writer}@{key!r:.60}", writer) for key, record in entries)
-        return [m for m in found if m is not None]
+            self._skip(f"stream {writer!r:.40} after {_capped(after)}", exc)
+            return [], 0, False
+        more = len(entries) > limit
+        entries = entries[:limit]
+        if entries:
+            last = entries[-1][0]
+            if _is_key(last):  # past bad records too: each is reported once
+                cursor[writer] = last
+            else:
+                self._skip(f"stream {writer!r:.40}", ValueError(f"bad key {_capped(last)}"), once=True)
+                return [], 0, False
+        found = (self._check(record, f"{writer}@{_capped(key, 60)}", writer) for key, record in entries)
+        return [m for m in found if m is not None], len(entries), more
+
+    def _prefetch(self, room: Room, trees: list[Any], levels: int = 4) -> None:
+        try:
+            if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
+                _prefetch_edges(room, trees, levels)
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # only a speed-up: the reads report what does not load
+            log.debug("prefetching streams failed", exc_info=True)
 
     def _check(self, record: object, where: str, writer: str) -> Message | Event | None:
         try:
@@ -871,34 +1193,80 @@ class ChatSession:
             room = self._room()
             return [] if room is None else self._history(room, n, before)
 
-    def _history(self, room: Room, n: int, before: Message | None) -> list[Message]:
-        heads = self._heads(room)
-        if n == 0 or not heads:
-            return []
+    def _ends(
+        self, room: Room, *, prefetch: bool = True
+    ) -> list[tuple[str, Any, tuple[float, str], tuple[float, str]]]:
+        """``(writer, stream, first key, last key)`` of each non-empty stream, checked.
+
+        ``prefetch``: ask for the streams' edges in a few pipelined round trips (history wants
+        that; a reader starting at the end does without, see :meth:`_read`).
+
+        Looks at the first ``10 * MAX_WRITERS_PER_CALL`` streams of the index (every stream of
+        any real room); a larger index is reported once in ``skipped``.
+        """
         assert room.streams is not None
-        top: tuple[float, str] | None = before.key if before is not None else None
-        start = max(head.last for _, head in heads)
-        if top is not None:
-            start = min(start, top[0])
-        oldest = min(head.first for _, head in heads)
+        cap = 10 * MAX_WRITERS_PER_CALL
         try:
-            if self._host.is_connected():  # else the loads fail in ZEO's thread, where nobody hears them
-                indexes = list(room.amends.values()) if room.amends is not None else []
-                _prefetch_right_edges(room, [room.streams.get(writer) for writer, _ in heads] + indexes)
+            streams = list(itertools.islice(room.streams.items(), cap + 1))
         except transaction.interfaces.TransientError:
             raise
-        except Exception:  # only a speed-up: the reads below report what does not load
-            log.debug("prefetching the recent ends of the streams failed", exc_info=True)
+        except Exception as exc:
+            self._skip(f"streams index of room {self.room!r}", exc, once=True)
+            return []
+        if len(streams) > cap:
+            self._skip(f"streams of room {self.room!r}", ValueError(f"more than {cap} writers"), once=True)
+            streams = streams[:cap]
+        if prefetch:
+            self._prefetch(room, [stream for _, stream in streams])
+        ends = []
+        for writer, stream in streams:
+            try:
+                if not (type(writer) is str and isinstance(stream, OOBTree)):
+                    raise TypeError(f"a {type(stream).__name__} under {_capped(writer, 40)}")
+                if not stream:
+                    continue
+                first, last = stream.minKey(), stream.maxKey()
+                # an infinite or NaN time would make history's window search run for ever
+                if not (_is_key(first) and _is_key(last) and first <= last):
+                    raise ValueError(f"bad keys {_capped(first, 40)} .. {_capped(last, 40)}")
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                self._skip(f"ends of stream {_capped(writer, 40)}", exc, once=True)
+                continue
+            ends.append((writer, stream, first, last))
+        return ends
+
+    def _history(
+        self, room: Room, n: int, before: Message | None, ends: list[tuple[str, Any, Any, Any]] | None = None
+    ) -> list[Message]:
+        if n == 0:
+            return []
+        if ends is None:
+            ends = self._ends(room)
+        if not ends:
+            return []
+        top: tuple[float, str] | None = before.key if before is not None else None
+        start = max(last[0] for _, _, _, last in ends)
+        if top is not None:
+            start = min(start, top[0])
+        oldest = min(first[0] for _, _, first, _ in ends)
+        if room.amends is not None:
+            try:
+                self._prefetch(room, list(itertools.islice(room.amends.values(), 10 * MAX_WRITERS_PER_CALL)))
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception:
+                log.debug("prefetching the amendments failed", exc_info=True)
         window = 1.0
         for _round in range(_MAX_WINDOW_ROUNDS):  # finite heads end it far sooner; a cap all the same
             # Only the streams that have messages between low and top; each read is O(log N).
             low = start - window
             items: list[tuple[Any, str, Any]] = []
-            for writer, head in heads:
-                if head.last < low or (top is not None and head.first > top[0]):
+            for writer, stream, first, last in ends:
+                if last[0] < low or (top is not None and first[0] > top[0]):
                     continue
                 try:
-                    stream = room.streams[writer]
                     # Amendments share the streams: only message records count towards n.
                     items.extend(
                         (key, writer, record)
@@ -1029,20 +1397,52 @@ class ChatSession:
 
     # -- presence ------------------------------------------------------------------------
 
-    def heartbeat(self, user: str | None = None) -> None:
-        """Record that ``user`` (default: this client's user) is in the room now (the widget calls it)."""
-        user, now = self._host.user if user is None else check_author(user), float(self._host.clock())
+    def join(self, user: str | None = None) -> None:
+        """Say that this client shows the room to ``user`` (default: this client's user) from now on.
 
-        def beat(conn: Connection) -> None:
-            self._room_in(conn).beat(user, now)
+        Also renews the lease: the widget calls it when it shows a room and every
+        ``heartbeat_interval`` (10 minutes); nobody else rereads presence in between.
+        """
+        user = self._host.user if user is None else check_author(user)
+        writer, now = self._host.writer, float(self._host.clock())
 
-        self._commit(beat, what=f"announcing presence in {self.room!r}")
+        def enter(conn: Connection) -> None:
+            self._room_in(conn).join(user, writer, now)
+
+        self._commit(enter, what=f"joining {self.room!r}")
+
+    #: The name of :meth:`join` before presence was a lease: it still works.
+    heartbeat = join
+
+    def leave(self, user: str | None = None) -> None:
+        """Say that this client no longer shows the room to ``user`` (a widget closes or switches room)."""
+        user = self._host.user if user is None else check_author(user)
+        writer = self._host.writer
+
+        def exit_(conn: Connection) -> None:
+            self._room_in(conn).leave(user, writer)
+
+        self._commit(exit_, what=f"leaving {self.room!r}")
 
     def present(self, within: float = 90.0) -> list[str]:
-        """Users whose last heartbeat in this room is at most ``within`` seconds old."""
+        """Users who joined this room, or renewed their lease, at most ``within`` seconds ago.
+
+        Reads the room's presence trees only when they changed since the last call.
+        """
         with self._lock, server_boundary(self._host.address_text, lambda: self._host.restart_hint):
-            room = self._room()
-            return [] if room is None else room.present(float(self._host.clock()) - within)
+            self._absorb_changes()
+            if self._presence_stale or self._present is None:
+                room = self._room()
+                if room is None:
+                    return []
+                self._absorb_changes(self._host.connection()[1])
+                self._present = room.presence_entries(10 * MAX_WRITERS_PER_CALL)
+                # The room too: a first members tree is set on it.
+                oids = [room._p_oid, *index_oids(room.members), *index_oids(room.presence)]
+                self._presence_oids = {oid for oid in oids if oid is not None}
+                self._presence_stale = False
+            since = float(self._host.clock()) - within
+            return sorted({user for user, when in self._present if when >= since})
 
     def __repr__(self) -> str:
         return f"<ChatSession room={self.room!r} user={self._host.user!r}>"
@@ -1142,15 +1542,21 @@ class ChatSession:
         if event.target_id in self._returned_ids:
             return True
         seen = cursor.get(event.target_writer)
-        if seen is None or seen[1] is None or event.target_key > seen[1]:
+        if seen is None or event.target_key > seen:
             return False
         start = self._start.get(event.target_writer)
         return start is None or event.target_key > start
 
     def _load_message(self, room: Room, writer: str, key: tuple[float, str]) -> Message | None:
         assert room.streams is not None
-        stream = room.streams.get(writer)
-        record = stream.get(key) if stream is not None else None
+        try:
+            stream = room.streams.get(writer)
+            record = stream.get(key) if isinstance(stream, OOBTree) else None
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:  # keys another client made incomparable
+            self._skip(f"{writer!r:.40}@{key!r:.60}", exc, once=True)
+            return None
         if record is None:
             return None
         item = self._check(record, f"{writer}@{key!r:.60}", writer)

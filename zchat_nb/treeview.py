@@ -9,10 +9,13 @@ traffic appends, without loading the rest; :func:`tree_svg` draws that summary. 
 from __future__ import annotations
 
 import html
+import itertools
 from typing import TYPE_CHECKING, Any
 
+from BTrees.OOBTree import OOBTree
 from transaction.interfaces import TransientError
 
+from .amend import EVENT_TAG, MESSAGE_TAG
 from .model import Room
 
 if TYPE_CHECKING:
@@ -31,6 +34,8 @@ __all__ = [
 #: Longest title drawn above the tree picture, in characters.
 MAX_TITLE = 64
 _Z64 = b"\0" * 8
+#: Streams :func:`drawn_stream` looks at (a room has one per client that ever sent).
+MAX_WRITERS_DRAWN = 1000
 
 
 # -- naming objects ----------------------------------------------------------------------------
@@ -50,6 +55,8 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
         ("heads", "heads"),
         ("count", "count"),
         ("presence", "presence"),
+        ("members", "members"),
+        ("amends", "amendments index"),
     ):
         oid = getattr(getattr(room, attr, None), "_p_oid", None)
         if oid is not None:
@@ -104,6 +111,8 @@ def _guess_tree(node: Any) -> str:
     value = node[key]
     if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], float):
         return "stream"
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str):
+        return "members"
     if isinstance(key, str):
         if isinstance(value, tuple):
             return "heads"
@@ -117,39 +126,64 @@ def busiest_stream(room: Room | None) -> Any:
     return drawn["stream"] if drawn else None
 
 
-def drawn_stream(room: Room | None) -> dict[str, Any] | None:
+def drawn_stream(
+    room: Room | None, counts: dict[bytes, tuple[Any, int]] | None = None
+) -> dict[str, Any] | None:
     """What the picture shows: the busiest writer's stream, with whose it is and how much of the room.
 
     Returns ``{"stream", "writer", "author", "count", "writers", "total"}``: the stream (a BTree),
     its writer id, the author of its last message (a writer is one client, so one name), its
-    message count, how many writers the room has and the room's message count; None when no
-    writer has sent yet. Reads the room's small ``heads`` index and one record, not the streams.
+    record count, how many writers the room has and the room's record count; None when no
+    writer has sent yet. Counts by walking the streams (no shared counter exists: writers would
+    conflict on it). ``counts`` (``stream oid -> (last key, count)``, kept by the caller between
+    calls) makes a recount read only what was appended since.
     """
-    if room is None or room.heads is None or room.streams is None:
+    if room is None or not isinstance(room.streams, OOBTree):
         return None
-    heads = [
-        (head[0], writer, head)
-        for writer, head in room.heads.items()
-        if isinstance(head, tuple) and len(head) == 4 and isinstance(head[0], int)
-    ]
-    if not heads:
+    sizes = []
+    for writer, stream in itertools.islice(room.streams.items(), MAX_WRITERS_DRAWN):
+        try:
+            if isinstance(stream, OOBTree) and stream:
+                sizes.append((_count(stream, counts), str(writer), stream))
+        except TransientError:
+            raise
+        except Exception:  # a crafted stream: not drawn
+            continue
+    if not sizes:
         return None
-    count, writer, head = max(heads)
-    stream = room.streams.get(writer)
-    if stream is None:
-        return None
-    record = stream.get((head[2], head[3]))
-    readable = isinstance(record, tuple) and len(record) == 4 and isinstance(record[1], str)
-    author = record[1] if readable else ""
-    total = room.count() if room.count is not None else sum(h[0] for h in heads)
+    count, writer, stream = max(sizes, key=lambda entry: entry[0])
+    author = _author(stream[stream.maxKey()])
     return {
         "stream": stream,
-        "writer": str(writer),
+        "writer": writer,
         "author": author[:64],
         "count": count,
-        "writers": len(heads),
-        "total": total,
+        "writers": len(sizes),
+        "total": sum(size for size, _, _ in sizes),
     }
+
+
+def _author(record: object) -> str:
+    """The author of a stream record (a message, tagged or not, or an amendment), or ""."""
+    if not (isinstance(record, tuple) and len(record) >= 4):
+        return ""
+    author = record[2] if record[0] in (MESSAGE_TAG, EVENT_TAG) else record[1]
+    return author if isinstance(author, str) else ""
+
+
+def _count(stream: OOBTree, counts: dict[bytes, tuple[Any, int]] | None) -> int:
+    """Records in ``stream``; with ``counts``, only the ones appended since the last count are read."""
+    last = stream.maxKey()
+    known = counts.get(stream._p_oid) if counts is not None and stream._p_oid is not None else None
+    if known is None:
+        count = len(stream)
+    elif known[0] == last:
+        count = known[1]
+    else:
+        count = known[1] + sum(1 for _ in stream.keys(known[0], excludemin=True))
+    if counts is not None and stream._p_oid is not None:
+        counts[stream._p_oid] = (last, count)
+    return count
 
 
 def stream_caption(drawn: dict[str, Any] | None) -> tuple[str, str]:

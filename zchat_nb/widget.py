@@ -12,11 +12,14 @@ Threads (both daemons, both stopped and joined by :meth:`ChatWidget.close`):
     Reads the shown room with its own :class:`~zchat_nb.model.ChatSession` (cursor in memory, its
     own ZODB connection), counts unread messages of the other rooms, refreshes the room list and
     the status line, and answers the views' requests. It is the only thread that sends messages to
-    the browser. It sleeps until an invalidation, a request or ``poll_interval`` seconds pass.
+    the browser. It sleeps until an invalidation, a commit of its client or a request wakes it: on a
+    ZEO client nothing is read on a timer, and a wake-up reads only what the server said changed
+    (an in-process storage tells nobody of commits: then it also reads every ``poll_interval``).
 ``sender``
     Commits what the user sends, so that the kernel never waits for ZEO (a send to a server that
     is away takes up to the client's ``timeout``). Its outcome goes back through the poller. It
-    also commits a presence heartbeat for the shown room every ``heartbeat_interval`` seconds.
+    also commits presence: a join when a room is shown, a leave when it no longer is, and a lease
+    renewal every ``heartbeat_interval`` seconds (rare: each one makes every reader reload presence).
 
 The frames between the kernel and the views (anywidget custom messages) are the dataclasses of
 :mod:`zchat_nb.frames`; what a view sends is parsed there and a malformed frame is dropped. The
@@ -35,6 +38,7 @@ import logging
 import math
 import pathlib
 import queue
+import random
 import threading
 import time
 import uuid
@@ -153,15 +157,15 @@ class ChatWidget(anywidget.AnyWidget):
     ).tag(sync=True)
     height = traitlets.Unicode("22em", help="CSS height of the message list.").tag(sync=True)
     present = traitlets.List(
-        traitlets.Unicode(), help="Users whose heartbeat in the shown room is recent, sorted."
+        traitlets.Unicode(), help="Users who show the shown room now (joined, lease not expired), sorted."
     ).tag(sync=True)
     poll_interval = traitlets.Float(
         1.0,
-        help="Seconds between reads when nothing wakes the poller; ZEO invalidations wake it at once.",
+        help="Seconds between reads, for in-process storages only: a ZEO client's poller wakes on changes.",
     )
     heartbeat_interval = traitlets.Float(
-        30.0,
-        help="Seconds between presence heartbeats; a user counts as present for three intervals.",
+        600.0,
+        help="Seconds between presence lease renewals; a client that vanished counts as present for three.",
     )
 
     def __init__(self, client: ChatClient | None = None, room: str = "general", **kwargs: Any) -> None:
@@ -338,7 +342,7 @@ class ChatWidget(anywidget.AnyWidget):
             self.error = ""
         self._named = True
         self.set_trait("user", name)
-        self._outbox.put(_Outgoing(self._shown or self.room))  # a heartbeat: here now, under this name
+        self._outbox.put(_Outgoing(self._shown or self.room))  # a join: here now, under this name
 
     def _request(self, request: _Request) -> None:
         self._requests.put(request)
@@ -368,18 +372,32 @@ class ChatWidget(anywidget.AnyWidget):
                 sessions[room] = self.client.session(room)
             return sessions[room]
 
-        next_beat = time.monotonic() + self.heartbeat_interval  # the room's first load asks for one
+        # The room's first load asks for a join; renewals of many widgets are spread out.
+        next_beat = time.monotonic() + self.heartbeat_interval * random.uniform(0.5, 1.0)
+        joined: tuple[str, str] | None = None  # (room, user) of the last join committed
         try:
             while True:
                 try:
                     item = self._outbox.get(timeout=max(0.0, next_beat - time.monotonic()))
                 except queue.Empty:
-                    item = _Outgoing(self._shown or self.room)  # time for a heartbeat
+                    item = _Outgoing(self._shown or self.room)  # time to renew the lease
                 if item is None:
                     break
-                if item.future is None:  # a heartbeat
+                if item.leave:
+                    if joined is not None and joined[0] == item.room:
+                        self._presence(session, joined, join=False)
+                        joined = None
+                    continue
+                if item.future is None:  # a join or a renewal
                     next_beat = time.monotonic() + self.heartbeat_interval
-                    self._heartbeat(session, item.room)
+                    if self.ask_name and not self._named:
+                        continue  # nobody to announce yet
+                    wanted = (item.room, self.user)
+                    if joined is not None and joined != wanted:  # another name: the old one goes
+                        self._presence(session, joined, join=False)
+                        joined = None
+                    if self._presence(session, wanted, join=True):
+                        joined = wanted
                     continue
                 if self._stopping.is_set():
                     exc = ZChatConnectionError("this ChatWidget was closed before the message was sent")
@@ -401,6 +419,8 @@ class ChatWidget(anywidget.AnyWidget):
                         self.last_sent = message
                     item.future.set_result(message)
                     self._request(_SentRequest(item.client_id, message))
+            if joined is not None and not self.client.closed:  # stopped: say goodbye, if the server is there
+                self._presence(session, joined, join=False, stopping=True)
         finally:
             self.client.close_connection()
 
@@ -435,15 +455,27 @@ class ChatWidget(anywidget.AnyWidget):
             self._drafts.popitem(last=False)
         return message
 
-    def _heartbeat(self, session: Callable[[str], ChatSession], room: str) -> None:
-        if self._stopping.is_set() or not self.client.is_connected():
-            return  # the status line already says the server is away
-        if self.ask_name and not self._named:
-            return  # nobody to announce yet
+    def _presence(
+        self,
+        session: Callable[[str], ChatSession],
+        where: tuple[str, str],
+        *,
+        join: bool,
+        stopping: bool = False,
+    ) -> bool:
+        """Commit a join (or lease renewal) or a leave of ``where`` (room, user); True if committed."""
+        if (self._stopping.is_set() and not stopping) or not self.client.is_connected():
+            return False  # the status line already says the server is away; the lease expires
+        room, user = where
         try:
-            session(room).heartbeat(user=self.user)  # its commit wakes the poller, which reads presence
+            if join:
+                session(room).join(user=user)  # its commit wakes the poller, which reads presence
+            else:
+                session(room).leave(user=user)
         except Exception as exc:
-            log.debug("zchat_nb: heartbeat in %r failed: %s", room, exc)
+            log.debug("zchat_nb: %s %r failed: %s", "joining" if join else "leaving", room, exc)
+            return False
+        return True
 
     # -- poller thread ---------------------------------------------------------------------
 
@@ -453,7 +485,10 @@ class ChatWidget(anywidget.AnyWidget):
                 self._wake.clear()  # before reading: a wake-up during the read is not lost
                 if not self._step():
                     break
-                self._wake.wait(self.poll_interval)
+                if self._session is not None and self._session.behind:
+                    continue  # a very large room is read a bounded slice per round
+                # A ZEO client wakes us on every change; the timer only expires leases (no loads).
+                self._wake.wait(self.heartbeat_interval if self.client.tracks_changes else self.poll_interval)
         except Exception:
             log.exception("zchat_nb: the poller of %r failed", self)
         finally:
@@ -500,7 +535,7 @@ class ChatWidget(anywidget.AnyWidget):
         first = session.new_messages()  # the last BACKLOG messages, in one transaction
         previous = self._shown
         self._session, self._shown = session, name
-        self._outbox.put(_Outgoing(name))  # say we are here now, not at the next heartbeat
+        self._outbox.put(_Outgoing(name))  # say we are here now
         self._cache.clear()
         self._cache.extend(self._payload(m) for m in first)
         self._oldest = first[0] if first else None
@@ -508,6 +543,7 @@ class ChatWidget(anywidget.AnyWidget):
         self._watch.pop(name, None)
         if previous is not None and previous != name:
             self._watch[previous] = self.client.session(previous, backlog=0)
+            self._outbox.put(_Outgoing(previous, leave=True))
         if name in self.unread:
             self.unread = {room: n for room, n in self.unread.items() if room != name}
         if name in self.unread_mentions:
@@ -743,7 +779,7 @@ class ChatWidget(anywidget.AnyWidget):
 
 @dataclass(frozen=True)
 class _Outgoing:
-    """What the sender thread commits: a message (with a Future), or a heartbeat (without)."""
+    """What the sender thread commits: a message (with a Future), a join or renewal (without), a leave."""
 
     room: str
     text: Any = None
@@ -755,6 +791,7 @@ class _Outgoing:
     #: "send", or a conversation action ("reply", "edit", "delete", "react", "unreact") on ``target``.
     action: str = "send"
     target: Message | None = None
+    leave: bool = False
 
 
 def _is_message_id(value: str) -> bool:
