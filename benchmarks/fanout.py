@@ -19,6 +19,10 @@ checkout, so "before" and "after" share the machine's state. The parts:
 ``widget``
     The same with headless :class:`~zchat_nb.ChatWidget` s (a recording comm, no browser): the time
     is taken when the poller hands the "append" frame to the comm.
+``raw`` and ``stock``
+    The floor within ZEO: plain ZODB readers, each woken by the invalidation, load the one small
+    object a plain writer changed; against ``zchat-nb serve`` (``raw``) and against ZEO's stock
+    ``runzeo`` (``stock``: no zchat_nb in the server either).
 ``idle``
     N widgets connected, nobody typing, for ``--idle-seconds``: the server's CPU in % of one core,
     and the widget processes' CPU (user+system of each process of 10 widgets).
@@ -544,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", default="raw,session,widget,idle", help="comma-separated: raw,session,widget,idle"
+        "--parts",
+        default="stock,raw,session,widget,idle",
+        help="comma-separated: stock,raw,session,widget,idle",
     )
     parser.add_argument("--clients", default="50,200", help="reader counts of the session part")
     parser.add_argument("--widgets", type=int, default=50, help="widgets of the widget part")
@@ -577,6 +583,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ServerProcess(Path(tmp) / "chat.fs", log_path=Path(tmp) / "server.log") as server,
             _killing_workers(),
         ):
+            if "stock" in parts:  # ZEO itself: stock runzeo, no zchat_nb guard, plain ZODB clients
+                with ServerProcess(Path(tmp) / "stock.fs", kind="runzeo") as stock:
+                    for clients in (int(c) for c in args.clients.split(",")):
+                        print(f"raw ZEO control on stock runzeo, {clients} clients ...", flush=True)
+                        rows["raw"].append(
+                            delivery(ROOT, "stock runzeo", "raw", stock, clients, args.messages, args.gap)
+                        )
+                        print(table(rows["raw"][-1:]), flush=True)
             if "raw" in parts:
                 for clients in (int(c) for c in args.clients.split(",")):
                     print(f"raw ZEO control, {clients} clients ...", flush=True)
@@ -628,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             *(
                 [
                     "Raw ZEO control (the floor within ZEO: each reader, woken by the invalidation, loads"
-                    " the one small object the writer changed; plain ZODB, no zchat_nb):",
+                    " the one small object the writer changed; plain ZODB clients, no zchat_nb; code"
+                    " `stock runzeo` is ZEO's own server, `raw ZEO` is `zchat-nb serve`):",
                     "",
                     table(rows["raw"]),
                     "",
