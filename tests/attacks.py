@@ -17,6 +17,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import load_current
 
 import zchat_nb
+from zchat_nb.storage import is_storage_uri, open_relstorage, parse_storage_uri
 
 T = TypeVar("T")
 
@@ -144,9 +145,16 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def raw_storage(address: object) -> Any:
+    """The storage at ``address`` (a ZEO server, or a PostgreSQL URI) with none of zchat_nb's checks."""
+    if is_storage_uri(address):
+        return open_relstorage(parse_storage_uri(str(address)))
+    return ZEO.client(address, wait_timeout=10)
+
+
 def overwrite(address: object, oid: bytes, data: bytes) -> None:
     """Store ``data`` as the new state of ``oid`` through the raw storage API, as a hostile client would."""
-    storage = ZEO.client(address, wait_timeout=10)
+    storage = raw_storage(address)
     try:
         serial = load_current(storage, oid)[1]
         txn = TransactionMetaData()

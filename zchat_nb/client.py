@@ -591,6 +591,9 @@ def _connect_postgres(
     # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
     harden_conflict_resolution()
     storage = open_relstorage(target, connect_timeout=connect_timeout)
+    # Every record is checked before ZODB unpickles it, as over ZEO; set before ZODB.DB makes
+    # the per-connection instances, which share it.
+    storage._zchat_records = RecordCheck(record_policy(max_text_bytes))
     try:
         _ensure_root(storage)  # two first clients at once must not both create the root
         link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))

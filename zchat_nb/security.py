@@ -34,6 +34,7 @@ __all__ = [
     "CONFLICT_STATE",
     "WIRE_GLOBALS",
     "RecordCheck",
+    "check_conflict_state",
     "checked_conflict_states",
     "class_factory",
     "harden_client_process",
@@ -135,21 +136,30 @@ class RecordCheck:
         self._passed.add(key)
 
 
-def checked_conflict_states(untransform: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
-    """A storage's ``_crs_untransform_record_data`` that also checks each state with :data:`CONFLICT_STATE`.
+def check_conflict_state(data: bytes) -> None:
+    """Refuse a state that conflict resolution is about to unpickle, as a ``ConflictError``.
 
-    ZODB's conflict resolution passes every state it unpickles (the committed one, the old one and
-    the new one) through that method first; a refused state makes the commit a plain conflict.
+    A ConflictError makes ZODB's ``tryToResolveConflict`` give up quietly (a debug line saying
+    why): the commit stays a plain conflict, which the writer retries.
     """
     from ZODB.POSException import ConflictError
 
+    try:
+        check_record(data, CONFLICT_STATE)
+    except RefusedPickle as exc:
+        raise ConflictError(str(exc)) from None
+
+
+def checked_conflict_states(untransform: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """A storage's ``_crs_untransform_record_data`` that checks each state too (:func:`check_conflict_state`).
+
+    ZODB's conflict resolution passes every state it unpickles (the committed one, the old one and
+    the new one) through that method first.
+    """
+
     def checked(data: bytes) -> bytes:
         data = untransform(data)
-        try:
-            check_record(data, CONFLICT_STATE)
-        except RefusedPickle as exc:
-            # A ConflictError makes tryToResolveConflict give up quietly: the commit stays a conflict.
-            raise ConflictError(str(exc)) from None
+        check_conflict_state(data)
         return data
 
     return checked
