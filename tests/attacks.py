@@ -194,10 +194,13 @@ class SilentProxy:
     """A hostile (or stalled) ZEO server: a proxy in front of a real one that stops answering reads.
 
     It passes every frame both ways, so a client connects, registers, commits and hears
-    invalidations; but while :attr:`holding` is set it keeps the answers to the calls named in
-    ``methods`` (loads, by default) instead of passing them on. :meth:`release`
-    sends the kept answers late, as a server back from a stall would; :meth:`cut` closes every
-    connection and drops them (the client reconnects, through the proxy, to the same server).
+    invalidations; but while :attr:`holding` is set, the first answer to a call named in
+    ``methods`` (loads, by default) stalls that connection: the answer, and everything the server
+    sends after it, is kept, in order, as by a server stuck on that call. (Passing later frames,
+    invalidations say, ahead of a kept answer would make ZEO cache a stale state as current.)
+    :meth:`release` sends what it kept, in order, as a server back from a stall would; :meth:`cut`
+    drops it and closes every connection (the client reconnects, through the proxy, to the same
+    server).
     """
 
     def __init__(self, upstream: tuple[str, int], methods: tuple[str, ...] = ("loadBefore",)) -> None:
@@ -206,7 +209,6 @@ class SilentProxy:
         self.holding = threading.Event()
         self._held: list[tuple[socket.socket, bytes]] = []
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()  # the pumps and release() write to the same sockets
         self._socks: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address: tuple[str, int] = self.listener.getsockname()
@@ -220,12 +222,12 @@ class SilentProxy:
 
     def release(self) -> None:
         """Stop holding, and send the answers kept so far."""
-        with self._lock:
+        with self._lock:  # the pumps send nothing meanwhile: the kept frames go first
             self.holding.clear()
             held, self._held = self._held, []
-        for sock, data in held:
-            with contextlib.suppress(OSError), self._send_lock:
-                sock.sendall(data)
+            for sock, data in held:
+                with contextlib.suppress(OSError):
+                    sock.sendall(data)
 
     def cut(self) -> None:
         """Close every connection (kept answers are lost) and stop holding."""
@@ -274,18 +276,20 @@ class SilentProxy:
             while True:
                 head = _read(source, 4)
                 body = _read(source, struct.unpack(">I", head)[0])
+                stalls = False
                 if body[:1] == b"\x80":  # not the protocol handshake: (id, async, method, args)
                     # From our own client or the real server behind us: safe to unpickle.
                     msgid, _, method, _ = pickle.loads(body)
                     if not answers and method in self.methods:
                         asked.add(msgid)
                     elif answers and method == ".reply" and msgid in asked:
-                        with self._lock:
-                            asked.discard(msgid)
-                            if self.holding.is_set():
-                                self._held.append((sink, head + body))
-                                continue
-                with self._send_lock:
+                        asked.discard(msgid)
+                        stalls = True
+                with self._lock:  # keeping or sending, in the order received
+                    stalled = answers and any(kept is sink for kept, _ in self._held)
+                    if self.holding.is_set() and (stalls or stalled):
+                        self._held.append((sink, head + body))
+                        continue
                     sink.sendall(head + body)
         for sock in (source, sink):
             with contextlib.suppress(OSError):

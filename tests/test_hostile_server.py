@@ -21,6 +21,7 @@ from zchat_nb import ChatClient, ZChatDisconnected, ZChatSendError
 from .attacks import SilentProxy, finishes, honest_pair_works
 from .test_exceptions import _PNG as PNG
 from .test_exceptions import READS, WRITES
+from .test_widget import comms, hello, recorder, texts  # noqa: F401 (comms: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +150,28 @@ def test_the_reader_goes_on_once_the_server_answers_nothing_skipped_or_repeated(
         assert [m.text for m in reader.history(10)] == ["one", "two", "three", "four", "five"]
         assert not reader.skipped
     honest_pair_works(proxy.address)
+
+
+@pytest.mark.usefixtures("comms")
+def test_the_widget_says_the_server_does_not_answer_then_shows_what_it_missed(
+    server: zchat_nb.Server, proxy: SilentProxy
+) -> None:
+    from zchat_nb.widget import ChatWidget
+
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT) as bob,
+    ):
+        widget = ChatWidget(bob, "lab", poll_interval=0.2)
+        try:
+            rec = recorder(widget)
+            hello(widget)
+            proxy.holding.set()
+            start = rec.mark()
+            alice.session("lab").add_message("three")
+            rec.wait_state("status_text", lambda text: "did not answer within" in text, start, DEADLINE)
+            proxy.release()
+            appended = rec.wait_for(lambda m: m["type"] == "append", start, DEADLINE)
+            assert len(texts(appended)) == 1 and "three" in texts(appended)[0]
+        finally:
+            widget.close()
