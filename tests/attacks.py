@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ZEO
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import load_current
 
 import zchat_nb
+from zchat_nb.storage import is_storage_uri, open_relstorage, parse_storage_uri
+
+T = TypeVar("T")
 
 
 def dag_pickle(depth: int, wrap: str = "plain", prefix: bytes = b"") -> bytes:
@@ -138,9 +145,16 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def raw_storage(address: object) -> Any:
+    """The storage at ``address`` (a ZEO server, or a PostgreSQL URI) with none of zchat_nb's checks."""
+    if is_storage_uri(address):
+        return open_relstorage(parse_storage_uri(str(address)))
+    return ZEO.client(address, wait_timeout=10)
+
+
 def overwrite(address: object, oid: bytes, data: bytes) -> None:
     """Store ``data`` as the new state of ``oid`` through the raw storage API, as a hostile client would."""
-    storage = ZEO.client(address, wait_timeout=10)
+    storage = raw_storage(address)
     try:
         serial = load_current(storage, oid)[1]
         txn = TransactionMetaData()
@@ -150,3 +164,143 @@ def overwrite(address: object, oid: bytes, data: bytes) -> None:
         storage.tpc_finish(txn)
     finally:
         storage.close()
+
+
+def finishes(call: Callable[[], T], deadline: float = 60.0) -> T:
+    """``call()`` run in a thread: its result or its error, or a loud failure if it hangs past ``deadline`` s.
+
+    For calls that hung for ever before a fix: the suite fails instead of hanging.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if not outcome:
+        raise AssertionError(f"{call} did not return within {deadline:g} s: it hangs")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+class SilentProxy:
+    """A hostile (or stalled) ZEO server: a proxy in front of a real one that stops answering reads.
+
+    It passes every frame both ways, so a client connects, registers, commits and hears
+    invalidations; but while :attr:`holding` is set, the first answer to a call named in
+    ``methods`` (loads, by default) stalls that connection: the answer, and everything the server
+    sends after it, is kept, in order, as by a server stuck on that call. (Passing later frames,
+    invalidations say, ahead of a kept answer would make ZEO cache a stale state as current.)
+    :meth:`release` sends what it kept, in order, as a server back from a stall would; :meth:`cut`
+    drops it and closes every connection (the client reconnects, through the proxy, to the same
+    server).
+    """
+
+    def __init__(self, upstream: tuple[str, int], methods: tuple[str, ...] = ("loadBefore",)) -> None:
+        self.upstream = upstream
+        self.methods = methods
+        self.holding = threading.Event()
+        self._held: list[tuple[socket.socket, bytes]] = []
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def held(self) -> int:
+        """How many answers it keeps now."""
+        with self._lock:
+            return len(self._held)
+
+    def release(self) -> None:
+        """Stop holding, and send the answers kept so far."""
+        with self._lock:  # the pumps send nothing meanwhile: the kept frames go first
+            self.holding.clear()
+            held, self._held = self._held, []
+            for sock, data in held:
+                with contextlib.suppress(OSError):
+                    sock.sendall(data)
+
+    def cut(self) -> None:
+        """Close every connection (kept answers are lost) and stop holding."""
+        with self._lock:
+            self.holding.clear()
+            socks, self._socks, self._held = self._socks, [], []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        self.cut()
+        self._thread.join(10)
+
+    def __enter__(self) -> SilentProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._socks += [client, server]
+            asked: set[object] = set()  # ids of this connection's calls whose answers may be kept
+            for source, sink, answers in ((client, server, False), (server, client, True)):
+                args = (source, sink, answers, asked)
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool, asked: set[object]) -> None:
+        with contextlib.suppress(OSError, ConnectionError, struct.error):
+            while True:
+                head = _read(source, 4)
+                body = _read(source, struct.unpack(">I", head)[0])
+                stalls = False
+                if body[:1] == b"\x80":  # not the protocol handshake: (id, async, method, args)
+                    # From our own client or the real server behind us: safe to unpickle.
+                    msgid, _, method, _ = pickle.loads(body)
+                    if not answers and method in self.methods:
+                        asked.add(msgid)
+                    elif answers and method == ".reply" and msgid in asked:
+                        asked.discard(msgid)
+                        stalls = True
+                with self._lock:  # keeping or sending, in the order received
+                    stalled = answers and any(kept is sink for kept, _ in self._held)
+                    if self.holding.is_set() and (stalls or stalled):
+                        self._held.append((sink, head + body))
+                        continue
+                    sink.sendall(head + body)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data

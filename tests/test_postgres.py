@@ -26,8 +26,10 @@ import zchat_nb
 from zchat_nb.exceptions import UnsafeRecordError, ZChatConnectionError, ZChatSendError
 from zchat_nb.storage import parse_storage_uri, redact
 
+from .attacks import dag_pickle, finishes, honest_pair_works, overwrite, raw_storage
 from .helpers import free_port
 from .pg import PASSWORD, PostgresCluster, find_pg_bin
+from .test_hostile_readers import bucket_record, reader_gets, stream_oid
 
 # -- URIs and redaction (no database) ------------------------------------------------------------
 
@@ -400,28 +402,108 @@ class TestOnPostgres:
         assert "threading.Event" in str(info.value.__cause__)
         client.close()
 
-    def test_conflict_resolution_runs_nothing_a_crafted_state_names(
-        self, pg_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize(
+        "how, why", [("dag value", "traverses"), ("forbidden global", "allow-list"), ("deep id", "nests")]
+    )
+    def test_a_crafted_record_is_skipped_and_honest_clients_go_on(
+        self, pg_uri: str, how: str, why: str
     ) -> None:
-        ran = self._crafted_conflict(pg_uri, tmp_path / "hardened")
-        assert not ran, "a crafted conflict state ran os.mkdir in the client"
+        """What any holder of the password can write in SQL, or through RelStorage as here."""
+        with (
+            zchat_nb.connect(pg_uri, user="mallory") as mallory,
+            zchat_nb.connect(pg_uri, user="alice") as alice,
+        ):
+            mallory.session().add_message("to be overwritten")
+            alice.session().add_message("honest")
+            oid, key = stream_oid(mallory)
+        key_pickle = pickle.dumps(key, 3)[2:-1]
+        if how == "dag value":
+            value = dag_pickle(64, "plain")[2:]  # 2**64 tuples through the memo
+        elif how == "forbidden global":
+            value = pickle.dumps(threading.Event, 3)[2:-1]
+        else:
+            value = b")" + b"\x85" * 200_000  # ((((...(),),),)...) 200k deep
+        overwrite(pg_uri, oid, bucket_record(key_pickle + value))
+        chat = finishes(lambda: reader_gets(pg_uri, ["honest"]), 120)
+        assert chat.skipped and why in chat.skipped[0][1], chat.skipped
+        honest_pair_works(pg_uri)
 
-    def test_crafted_conflict_state_runs_code_without_the_allow_list(
-        self, pg_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("load", ["load", "loadBefore", "loadSerial"])
+    def test_every_load_path_checks_the_record(self, pg_uri: str, load: str) -> None:
+        """Connections use load, historical connections loadBefore, old states and conflicts loadSerial."""
+        from ZODB.utils import p64, u64
+
+        with zchat_nb.connect(pg_uri, user="alice") as alice:
+            alice.session().add_message("honest")
+            oid, key = stream_oid(alice)
+        overwrite(pg_uri, oid, bucket_record(pickle.dumps(key, 3)[2:-1] + dag_pickle(64, "plain")[2:]))
+        raw = raw_storage(pg_uri)
+        serial = raw.load(oid)[1]
+        raw.close()
+        args = {"load": (), "loadBefore": (p64(u64(serial) + 1),), "loadSerial": (serial,)}[load]
+        with zchat_nb.connect(pg_uri, user="reader") as reader:
+            instance = reader.db.storage.new_instance()  # what each ZODB connection of the client uses
+            try:
+                with pytest.raises(UnsafeRecordError, match=f"object {oid.hex()}: .*traverses"):
+                    getattr(instance, load)(oid, *args)
+            finally:
+                instance.release()
+
+    def test_a_crafted_conflict_state_is_refused_before_it_is_unpickled(
+        self, pg_uri: str, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """The check above can fail: with ZODB's own find_global, the same state runs os.mkdir."""
+        """RelStorage resolves conflicts in the client: a state the attacker committed is checked first."""
+        import logging
+
+        from ZODB.POSException import ConflictError
+
+        client = zchat_nb.connect(pg_uri, user="victim")
+        tm, conn = client.connection()
+        tm.begin()
+        conn.root()["n"] = Length(0)
+        tm.commit()
+        counter = conn.root()["n"]
+        tm.begin()
+        assert counter() == 0
+        dag_state = pickle.dumps((Length, None), 3) + dag_pickle(64, "plain") + b"."
+        attacker = raw_storage(pg_uri)
+        txn = TransactionMetaData()
+        attacker.tpc_begin(txn)
+        attacker.store(counter._p_oid, counter._p_serial, dag_state, "", txn)
+        attacker.tpc_vote(txn)
+        attacker.tpc_finish(txn)
+        attacker.close()
+        counter.change(1)  # conflicts with the attacker's commit: the client tries to resolve it
+        with caplog.at_level(logging.DEBUG, logger="ZODB.ConflictResolution"), pytest.raises(ConflictError):
+            finishes(tm.commit, 60)
+        tm.abort()
+        client.close()
+        said = [r.getMessage() for r in caplog.records if r.name == "ZODB.ConflictResolution"]
+        assert any("refused a conflict state" in line and "traverses" in line for line in said), said
+        honest_pair_works(pg_uri)
+
+    @pytest.mark.parametrize("without", ["", "allow-list", "pickle check", "both"])
+    def test_conflict_resolution_runs_nothing_a_crafted_state_names(
+        self, pg_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, without: str
+    ) -> None:
+        """Each of the two guards alone refuses the state; without both (ZODB as it comes), the
+        check can be seen to fail: the state runs os.mkdir."""
         import importlib
 
         import ZODB.ConflictResolution as cr
 
-        from zchat_nb import security
+        from zchat_nb import security, storage
 
         def unrestricted(module: str, name: str) -> object:  # what ZODB's own find_global does
             return getattr(importlib.import_module(module), name)
 
-        monkeypatch.setattr(security, "harden_conflict_resolution", lambda: None)
-        monkeypatch.setattr(cr, "find_global", unrestricted)
-        assert self._crafted_conflict(pg_uri, tmp_path / "unhardened")
+        if without in ("allow-list", "both"):
+            monkeypatch.setattr(security, "harden_conflict_resolution", lambda: None)
+            monkeypatch.setattr(cr, "find_global", unrestricted)
+        if without in ("pickle check", "both"):
+            monkeypatch.setattr(storage, "check_conflict_state", lambda data: None)
+        ran = self._crafted_conflict(pg_uri, tmp_path / "marker")
+        assert ran is (without == "both"), f"without {without or 'nothing'}: ran={ran}"
 
     @staticmethod
     def _crafted_conflict(uri: str, marker: Path) -> bool:

@@ -29,7 +29,7 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 
 from .events import ClientEvent, ClientEvents
-from .exceptions import AttachmentError, ZChatConnectionError, disconnected, server_boundary
+from .exceptions import AttachmentError, NoAnswer, ZChatConnectionError, disconnected, server_boundary
 from .local import ENV_ADDRESS, resolve_address, restart_hint
 from .media import DEFAULT_MAX_ATTACHMENT_BYTES
 from .model import (
@@ -48,9 +48,9 @@ from .model import (
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .pgwake import DEFAULT_FALLBACK
-from .pickles import RECORD, PicklePolicy, RefusedPickle, check_record
+from .pickles import RECORD, PicklePolicy
 from .ratelog import rate_limit
-from .security import CONFLICT_STATE, class_factory, harden_client_process
+from .security import RecordCheck, checked_conflict_states, class_factory, harden_client_process
 from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
@@ -76,6 +76,14 @@ def default_user() -> str:
         return "anonymous"
 
 
+class _NoAnswer(ClientDisconnected, NoAnswer):
+    """A call the connected server did not answer in time: ZEO's error for a lost server, and ours."""
+
+
+def _ignore_outcome(future: Any) -> None:
+    future.exception()
+
+
 class _WakingClientStorage(ClientStorage):
     """ClientStorage that tells a :class:`ClientEvents` of invalidations, (dis)connections and commits.
 
@@ -91,55 +99,61 @@ class _WakingClientStorage(ClientStorage):
         self, addr: Any, *, events: ClientEvents, answer_timeout: float | None = None, **kwargs: Any
     ) -> None:
         self.zchat_events = events
-        super().__init__(addr, **kwargs)
+        #: Seconds to wait for the server's answer to a call or a load (None: for ever, as ZEO does).
         self._zchat_answer_timeout = answer_timeout
+        super().__init__(addr, **kwargs)
         self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
         self._call = self._zchat_call
 
     def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
         """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a
         dead network), so a commit's vote could block a send far past its timeout."""
-        timeout = self._zchat_answer_timeout
-        if timeout is None or method == "pack" or kw.get("wait") is False:
+        if self._zchat_answer_timeout is None or method == "pack" or kw.get("wait") is False:
             return self._zchat_raw_call(method, *args, **kw)
-        future = self._zchat_raw_call(method, *args, wait=False, **kw)
+        return self._zchat_answer(self._zchat_raw_call(method, *args, wait=False, **kw), method)
+
+    def _zchat_answer(self, future: Any, what: str) -> Any:
+        """The result of a call running on ZEO's thread (a future of ZEO's), waited for at most the
+        answer timeout.
+
+        On timeout the call is left running, not cancelled: a late answer still lands (a load's in
+        the cache, where the repeated read finds it), and ZEO fails it if the connection drops.
+        """
+        timeout = self._zchat_answer_timeout
         try:
             return future.result(timeout)
         except asyncio.TimeoutError:
-            raise ClientDisconnected(f"no answer to {method} from the server within {timeout:g} s") from None
+            # Nobody waits for it now: take its error, if it gets one, so that ZEO logs none.
+            self._server.loop.call_soon_threadsafe(future.add_done_callback, _ignore_outcome)
+            if not self.is_connected():
+                raise ClientDisconnected(f"lost the server while waiting for {what}") from None
+            raise _NoAnswer(what, timeout or 0.0) from None
 
-    #: How records are checked before ZODB unpickles them (connect() scales it to max_text_bytes).
-    _zchat_record_policy: PicklePolicy = RECORD
-    #: ``(oid, serial)`` of records already checked: the ZEO cache hands out the same bytes again.
-    _zchat_checked: set[tuple[bytes, bytes]] | None = None
+    #: Checks each record before ZODB unpickles it (connect() scales its policy to max_text_bytes).
+    _zchat_records: RecordCheck = RecordCheck()
 
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:
-        result = super().loadBefore(oid, tid)
+        # ZEO's loadBefore, but with the answer timeout: ZEO sends loads outside _call and waits
+        # for their answers for ever, so a server that never answers one would hang every reader.
+        result = self._cache.loadBefore(oid, tid)
+        if not result:
+            server = self._server
+            load = server.load_before_co(oid, tid, server.timeout)  # waits for a connection, then loads
+            result = self._zchat_answer(server.io_call(load, wait=False), "a read")
         if result is not None:
-            data, serial = result[0], result[1]
-            checked = self._zchat_checked
-            if checked is None:
-                checked = self._zchat_checked = set()
-            if (oid, serial) not in checked:
-                try:
-                    check_record(data, self._zchat_record_policy)
-                except RefusedPickle as exc:
-                    raise RefusedPickle(f"object {oid.hex()}: {exc}") from None
-                if len(checked) > 100_000:
-                    checked.clear()
-                checked.add((oid, serial))
+            self._zchat_records(oid, result[1], result[0])
         return result
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        data: bytes = super().loadSerial(oid, serial)
+        self._zchat_records(oid, serial, data)
+        return data
 
     def registerDB(self, db: Any) -> None:
         super().registerDB(db)
+        # Conflict states, if a server ever asks us to resolve one.
         untransform: Callable[[bytes], bytes] = getattr(self, "_crs_untransform_record_data")  # noqa: B009
-
-        def checked(data: bytes) -> bytes:  # conflict states, if a server ever asks us to resolve
-            data = untransform(data)
-            check_record(data, CONFLICT_STATE)
-            return data
-
-        self._crs_untransform_record_data = checked
+        self._crs_untransform_record_data = checked_conflict_states(untransform)
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
@@ -536,9 +550,7 @@ def connect(
             blob_cache_size=blob_cache_size,
         )
         storage._zchat_blob_cache = blob_cache
-        # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
-        record_bytes = max(RECORD.max_bytes, 40 * max_text_bytes)
-        storage._zchat_record_policy = dataclasses.replace(RECORD, max_bytes=record_bytes)
+        storage._zchat_records = RecordCheck(record_policy(max_text_bytes))
     except Exception as exc:
         shutil.rmtree(blob_cache, ignore_errors=True)
         raise ZChatConnectionError(f"cannot connect to the ZEO server at {where}: {exc}") from exc
@@ -579,6 +591,12 @@ def connect(
     return client
 
 
+def record_policy(max_text_bytes: int) -> PicklePolicy:
+    """How records are checked for a client that reads messages of up to ``max_text_bytes``."""
+    # A bucket holds up to 30 messages of max_text_bytes (UTF-8, pickled as is) and their keys.
+    return dataclasses.replace(RECORD, max_bytes=max(RECORD.max_bytes, 40 * max_text_bytes))
+
+
 def _signing(bundle: Any) -> tuple[Signer, Verifier]:
     """The signer and verifier of a certificate folder (see :mod:`zchat_nb.signing`)."""
     from .signing import Signer as CertSigner
@@ -610,6 +628,9 @@ def _connect_postgres(
     # RelStorage resolves conflicts here, in the client, by unpickling other clients' states.
     harden_conflict_resolution()
     storage = open_relstorage(target, connect_timeout=connect_timeout)
+    # Every record is checked before ZODB unpickles it, as over ZEO; set before ZODB.DB makes
+    # the per-connection instances, which share it.
+    storage._zchat_records = RecordCheck(record_policy(max_text_bytes))
     try:
         _ensure_root(storage)  # two first clients at once must not both create the root
         link = PostgresLink(target, fallback=fallback, notifying=install_notify_trigger(target))

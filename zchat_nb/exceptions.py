@@ -18,7 +18,9 @@ once, because the message id is made by the sender and checked.
 
 :func:`server_boundary` is the one place where a foreign error of a server that went away (ZEO's
 ``ClientDisconnected``, raised by any load or commit while it is away) becomes
-:class:`ZChatDisconnected`; every public read and write goes through it.
+:class:`ZChatDisconnected`; every public read and write goes through it. A server that is connected
+but does not answer a call in time (stalled, overloaded, or hostile) raises :class:`NoAnswer` (a
+``TransientError`` too), which becomes a :class:`ZChatDisconnected` saying just that.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ZODB.POSException import ConflictError
 __all__ = [
     "AttachmentError",
     "InvalidMessageError",
+    "NoAnswer",
     "UnsafeRecordError",
     "ZChatConnectionError",
     "ZChatDisconnected",
@@ -40,6 +43,7 @@ __all__ = [
     "ZChatSendError",
     "ZChatServerError",
     "disconnected",
+    "no_answer",
     "server_boundary",
 ]
 
@@ -83,6 +87,20 @@ class ZChatServerError(ZChatError):
     """A ZEO server could not be started, found or stopped."""
 
 
+class NoAnswer(TransientError):
+    """A connected server did not answer a call within the client's timeout (not a ZChatError:
+    :func:`server_boundary` turns it into one).
+
+    The client's ZEO storage raises it (as a ``ClientDisconnected`` too, so ZEO's own handling of a
+    lost server applies); the call can be repeated, and is answered once the server answers again.
+    """
+
+    def __init__(self, what: str, timeout: float) -> None:
+        super().__init__(f"no answer to {what} from the server within {timeout:g} s")
+        self.what = what
+        self.timeout = timeout
+
+
 def disconnected(where: str, hint: str = "") -> ZChatDisconnected:
     """The error of a call made while the server at ``where`` is away, with the way out.
 
@@ -92,6 +110,16 @@ def disconnected(where: str, hint: str = "") -> ZChatDisconnected:
     return ZChatDisconnected(
         f"not connected to the server at {where}; the client reconnects by itself when that "
         f"server is back ({way_out})"
+    )
+
+
+def no_answer(where: str, timeout: float, hint: str = "") -> ZChatDisconnected:
+    """The error of a call that the (connected) server at ``where`` did not answer within ``timeout`` s."""
+    way_out = hint or "`zchat-nb status` tells whether the local default runs"
+    return ZChatDisconnected(
+        f"the server at {where} did not answer within {timeout:g} s (stalled, overloaded, or not a "
+        f"zchat_nb server); try again: the client goes on as soon as it answers, and reconnects by "
+        f"itself if it goes away. If it stays silent, restart it ({way_out})"
     )
 
 
@@ -110,5 +138,7 @@ def server_boundary(where: str, hint: str | Callable[[], str] = "") -> Iterator[
         yield
     except (ZChatError, ConflictError):
         raise
+    except NoAnswer as exc:
+        raise no_answer(where, exc.timeout, hint() if callable(hint) else hint) from exc
     except TransientError as exc:
         raise disconnected(where, hint() if callable(hint) else hint) from exc

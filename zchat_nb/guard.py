@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-import ZODB.POSException
 from ZEO._compat import Unpickler
 from ZEO.asyncio.server import Acceptor, ServerProtocol
 from ZEO.StorageServer import StorageServer
 from ZODB.POSException import StorageTransactionError
 
 from .blobguard import MAX_BLOB_BYTES, BlobLimitedZEOStorage
-from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle, check_record
+from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle
 from .ratelog import rate_limit
+from .security import checked_conflict_states
 
 __all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits"]
 
@@ -467,22 +467,9 @@ class GuardedAcceptor(Acceptor):
 
 def _checked_conflict_states(storage: Any) -> None:
     """Check every pickle the storage unpickles to resolve a conflict, before it does."""
-    from .security import CONFLICT_STATE
-
     untransform = getattr(storage, "_crs_untransform_record_data", None)
-    if untransform is None:
-        return
-
-    def checked(data: bytes) -> bytes:
-        data = untransform(data)
-        try:
-            check_record(data, CONFLICT_STATE)
-        except RefusedPickle as exc:
-            # A ConflictError makes tryToResolveConflict give up quietly: the commit stays a conflict.
-            raise ZODB.POSException.ConflictError(str(exc)) from None
-        return data
-
-    storage._crs_untransform_record_data = checked
+    if untransform is not None:
+        storage._crs_untransform_record_data = checked_conflict_states(untransform)
 
 
 class GuardedStorageServer(StorageServer):

@@ -26,13 +26,16 @@ from io import BytesIO
 from typing import Any
 
 from .exceptions import UnsafeRecordError
-from .pickles import CLIENT_WIRE, PicklePolicy, RefusedPickle, check_pickle
+from .pickles import CLIENT_WIRE, RECORD, PicklePolicy, RefusedPickle, check_pickle, check_record
 
 __all__ = [
     "CLIENT_GLOBALS",
     "CONFLICT_RESOLUTION_GLOBALS",
     "CONFLICT_STATE",
     "WIRE_GLOBALS",
+    "RecordCheck",
+    "check_conflict_state",
+    "checked_conflict_states",
     "class_factory",
     "harden_client_process",
     "harden_conflict_resolution",
@@ -103,6 +106,63 @@ def class_factory(
         return _resolve(module, name)
 
     return factory
+
+
+class RecordCheck:
+    """Checks each record a client loads (:func:`~zchat_nb.pickles.check_record`) before ZODB unpickles it.
+
+    One per database, shared by its connections' threads. It remembers the records that passed by
+    object id, serial *and* content (a hash of the bytes, keyed by this process's secret hash seed),
+    so the copies a storage's cache hands out again are not scanned twice, while different bytes
+    under a serial already seen (a hostile server, or a row rewritten in SQL) are.
+    """
+
+    def __init__(self, policy: PicklePolicy = RECORD, remember: int = 100_000) -> None:
+        self.policy = policy
+        self._remember = remember
+        self._passed: set[tuple[bytes, bytes, int, int]] = set()
+
+    def __call__(self, oid: bytes, serial: bytes, data: bytes) -> None:
+        """Raise :class:`RefusedPickle` naming the object if ``data`` (``oid`` at ``serial``) is refused."""
+        key = (oid, serial, len(data), hash(bytes(data)))
+        if key in self._passed:
+            return
+        try:
+            check_record(data, self.policy)
+        except RefusedPickle as exc:
+            raise RefusedPickle(f"object {oid.hex()}: {exc}") from None
+        if len(self._passed) >= self._remember:
+            self._passed.clear()
+        self._passed.add(key)
+
+
+def check_conflict_state(data: bytes) -> None:
+    """Refuse a state that conflict resolution is about to unpickle, as a ``ConflictError``.
+
+    A ConflictError makes ZODB's ``tryToResolveConflict`` give up quietly (a debug line saying
+    why): the commit stays a plain conflict, which the writer retries.
+    """
+    from ZODB.POSException import ConflictError
+
+    try:
+        check_record(data, CONFLICT_STATE)
+    except RefusedPickle as exc:
+        raise ConflictError(str(exc)) from None
+
+
+def checked_conflict_states(untransform: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """A storage's ``_crs_untransform_record_data`` that checks each state too (:func:`check_conflict_state`).
+
+    ZODB's conflict resolution passes every state it unpickles (the committed one, the old one and
+    the new one) through that method first.
+    """
+
+    def checked(data: bytes) -> bytes:
+        data = untransform(data)
+        check_conflict_state(data)
+        return data
+
+    return checked
 
 
 def _wire_find_global(module: str, name: str) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .exceptions import ZChatConnectionError, ZChatDisconnected
+from .security import RecordCheck, check_conflict_state
 
 __all__ = [
     "ACCEPTED_FORMS",
@@ -184,6 +185,11 @@ _WRAPPED = (
 #: Calls ZODB makes at transaction boundaries, where a lost connection means "forget the cache".
 _POLLS = ("poll_invalidations", "sync")
 
+#: The calls through which ZODB gets records from a RelStorage instance (Connection: load;
+#: historical connections: loadBefore; ``Connection.oldstate`` and conflict resolution: loadSerial).
+#: ``prefetch`` only fills RelStorage's cache, which these read.
+_LOADS = ("load", "loadBefore", "loadSerial")
+
 
 def _relstorage_class() -> type:
     from relstorage.storage import RelStorage
@@ -193,9 +199,15 @@ def _relstorage_class() -> type:
 
         The one boundary for PostgreSQL's connection errors: the model retries TransientErrors
         (a send whose commit answer was lost is retried without duplicating: see ``Room.append``).
+
+        Records are what any holder of the database password wrote: with :attr:`_zchat_records`
+        set (a client sets it), each one ZODB loads is checked before it is unpickled, and so is
+        each state conflict resolution unpickles (RelStorage resolves conflicts in the client).
         """
 
         _zchat_target: PostgresTarget | None = None
+        #: Checks each record a load returns (None: no check); new instances share it.
+        _zchat_records: RecordCheck | None = None
         _zchat_on_lost: Callable[[BaseException], None] | None = None
         _zchat_after_commit: Callable[[], None] | None = None
         #: Set when a call lost the database: the next successful poll drops the object cache.
@@ -206,6 +218,30 @@ def _relstorage_class() -> type:
             lost = self._adapter.driver.disconnected_exceptions
             for name in _WRAPPED:
                 setattr(self, name, self._zchat_guard(getattr(self, name), lost))
+            for name in _LOADS:
+                setattr(self, name, self._zchat_checked(getattr(self, name)))
+
+        def _zchat_checked(self, load: Callable[..., Any]) -> Callable[..., Any]:
+            serial_given = load.__name__ == "loadSerial"  # returns the state alone
+
+            @functools.wraps(load)
+            def checked(oid: bytes, *args: Any) -> Any:
+                result = load(oid, *args)
+                check = self._zchat_records
+                if check is not None and result is not None:
+                    data, serial = (result, args[0]) if serial_given else (result[0], result[1])
+                    if data is not None:  # nothing to unpickle: ZODB says so itself
+                        check(oid, serial, data)
+                return result
+
+            return checked
+
+        def _crs_untransform_record_data(self, data: bytes) -> bytes:
+            # Every state conflict resolution unpickles passes here first. (ZODB.DB calls no
+            # registerDB on an MVCC storage, which would replace this; a ZEO server does, and
+            # checks the states itself: see zchat_nb.guard.)
+            check_conflict_state(data)
+            return data
 
         def _zchat_guard(
             self, method: Callable[..., Any], lost: tuple[type[BaseException], ...]
@@ -248,6 +284,7 @@ def _relstorage_class() -> type:
             other._zchat_target = self._zchat_target
             other._zchat_on_lost = self._zchat_on_lost
             other._zchat_after_commit = self._zchat_after_commit
+            other._zchat_records = self._zchat_records
             return other
 
     return ZChatRelStorage

@@ -1,0 +1,177 @@
+"""A server that is connected but does not answer reads (stalled, or hostile): every call still ends.
+
+ZEO waits for the answer to a load for ever; a client of ours waits at most its ``timeout`` and
+raises :class:`ZChatDisconnected` naming the server, and reads on, nothing skipped and nothing
+repeated, once the server answers again or after a reconnect. The server here is a real one behind
+:class:`tests.attacks.SilentProxy`, which passes everything but the answers to loads. Each call runs
+in a thread with a deadline (:func:`tests.attacks.finishes`): a hang fails the test, not the suite.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import zchat_nb
+from zchat_nb import ChatClient, ZChatDisconnected, ZChatSendError
+
+from .attacks import SilentProxy, finishes, honest_pair_works
+from .test_exceptions import _PNG as PNG
+from .test_exceptions import READS, WRITES
+from .test_widget import comms, hello, recorder, texts  # noqa: F401 (comms: a fixture)
+
+pytestmark = pytest.mark.integration
+
+#: The client's timeout: how long a read waits for an answer.
+TIMEOUT = 1.0
+#: Generous: only a call that hangs goes past it.
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def server() -> Iterator[zchat_nb.Server]:
+    """A hardened server whose room 'lab' has messages."""
+    with zchat_nb.serve() as srv:
+        with zchat_nb.connect(srv.address, user="ada") as writer:
+            lab = writer.session("lab")
+            for text in ("one", "two"):
+                lab.add_message(text)
+            lab.heartbeat()
+        yield srv
+
+
+@pytest.fixture
+def proxy(server: zchat_nb.Server) -> Iterator[SilentProxy]:
+    with SilentProxy(server.address) as silent:
+        yield silent
+
+
+@pytest.fixture
+def silent(proxy: SilentProxy) -> Iterator[ChatClient]:
+    """A client (nothing of the chat in its caches) whose server has stopped answering reads."""
+    client = zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT)
+    proxy.holding.set()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+#: Every read of test_exceptions' table but pack (it reads nothing) and attachments (tested below).
+SILENT_READS = {
+    name: call for name, call in READS.items() if name not in ("teacher.pack", "ChatClient.attachment_bytes")
+}
+
+
+@pytest.mark.parametrize("call", list(SILENT_READS), ids=list(SILENT_READS))
+def test_a_read_the_server_does_not_answer_raises_zchat_disconnected(
+    silent: ChatClient, proxy: SilentProxy, call: str
+) -> None:
+    with pytest.raises(ZChatDisconnected) as info:
+        finishes(lambda: SILENT_READS[call](silent), DEADLINE)
+    assert proxy.held(), "the read was answered: nothing was tested"
+    message = str(info.value)
+    assert f"the server at {silent.address_text} did not answer within {TIMEOUT:g} s" in message
+    assert f"zchat-nb serve --port {silent.address[1]} --path FILE" in message
+
+
+@pytest.mark.parametrize("call", list(WRITES), ids=list(WRITES))
+def test_a_write_whose_reads_the_server_does_not_answer_fails_in_time(
+    silent: ChatClient, proxy: SilentProxy, call: str
+) -> None:
+    with pytest.raises(ZChatSendError) as info:
+        finishes(lambda: WRITES[call](silent), DEADLINE)
+    assert silent.address_text in str(info.value)
+
+
+@pytest.mark.parametrize("methods", [("loadBefore",), ("sendBlob",)])
+def test_an_attachment_the_server_does_not_send_raises_zchat_disconnected(
+    server: zchat_nb.Server, methods: tuple[str, ...]
+) -> None:
+    with zchat_nb.connect(server.address, user="ada") as ada:
+        ada.session("pictures").share(PNG, "a picture")
+    with (
+        SilentProxy(server.address, methods) as proxy,
+        zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT) as bob,
+    ):
+        (shared,) = bob.session("pictures").new_messages()
+        bob.db.cacheMinimize()  # the blob's record is loaded again
+        proxy.holding.set()
+        with pytest.raises(ZChatDisconnected, match="did not answer within"):
+            finishes(lambda: bob.attachment_bytes(shared), DEADLINE)
+        assert proxy.held()
+        proxy.release()
+        assert finishes(lambda: bob.attachment_bytes(shared), DEADLINE) == PNG
+
+
+def read_texts(read: Callable[[], list[Any]]) -> list[str]:
+    return [m.text for m in finishes(read, DEADLINE)]
+
+
+@pytest.mark.parametrize("recovery", ["late answers", "reconnect"])
+def test_the_reader_goes_on_once_the_server_answers_nothing_skipped_or_repeated(
+    server: zchat_nb.Server, proxy: SilentProxy, recovery: str
+) -> None:
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT) as bob,
+    ):
+        writer = alice.session("lab")
+        reader = bob.session("lab")
+        assert read_texts(reader.new_messages) == ["one", "two"]
+        proxy.holding.set()
+        heard = bob.generation()
+        writer.add_message("three")
+        assert bob.wait_for_change(heard, DEADLINE)  # the invalidation reaches bob; the new state does not
+        with pytest.raises(ZChatDisconnected):
+            finishes(reader.new_messages, DEADLINE)
+        with pytest.raises(ZChatDisconnected):
+            finishes(lambda: reader.history(10), DEADLINE)
+        writer.add_message("four")
+        with pytest.raises(ZChatDisconnected):
+            finishes(lambda: reader.new_messages(timeout=TIMEOUT), DEADLINE)
+        if recovery == "late answers":
+            proxy.release()  # a stalled server that wakes up
+        else:
+            back = threading.Event()
+            unsubscribe = bob.subscribe(lambda event: back.set() if event.kind == "connected" else None)
+            proxy.cut()  # the kept answers are lost; ZEO reconnects through the proxy
+            assert back.wait(DEADLINE), "bob did not reconnect"
+            unsubscribe()
+        got = read_texts(lambda: reader.new_messages(timeout=DEADLINE))
+        got += read_texts(reader.new_messages)
+        assert got == ["three", "four"]
+        writer.add_message("five")
+        assert read_texts(lambda: reader.new_messages(timeout=DEADLINE)) == ["five"]
+        assert read_texts(reader.new_messages) == []
+        assert [m.text for m in reader.history(10)] == ["one", "two", "three", "four", "five"]
+        assert not reader.skipped
+    honest_pair_works(proxy.address)
+
+
+@pytest.mark.usefixtures("comms")
+def test_the_widget_says_the_server_does_not_answer_then_shows_what_it_missed(
+    server: zchat_nb.Server, proxy: SilentProxy
+) -> None:
+    from zchat_nb.widget import ChatWidget
+
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT) as bob,
+    ):
+        widget = ChatWidget(bob, "lab", poll_interval=0.2)
+        try:
+            rec = recorder(widget)
+            hello(widget)
+            proxy.holding.set()
+            start = rec.mark()
+            alice.session("lab").add_message("three")
+            rec.wait_state("status_text", lambda text: "did not answer within" in text, start, DEADLINE)
+            proxy.release()
+            appended = rec.wait_for(lambda m: m["type"] == "append", start, DEADLINE)
+            assert len(texts(appended)) == 1 and "three" in texts(appended)[0]
+        finally:
+            widget.close()
