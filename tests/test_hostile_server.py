@@ -9,7 +9,9 @@ in a thread with a deadline (:func:`tests.attacks.finishes`): a hang fails the t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -175,3 +177,30 @@ def test_the_widget_says_the_server_does_not_answer_then_shows_what_it_missed(
             assert len(texts(appended)) == 1 and "three" in texts(appended)[0]
         finally:
             widget.close()
+
+
+@pytest.mark.parametrize("methods", [("loadBefore",), ("vote",)], ids=["a load", "the vote"])
+def test_a_send_ends_within_its_own_timeout_even_when_answers_may_take_longer(
+    server: zchat_nb.Server, methods: tuple[str, ...]
+) -> None:
+    """The send's deadline cuts each wait for an answer short: a send with a 1 s timeout on a
+    client that waits 30 s for an answer fails after about 1 s, not 30 (nor 1 + 30)."""
+    with (
+        SilentProxy(server.address, methods) as proxy,
+        zchat_nb.connect(proxy.address, user="bob", timeout=30.0) as bob,
+    ):
+        lab = bob.session("lab")
+        lab.new_messages()
+        bob.policy = dataclasses.replace(bob.policy, timeout=1.0)
+        bob.db.cacheMinimize()  # the send loads its objects from the server again
+        bob.db.storage._cache.clear()
+        proxy.holding.set()
+        started = time.monotonic()
+        with pytest.raises(ZChatSendError, match="within 1 s"):
+            finishes(lambda: lab.add_message("in time"), DEADLINE)
+        took = time.monotonic() - started
+        assert proxy.held(), "the server answered everything: nothing was tested"
+        assert took < 15.0, f"the send took {took:.1f} s: it waited for the 30 s answer timeout"
+        proxy.release()
+        # Aborted, not half-sent: once the server answers again nothing of it is there.
+        assert "in time" not in read_texts(lab.new_messages)

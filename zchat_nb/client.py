@@ -10,6 +10,7 @@ of a commit in milliseconds without polling the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import logging
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import transaction
@@ -101,6 +102,8 @@ class _WakingClientStorage(ClientStorage):
         self.zchat_events = events
         #: Seconds to wait for the server's answer to a call or a load (None: for ever, as ZEO does).
         self._zchat_answer_timeout = answer_timeout
+        #: Per thread: a ``time.monotonic()`` past which no answer is waited for (see answers_by).
+        self._zchat_until = threading.local()
         super().__init__(addr, **kwargs)
         self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
         self._call = self._zchat_call
@@ -108,7 +111,7 @@ class _WakingClientStorage(ClientStorage):
     def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
         """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a
         dead network), so a commit's vote could block a send far past its timeout."""
-        if self._zchat_answer_timeout is None or method == "pack" or kw.get("wait") is False:
+        if method == "pack" or kw.get("wait") is False or self._zchat_wait() is None:
             return self._zchat_raw_call(method, *args, **kw)
         return self._zchat_answer(self._zchat_raw_call(method, *args, wait=False, **kw), method)
 
@@ -119,7 +122,7 @@ class _WakingClientStorage(ClientStorage):
         On timeout the call is left running, not cancelled: a late answer still lands (a load's in
         the cache, where the repeated read finds it), and ZEO fails it if the connection drops.
         """
-        timeout = self._zchat_answer_timeout
+        timeout = self._zchat_wait()
         try:
             return future.result(timeout)
         except asyncio.TimeoutError:
@@ -128,6 +131,26 @@ class _WakingClientStorage(ClientStorage):
             if not self.is_connected():
                 raise ClientDisconnected(f"lost the server while waiting for {what}") from None
             raise _NoAnswer(what, timeout or 0.0) from None
+
+    def _zchat_wait(self) -> float | None:
+        """Seconds this thread waits for an answer now: the answer timeout, cut short by the
+        deadline of an enclosing :meth:`answers_by` (None: for ever)."""
+        timeout = self._zchat_answer_timeout
+        until: float | None = getattr(self._zchat_until, "deadline", None)
+        if until is None:
+            return timeout
+        left = max(0.0, until - time.monotonic())
+        return left if timeout is None else min(timeout, left)
+
+    @contextlib.contextmanager
+    def answers_by(self, deadline: float) -> Iterator[None]:
+        """On this thread, wait for no answer past ``deadline`` (``time.monotonic()``) in the block."""
+        outer = getattr(self._zchat_until, "deadline", None)
+        self._zchat_until.deadline = deadline if outer is None else min(outer, deadline)
+        try:
+            yield
+        finally:
+            self._zchat_until.deadline = outer
 
     #: Checks each record before ZODB unpickles it (connect() scales its policy to max_text_bytes).
     _zchat_records: RecordCheck = RecordCheck()
@@ -270,6 +293,17 @@ class ChatClient:
 
     def wait_for_change(self, generation: int, timeout: float) -> bool:
         return self.events.wait_for_change(generation, timeout)
+
+    def answers_by(self, deadline: float) -> contextlib.AbstractContextManager[None]:
+        """Within the block, this thread waits for no answer of the ZEO server past ``deadline``.
+
+        PostgreSQL and in-process storages have no such wait (the database driver has its own
+        timeouts): nothing changes for them.
+        """
+        storage = self.db.storage
+        if isinstance(storage, _WakingClientStorage):
+            return storage.answers_by(deadline)
+        return contextlib.nullcontext()
 
     def is_connected(self) -> bool:
         if self._link is not None:

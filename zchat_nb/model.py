@@ -28,6 +28,7 @@ its wake-ups, its change notices and its clock from a :class:`SessionHost`
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -784,6 +785,10 @@ class SessionHost(Protocol):
         """Block until the client is connected or ``timeout`` passes; returns whether it is."""
 
     def is_connected(self) -> bool: ...
+
+    def answers_by(self, deadline: float) -> contextlib.AbstractContextManager[None]:
+        """Within this block, this thread waits for no server answer past ``deadline``
+        (``time.monotonic()``): a call still unanswered then fails as a lost answer would."""
 
     def track_changes(self) -> Changes:
         """A new :class:`Changes` that this host fills with every oid committed from now on."""
@@ -1811,10 +1816,13 @@ def commit(
         try:
             started = time.perf_counter()
             committing = False
-            tm.begin()
-            result = change(conn)
-            committing = True  # from here on, a lost answer may hide a commit that happened
-            tm.commit()
+            # Every answer this attempt waits for (loads, vote, finish) comes by the send's
+            # deadline, or the attempt fails as if the server were lost: a send ends in its timeout.
+            with host.answers_by(deadline):
+                tm.begin()
+                result = change(conn)
+                committing = True  # from here on, a lost answer may hide a commit that happened
+                tm.commit()
             latency = time.perf_counter() - started
             host.report("commit", room=room, what=what, latency=latency, conflicts=conflicts)
             return result
@@ -1827,6 +1835,7 @@ def commit(
                     f"{what} failed: {conflicts} write conflicts in a row; {undone}. Try again"
                 ) from exc
             pause = random.uniform(0, min(policy.backoff, policy.backoff * 2**conflicts / 32))
+            pause = min(pause, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)  # a random pause so that conflicting writers stop colliding
         except transaction.interfaces.TransientError as exc:
             # ClientDisconnected: the commit may or may not have happened; retrying is safe
