@@ -8,6 +8,7 @@ frozen by an attack would fail the deadline, not hang the suite: the wire attack
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import socket
 import threading
@@ -22,7 +23,7 @@ from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import load_current, p64, z64
 
 import zchat_nb
-from zchat_nb.guard import ServerLimits
+from zchat_nb.guard import ServerLimits, peer_of
 from zchat_nb.model import ROOMS_KEY
 
 from .attacks import RawPeer, call, dag_frame, dag_pickle, frame, honest_pair_works, rss_bytes
@@ -226,8 +227,15 @@ def test_an_oversized_frame_is_refused_before_it_is_buffered(server_process: Ser
     honest_pair_works(server_process.address)
 
 
-def test_idle_connections_are_limited_per_peer_and_timed_out() -> None:
-    limits = ServerLimits(max_connections_per_peer=8, register_timeout=1.0)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        ServerLimits(max_connections_per_peer=8, register_timeout=1.0),
+        ServerLimits(max_connections=8, register_timeout=1.0),
+    ],
+    ids=["per peer", "in all"],
+)
+def test_idle_connections_are_limited_and_timed_out(limits: ServerLimits) -> None:
     with zchat_nb.serve(limits=limits) as server:
         idle = [socket.create_connection(server.address, timeout=10) for _ in range(12)]
         try:
@@ -316,3 +324,33 @@ def test_a_malicious_server_cannot_hang_or_import_in_a_client(
     finally:
         listener.close()
         thread.join(timeout=5)
+
+
+def test_on_a_unix_socket_a_peer_is_its_user(tmp_path: Path) -> None:
+    """Connections are counted per user there, not all as one "unix socket" peer."""
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as client:
+        listener.bind(str(tmp_path / "s"))
+        listener.listen()
+        client.connect(str(tmp_path / "s"))
+        conn, _ = listener.accept()
+        with conn:
+            extra = {"peername": conn.getpeername(), "socket": conn}
+
+            class Transport:
+                def get_extra_info(self, key: str) -> object:
+                    return extra[key]
+
+            assert peer_of(Transport()) == f"uid {os.getuid()}"
+
+
+def test_a_lecture_hall_behind_one_address_is_admitted() -> None:
+    """200 kernels of one JupyterHub host share its address: the default limits let them all in."""
+    assert ServerLimits().max_connections_per_peer >= 400  # two connections per student
+    with zchat_nb.serve() as server:
+        clients = [ZEO.client(server.address, wait_timeout=30) for _ in range(210)]
+        try:
+            assert all(c.is_connected() for c in clients)
+        finally:
+            for c in clients:
+                c.close()
+        honest_pair_works(server.address)

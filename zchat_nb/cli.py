@@ -153,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
         help="use TLS and admit only clients with a certificate from the classroom directory DIR "
         "(made by `zchat-nb certs DIR`)",
     )
+    serve.add_argument(
+        "--max-per-peer",
+        type=_count("connections", 1),
+        default=None,
+        metavar="N",
+        help="connections one peer may open: one IP address (every kernel of a JupyterHub host shares "
+        "one) or one user on a Unix socket (default 512)",
+    )
     serve.add_argument("--locked", action="store_true", help=argparse.SUPPRESS)  # the parent holds the lock
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -235,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
                 ("--path", args.path is not None),
                 ("--storage", args.storage is not None),
                 ("--tls", args.tls is not None),
+                ("--max-per-peer", args.max_per_peer is not None),
             ]
             if given
         ]
@@ -251,7 +260,14 @@ def _serve(args: argparse.Namespace) -> int:
 
         ssl = server_context(args.tls)
     host = "0.0.0.0" if args.public else args.host
-    run_foreground(args.path, host, args.port or 0, ready_fd=args.ready_fd, ssl=ssl, storage=args.storage)
+    limits = None
+    if args.max_per_peer is not None:
+        from .guard import ServerLimits
+
+        limits = ServerLimits(max_connections_per_peer=args.max_per_peer)
+    run_foreground(
+        args.path, host, args.port or 0, ready_fd=args.ready_fd, ssl=ssl, storage=args.storage, limits=limits
+    )
     return 0
 
 

@@ -12,7 +12,8 @@ logs without limit. :class:`GuardedStorageServer` is ``ZEO.StorageServer.Storage
 - the commit lock taken back after :attr:`ServerLimits.commit_lock_timeout` seconds: the
   transaction is aborted, the lock handed on, the offender disconnected;
 - per-connection limits (:class:`ServerLimits`): frame and transaction size, unread output,
-  connections per peer address, time to register; the offender is closed, others go on;
+  connections per peer (address, or user on a Unix socket) and in all, time to register; the
+  offender is closed, others go on;
 - conflict states checked before the server unpickles them;
 - its loggers rate-limited (:mod:`zchat_nb.ratelog`).
 """
@@ -84,8 +85,13 @@ class ServerLimits:
     max_unread_bytes: int = 16 * MiB
     #: Seconds a peer may leave its replies unread before it is disconnected.
     unread_timeout: float = 30.0
-    #: Open connections from one peer address (all local users share 127.0.0.1).
-    max_connections_per_peer: int = 64
+    #: Open connections from one peer: an IP address, or a user id on a Unix socket. Every kernel of a
+    #: JupyterHub host shares one address, so this is sized for a lecture hall behind one hub.
+    max_connections_per_peer: int = 512
+    #: Open connections in all; None: the process's file limit (raised to its hard limit, at most
+    #: 65536, when the server starts) less :data:`RESERVED_FILES`, so that the storage's own files
+    #: always open.
+    max_connections: int | None = None
     #: Seconds a connection may take to say hello and register.
     register_timeout: float = 10.0
     #: Seconds a client may hold the commit lock (between its vote and its finish).
@@ -317,11 +323,11 @@ class GuardedServerProtocol(ServerProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self._peer = str(peer[0]) if isinstance(peer, tuple) else "unix socket"
-        if not self.acceptor.admit(self._peer):
+        self._peer = peer_of(transport)
+        refused = self.acceptor.admit(self._peer)
+        if refused is not None:
             self._peer_counted = False
-            self.offend(f"more than {self.limits.max_connections_per_peer} connections from this address")
+            self.offend(refused)
             return
         self._peer_counted = True
         meter = _FrameMeter(self.limits.max_frame_bytes)
@@ -437,27 +443,73 @@ class GuardedServerProtocol(ServerProtocol):
         super().connection_lost(exc)
 
 
+#: File descriptors kept out of :attr:`ServerLimits.max_connections`: the storage, its blobs, logs.
+RESERVED_FILES = 128
+
+
+def raise_file_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft limit on open files towards its hard limit (at most ``wanted``),
+    as servers do; returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def peer_of(transport: Any) -> str:
+    """Whom a connection counts against: its IP address, or on a Unix socket its user id."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return str(peer[0])
+    sock = transport.get_extra_info("socket")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (AttributeError, OSError, struct.error):  # no SO_PEERCRED here
+        return "unix socket"
+    return f"uid {uid}"
+
+
 class GuardedAcceptor(Acceptor):
-    """Makes :class:`GuardedServerProtocol` connections and counts them per peer address."""
+    """Makes :class:`GuardedServerProtocol` connections and counts them per peer and in all."""
 
     storage_server: GuardedStorageServer
 
     def __init__(self, storage_server: GuardedStorageServer, addr: Any, ssl: Any, msgpack: bool) -> None:
         self.peers: dict[str, int] = {}
+        self.open = 0
+        limits = storage_server.limits
+        files = raise_file_limit()
+        self.max_open = (
+            limits.max_connections
+            if limits.max_connections is not None
+            else max(limits.max_connections_per_peer, files - RESERVED_FILES)
+        )
         super().__init__(storage_server, addr, ssl, False)
 
     def factory(self) -> GuardedServerProtocol:
         zs = self.storage_server.create_client_handler()
         return GuardedServerProtocol(self.event_loop, self.addr, zs, self)
 
-    def admit(self, peer: str) -> bool:
-        count = self.peers.get(peer, 0)
-        if count >= self.storage_server.limits.max_connections_per_peer:
-            return False
+    def admit(self, peer: str) -> str | None:
+        """Count a new connection from ``peer``; or say why it is refused."""
+        count, most = self.peers.get(peer, 0), self.storage_server.limits.max_connections_per_peer
+        if count >= most:
+            return f"more than {most} connections from this peer"
+        if self.open >= self.max_open:
+            return f"more than {self.max_open} connections in all"
         self.peers[peer] = count + 1
-        return True
+        self.open += 1
+        return None
 
     def leave(self, peer: str) -> None:
+        self.open -= 1
         count = self.peers.get(peer, 0) - 1
         if count > 0:
             self.peers[peer] = count

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ZChatConnectionError, ZChatServerError
+from .guard import ServerLimits
 from .net import Address, format_address, outward_ip, parse_address, probe
 from .server import Server, serve
 
@@ -506,9 +507,10 @@ def run_foreground(
     ssl: ssl_module.SSLContext | None = None,
     announce: bool = True,
     storage: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve ``host:port`` until SIGTERM or SIGINT (``zchat-nb serve``)."""
-    server = serve(path, host, port, ssl=ssl, storage=storage)
+    server = serve(path, host, port, ssl=ssl, storage=storage, limits=limits)
     _serve_until_stopped(server, ready_fd=ready_fd, announce=announce)
 
 
