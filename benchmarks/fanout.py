@@ -582,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with (
             ServerProcess(Path(tmp) / "chat.fs", log_path=Path(tmp) / "server.log") as server,
             _killing_workers(),
+            _server_log_on_failure(Path(tmp) / "server.log"),
         ):
             if "stock" in parts:  # ZEO itself: stock runzeo, no zchat_nb guard, plain ZODB clients
                 with ServerProcess(Path(tmp) / "stock.fs", kind="runzeo") as stock:
@@ -667,6 +668,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     write_section(args.output, text)
     return 0
+
+
+@contextlib.contextmanager
+def _server_log_on_failure(path: Path) -> Iterator[None]:
+    """If a part fails, show what the server said (its log goes with the temporary directory)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            lines = path.read_text(errors="replace").splitlines()
+            print("-- the server's log, last 40 lines:", *lines[-40:], sep="\n", file=sys.stderr)
+        raise
 
 
 @contextlib.contextmanager
