@@ -386,7 +386,14 @@ def w_ours_read_all(address: tuple[str, int], room: str) -> list[str]:
     import zchat_nb
 
     with zchat_nb.connect(address, user="auditor") as client:
-        return [m.id for m in client.session(room).new_messages()]
+        session = client.session(room)
+        ids: list[str] = []
+        # One call returns a bounded batch (model.MAX_PER_CALL): read until it is not behind.
+        while True:
+            batch = session.new_messages()
+            ids += [m.id for m in batch]
+            if not batch and not session.behind:
+                return ids
 
 
 def w_seed_read_all(address: tuple[str, int], channel: str) -> list[str]:
