@@ -354,3 +354,17 @@ def test_a_lecture_hall_behind_one_address_is_admitted() -> None:
             for c in clients:
                 c.close()
         honest_pair_works(server.address)
+
+
+def test_a_clients_keep_alive_does_not_close_its_connection() -> None:
+    """ZEO clients send ``(-1, 0, '.reply', None)`` every minute; the guard once took it for a bad
+    frame and closed every connection older than a minute."""
+    with zchat_nb.serve() as server, zchat_nb.connect(server.address, user="ada") as ada:
+        storage = ada.db.storage
+        runner = storage._server
+        protocol = runner.client.protocol
+        runner.loop.call_soon_threadsafe(protocol.heartbeat)
+        # Answered on the same connection after the server has read the keep-alive.
+        storage.server_status()
+        assert runner.client.protocol is protocol and storage.is_connected()
+        ada.session("lab").add_message("still here")

@@ -126,6 +126,8 @@ def decode_frame(frame: bytes, limits: ServerLimits) -> tuple[Any, int, str, tup
         raise RefusedPickle("refused a ZEO frame with a bad message id")
     if not (isinstance(async_, (bool, int)) and isinstance(name, str)):
         raise RefusedPickle("refused a ZEO frame with a bad header")
+    if msgid == -1 and name == ".reply" and args is None:
+        return msgid, int(async_), name, ()  # a client's keep-alive, sent every minute
     if not isinstance(args, tuple):
         raise RefusedPickle(f"refused a ZEO frame for {name!r:.40}: its arguments are not a tuple")
     return msgid, int(async_), name, args
