@@ -179,6 +179,27 @@ def test_the_widget_says_the_server_does_not_answer_then_shows_what_it_missed(
             widget.close()
 
 
+def test_a_widget_whose_first_read_failed_reads_again_by_itself(
+    server: zchat_nb.Server, proxy: SilentProxy, comms: list[Any]
+) -> None:
+    """Nothing changes in the room after the failure: only the poller's own retry can load it."""
+    from zchat_nb.widget import ChatWidget
+
+    with zchat_nb.connect(proxy.address, user="bob", timeout=TIMEOUT) as bob:
+        bob.db.storage._cache.clear()  # the room's objects come from the server
+        proxy.holding.set()
+        widget = ChatWidget(bob, "lab")
+        try:
+            rec = recorder(widget)
+            rec.wait_state("status_text", lambda text: "did not answer within" in text, 0, DEADLINE)
+            start = rec.mark()
+            proxy.release()
+            rec.wait_state("status_text", lambda text: "did not answer" not in text, start, DEADLINE)
+            assert texts(hello(widget)) == ["<p>one</p>", "<p>two</p>"]
+        finally:
+            widget.close()
+
+
 @pytest.mark.parametrize("methods", [("loadBefore",), ("vote",)], ids=["a load", "the vote"])
 def test_a_send_ends_within_its_own_timeout_even_when_answers_may_take_longer(
     server: zchat_nb.Server, methods: tuple[str, ...]

@@ -100,6 +100,10 @@ _atexit_lock = threading.Lock()
 _atexit_registered = False
 
 
+#: Seconds before the poller reads again after a failed read, doubled each time up to RETRY_MAX.
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
+
 class ChatWidget(anywidget.AnyWidget):
     """A chat room shown in a notebook, updated live as messages are committed.
 
@@ -480,11 +484,19 @@ class ChatWidget(anywidget.AnyWidget):
     # -- poller thread ---------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
+        retry = RETRY_FIRST
         try:
             while not self._stopping.is_set():
                 self._wake.clear()  # before reading: a wake-up during the read is not lost
                 if not self._step():
                     break
+                if self._poll_error:
+                    # The read failed (the server away, slow or overloaded): read again soon, not
+                    # only at the room's next change, which may never come. Backs off to RETRY_MAX.
+                    self._wake.wait(retry if self.client.tracks_changes else min(retry, self.poll_interval))
+                    retry = min(2 * retry, RETRY_MAX)
+                    continue
+                retry = RETRY_FIRST
                 if self._session is not None and self._session.behind:
                     continue  # a very large room is read a bounded slice per round
                 # A ZEO client wakes us on every change; the timer only expires leases (no loads).
