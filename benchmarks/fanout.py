@@ -126,13 +126,25 @@ def _recording_comm() -> Any:
         def __init__(self, **kwargs: Any) -> None:
             self.comm_id = os.urandom(16).hex()
             self.listeners: list[Any] = []
+            self.sent: list[Any] = []
+            self.lock = threading.Lock()
+
+        def listen(self, listener: Any) -> None:
+            """Call ``listener`` with every frame, those sent before it came included (the widget's
+            poller starts in its constructor and may send its first "reset" before we listen)."""
+            with self.lock:
+                for data in self.sent:
+                    listener(data)
+                self.listeners.append(listener)
 
         def on_msg(self, callback: Any) -> None:
             pass
 
         def send(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None:
-            for listener in self.listeners:
-                listener(data or {})
+            with self.lock:
+                self.sent.append(data or {})
+                for listener in self.listeners:
+                    listener(data or {})
 
         def close(self, *args: Any, **kwargs: Any) -> None:
             pass
@@ -179,11 +191,18 @@ def worker_widgets(
     widgets = []
     for k, client in enumerate(clients):
         widget = ChatWidget(client=client, room=room, **({"heartbeat_interval": lease} if lease else {}))
-        widget.comm.listeners.append(listener(k))
+        widget.comm.listen(listener(k))
         widgets.append(widget)
+    started = time.monotonic()
     with done:
+        if not done.wait_for(lambda: all(reset), 30):  # slow: say which, then wait on
+            for w, loaded in zip(widgets, reset, strict=True):
+                if not loaded:
+                    sys.stderr.write(f"{w.user} has not loaded its room after 30 s: {w.status_text}\n")
         if not done.wait_for(lambda: all(reset), READY_TIMEOUT):
             raise SystemExit("widgets did not load their room in time")
+    if time.monotonic() - started > 30:
+        sys.stderr.write(f"widgets loaded their room after {time.monotonic() - started:.0f} s\n")
     # Connected, and (within a minute: 200 first joins at once may need retries) its join committed
     # and read back, so that the start-up stays out of the measurement.
     settle = time.monotonic() + 60
