@@ -282,19 +282,13 @@ def server_fanout(address: Any, pid: int, clients: int, commits: int) -> float:
     import transaction
     from persistent.mapping import PersistentMapping
 
-    readers = []
-    seen = threading.Semaphore(0)
-
-    for _ in range(clients):
-        woken = threading.Event()
-        readers.append(_raw_db(address, woken))
+    readers = [_raw_db(address) for _ in range(clients)]
     db = _raw_db(address)
     tm = transaction.TransactionManager()
     conn = db.open(transaction_manager=tm)
     conn.root()["fan"] = box = PersistentMapping({"n": 0})
     tm.commit()
     time.sleep(0.5)  # the first invalidations land before measuring
-    del seen
     cpu = process_cpu(pid)
     for i in range(commits):
         box["n"] = i
@@ -345,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import zchat_nb
 
-    print(f"zchat_nb from {Path(zchat_nb.__file__).parent}; load average {open('/proc/loadavg').read().split()[0]}")
+    print(f"zchat_nb from {Path(zchat_nb.__file__).parent}; load average {Path('/proc/loadavg').read_text().split()[0]}")
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "client" in parts:
@@ -353,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
         if "server" in parts:
             print(server_part(args, Path(tmp)), flush=True)
-    print(f"load average after: {open('/proc/loadavg').read().split()[0]}")
+    print(f"load average after: {Path('/proc/loadavg').read_text().split()[0]}")
     return 0
 
 

@@ -19,6 +19,7 @@ Allow-lists stop calls, not size: every pickle is also checked by :mod:`zchat_nb
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterable
@@ -87,7 +88,9 @@ WIRE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def _resolve(module: str, name: str) -> Any:
+    # Cached: a class factory resolves the same few allow-listed globals for every record loaded.
     return getattr(importlib.import_module(module), name)
 
 
