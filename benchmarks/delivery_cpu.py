@@ -117,7 +117,10 @@ class Writer:
         args = json.dumps([kind, list(address), n, gap])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.delivery_cpu", "writer", args],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         self._expect("ready")
@@ -144,7 +147,9 @@ class Writer:
 # -- the client part -----------------------------------------------------------------------------
 
 
-def read_session(address: Any, n: int, gap: float, server_pid: int, profile: cProfile.Profile | None) -> dict[str, Any]:
+def read_session(
+    address: Any, n: int, gap: float, server_pid: int, profile: cProfile.Profile | None
+) -> dict[str, Any]:
     import zchat_nb
 
     client = zchat_nb.connect(address, user="reader")
@@ -199,7 +204,9 @@ def read_raw(address: Any, n: int, gap: float, server_pid: int) -> dict[str, Any
     return _measure(read, writer, got, thread_cpu, server_pid, db.close)
 
 
-def _measure(read: Any, writer: Writer, got: list[str], thread_cpu: list[float], server_pid: int, close: Any) -> dict[str, Any]:
+def _measure(
+    read: Any, writer: Writer, got: list[str], thread_cpu: list[float], server_pid: int, close: Any
+) -> dict[str, Any]:
     thread = threading.Thread(target=read)
     cpu, server = cpu_seconds(), process_cpu(server_pid)
     thread.start()
@@ -238,7 +245,13 @@ def client_part(args: argparse.Namespace, workdir: Path) -> str:
         pid = server.proc.pid
         setup_raw(server.address)
         for rep in range(args.repeat):
-            rows.append(("ChatSession.new_messages", rep, read_session(server.address, args.messages, args.gap, pid, profile)))
+            rows.append(
+                (
+                    "ChatSession.new_messages",
+                    rep,
+                    read_session(server.address, args.messages, args.gap, pid, profile),
+                )
+            )
             rows.append(("raw ZODB reader", rep, read_raw(server.address, args.messages, args.gap, pid)))
     out = [
         f"Client part: {args.messages} messages {args.gap * 1000:.0f} ms apart, one reader, `zchat-nb serve`",
@@ -254,7 +267,13 @@ def client_part(args: argparse.Namespace, workdir: Path) -> str:
     if profile is not None:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
-        out += ["", "cProfile of the ChatSession reader thread (by own time):", "```", text.getvalue().strip(), "```"]
+        out += [
+            "",
+            "cProfile of the ChatSession reader thread (by own time):",
+            "```",
+            text.getvalue().strip(),
+            "```",
+        ]
     return "\n".join(out)
 
 
@@ -331,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind, address, n, gap = json.loads(argv[1])
         writer_main(kind, tuple(address), n, gap)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.delivery_cpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.delivery_cpu", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--parts", default="client,server")
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--gap", type=float, default=0.02)
@@ -344,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import zchat_nb
 
-    print(f"zchat_nb from {Path(zchat_nb.__file__).parent}; load average {Path('/proc/loadavg').read_text().split()[0]}")
+    print(
+        f"zchat_nb from {Path(zchat_nb.__file__).parent}; load average {Path('/proc/loadavg').read_text().split()[0]}"
+    )
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "client" in parts:

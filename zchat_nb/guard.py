@@ -43,7 +43,7 @@ from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle
 from .ratelog import rate_limit
 from .security import checked_conflict_states
 
-__all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits"]
+__all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits", "decode_checked_frame", "decode_frame"]
 
 log = logging.getLogger(__name__)
 

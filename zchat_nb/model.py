@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import itertools
@@ -689,6 +690,11 @@ def _capped(value: object, limit: int = 80) -> str:
     return text[:limit]
 
 
+def _place(writer: str, key: object) -> str:
+    """Where a stream record is, for a report: ``writer@key``."""
+    return f"{writer}@{_capped(key, 60)}"
+
+
 def _epoch_of(room: Room) -> int | str:
     """The room's epoch if it is an int; anything else (NaN never equals itself) as a stable str."""
     epoch = room.epoch
@@ -1149,8 +1155,7 @@ class ChatSession:
                 return [], 0, False
         # The place is named only if the record is bad: a repr per message costs more than its parse.
         found = (
-            self._check(record, lambda key=key: f"{writer}@{_capped(key, 60)}", writer)
-            for key, record in entries
+            self._check(record, functools.partial(_place, writer, key), writer) for key, record in entries
         )
         return [m for m in found if m is not None], len(entries), more
 

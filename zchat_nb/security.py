@@ -42,6 +42,7 @@ __all__ = [
     "harden_client_process",
     "harden_conflict_resolution",
     "harden_server_process",
+    "is_plain_server_frame",
 ]
 
 log = logging.getLogger(__name__)
