@@ -192,3 +192,74 @@ def test_a_stock_zeo_server_would_have_run_it(tmp_path: Path) -> None:
             sock.recv(1024)
         sock.close()
     assert marker.exists()
+
+
+# -- the frames a client accepts without the full check ------------------------------------------
+
+_OID, _TID = b"\x00" * 7 + b"\x07", b"\x03\xe5" + b"\x7f" * 6
+
+
+def _server_frame(*message: object) -> bytes:
+    from ZEO.asyncio.marshal import encoder
+
+    return encoder(b"Z5", True)(*message)
+
+
+def _reply(data: bytes, end: bytes | None = _TID, flag: object = 0) -> bytes:
+    """A load's answer, as ZEO's server sends it (``0``: not async; a client would say ``False``)."""
+    return _server_frame((_OID, _TID), flag, ".reply", (data, _TID, end))
+
+
+def _invalidation(count: int) -> bytes:
+    return _server_frame(0, True, "invalidateTransaction", (_TID, [_OID] * count))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _reply(b"r" * 40),
+        _reply(b"r" * 40, None),
+        _reply(b""),
+        _reply(b"r" * 3000),
+        _reply(b"r" * 40, flag=False),
+        *map(_invalidation, (0, 1, 3, 1001)),
+    ],
+    ids=["reply", "last", "empty", "long", "false", "inv0", "inv1", "inv3", "inv1001"],
+)
+def test_the_frames_of_a_delivery_skip_the_full_check(frame: bytes) -> None:
+    from zchat_nb.pickles import CLIENT_WIRE, check_pickle
+    from zchat_nb.security import is_plain_server_frame
+
+    assert is_plain_server_frame(frame)
+    check_pickle(frame, CLIENT_WIRE)  # which would have let it through too
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [_reply(b"r" * 20), _reply(b"r" * 300, None), _reply(b"r" * 20, flag=False), _invalidation(2)],
+    ids=["short", "long", "false", "inv"],
+)
+def test_no_one_byte_change_of_a_plain_frame_gets_past_the_full_check_unchecked(frame: bytes) -> None:
+    """What the match lets through, the full check lets through as well: it is never looser."""
+    from zchat_nb.pickles import CLIENT_WIRE, RefusedPickle, check_pickle
+    from zchat_nb.security import is_plain_server_frame
+
+    looser = []
+    variants = [frame[:cut] for cut in range(len(frame))] + [frame + b"."]
+    for pos in range(len(frame)):
+        variants += [frame[:pos] + bytes([value]) + frame[pos + 1 :] for value in range(256)]
+    for variant in variants:
+        if is_plain_server_frame(variant):
+            try:
+                check_pickle(variant, CLIENT_WIRE)
+            except RefusedPickle:
+                looser.append(variant)
+    assert looser == []
+
+
+def test_a_frame_naming_a_global_is_not_plain() -> None:
+    from zchat_nb.security import is_plain_server_frame
+
+    frame = _reply(b"r" * 20).replace(b"C\x08" + _TID, b"cbuiltins\neval\n", 1)
+    assert not is_plain_server_frame(frame)
+    assert not is_plain_server_frame(bytearray(_reply(b"r")))

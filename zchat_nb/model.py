@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import itertools
@@ -216,8 +217,10 @@ class Message:
         return fields
 
     @classmethod
-    def from_record(cls, record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message:
-        """Check a stored record written by some client and turn it into a Message.
+    def from_record(
+        cls, record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, writer: str = ""
+    ) -> Message:
+        """Check a stored record written by some client (of stream ``writer``) and turn it into a Message.
 
         Raises ``ValueError`` naming what is wrong: another client may have written anything.
         """
@@ -254,17 +257,20 @@ class Message:
             text,
             when,
             reply_to=reply_to or None,
+            writer=writer,
             signer=signer,
             signature=signature,
             attachments=attachments,
         )
 
 
-def parse_record(record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Message | Event:
-    """A stream record as a Message or an :class:`~zchat_nb.amend.Event`; ``ValueError`` if neither."""
+def parse_record(
+    record: object, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, writer: str = ""
+) -> Message | Event:
+    """A stream record as a Message (of ``writer``) or an :class:`~zchat_nb.amend.Event`; else ValueError."""
     if isinstance(record, tuple) and record and record[0] == EVENT_TAG:
         return Event.from_record(record, max_text_bytes, MAX_AUTHOR_CHARS)
-    return Message.from_record(record, max_text_bytes)
+    return Message.from_record(record, max_text_bytes, writer)
 
 
 def _parse_event(record: object) -> Event:
@@ -682,6 +688,11 @@ def _capped(value: object, limit: int = 80) -> str:
     except Exception as exc:
         text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
     return text[:limit]
+
+
+def _place(writer: str, key: object) -> str:
+    """Where a stream record is, for a report: ``writer@key``."""
+    return f"{writer}@{_capped(key, 60)}"
 
 
 def _epoch_of(room: Room) -> int | str:
@@ -1142,7 +1153,10 @@ class ChatSession:
             else:
                 self._skip(f"stream {writer!r:.40}", ValueError(f"bad key {_capped(last)}"), once=True)
                 return [], 0, False
-        found = (self._check(record, f"{writer}@{_capped(key, 60)}", writer) for key, record in entries)
+        # The place is named only if the record is bad: a repr per message costs more than its parse.
+        found = (
+            self._check(record, functools.partial(_place, writer, key), writer) for key, record in entries
+        )
         return [m for m in found if m is not None], len(entries), more
 
     def _prefetch(self, room: Room, trees: list[Any], levels: int = 4) -> None:
@@ -1154,13 +1168,13 @@ class ChatSession:
         except Exception:  # only a speed-up: the reads report what does not load
             log.debug("prefetching streams failed", exc_info=True)
 
-    def _check(self, record: object, where: str, writer: str) -> Message | Event | None:
+    def _check(self, record: object, where: str | Callable[[], str], writer: str) -> Message | Event | None:
+        """The record as a Message (of ``writer``) or an Event; None, reported at ``where``, if bad."""
         try:
-            item = parse_record(record, self._host.max_text_bytes)
+            return parse_record(record, self._host.max_text_bytes, writer)
         except Exception as exc:  # any type: a crafted record may raise anything when inspected
-            self._skip(where, exc)
+            self._skip(where if isinstance(where, str) else where(), exc)
             return None
-        return dataclasses.replace(item, writer=writer) if isinstance(item, Message) else item
 
     def _skip(self, where: str, exc: BaseException, *, once: bool = False) -> None:
         """Report an unreadable record in ``skipped`` (capped) and, for the first few, in the log.

@@ -19,8 +19,10 @@ Allow-lists stop calls, not size: every pickle is also checked by :mod:`zchat_nb
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import re
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import Any
@@ -40,6 +42,7 @@ __all__ = [
     "harden_client_process",
     "harden_conflict_resolution",
     "harden_server_process",
+    "is_plain_server_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,9 @@ WIRE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def _resolve(module: str, name: str) -> Any:
+    # Cached: a class factory resolves the same few allow-listed globals for every record loaded.
     return getattr(importlib.import_module(module), name)
 
 
@@ -199,6 +204,45 @@ def harden_conflict_resolution() -> None:
     cr.find_global = _conflict_find_global
 
 
+#: The server's ``invalidateTransaction(tid, [oid, ...])`` as ZEO pickles it (protocol 3, no memo;
+#: the oids appended one by one or in MARK ... APPENDS batches).
+_INVALIDATION = re.compile(
+    rb"\x80\x03\(K\x00\x88X\x15\x00\x00\x00invalidateTransactionC\x08.{8}\]"
+    rb"(?:C\x08.{8}a|\((?:C\x08.{8})+e)*\x86t\.",
+    re.DOTALL,
+)
+#: The head of the server's answer to ``loadBefore(oid, tid)``: ``((oid, tid), 0, ".reply", ...``.
+_LOAD_REPLY_HEAD = re.compile(
+    rb"\x80\x03\(C\x08.{8}C\x08.{8}\x86(?:K\x00|\x89)X\x06\x00\x00\x00\.reply", re.DOTALL
+)
+_TID = re.compile(rb"C\x08.{8}(?:N|C\x08.{8})\x87t\.", re.DOTALL)
+
+
+def is_plain_server_frame(frame: bytes) -> bool:
+    """True if ``frame`` is, byte for byte, one of the two frames every delivered message brings.
+
+    An invalidation, or a load's answer ``(data, serial, next serial or None)``: plain bytes in
+    tuples and a fresh list, nothing memoized, no globals, so there is nothing for
+    :func:`~zchat_nb.pickles.check_pickle` to refuse but size, which is checked here too. Anything
+    else, a near miss included, is left to the full check.
+    """
+    if frame.__class__ is not bytes or len(frame) > CLIENT_WIRE.max_bytes:
+        return False
+    head = _LOAD_REPLY_HEAD.match(frame)
+    if head is not None:
+        # The record: SHORT_BINBYTES (length in one byte) or BINBYTES (four, little-endian).
+        pos = head.end()
+        kind = frame[pos : pos + 1]
+        if kind == b"C" and len(frame) > pos + 1:
+            end = pos + 2 + frame[pos + 1]
+        elif kind == b"B" and len(frame) >= pos + 5:
+            end = pos + 5 + int.from_bytes(frame[pos + 1 : pos + 5], "little")
+        else:
+            return False
+        return _TID.fullmatch(frame, end) is not None
+    return _INVALIDATION.fullmatch(frame) is not None
+
+
 def _no_globals(module: str, name: str) -> Any:
     raise RefusedPickle(f"refused global {module}.{name} in a frame from the ZEO server")
 
@@ -234,7 +278,8 @@ def harden_client_process() -> None:
         def message_received(self, data: bytes) -> None:
             if self.protocol_version is not None and self.protocol_version[:1] == b"Z":
                 try:
-                    check_pickle(data, CLIENT_WIRE)
+                    if not is_plain_server_frame(data):
+                        check_pickle(data, CLIENT_WIRE)
                 except RefusedPickle as exc:
                     log.error("closing the connection to the ZEO server at %s: %s", self.addr, exc)
                     self.close(exc)

@@ -1,0 +1,106 @@
+"""The guard's frame decoding and metering, unit by unit (the servers' behaviour: test_hostile_server.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from ZEO.asyncio.marshal import encoder
+
+from zchat_nb.guard import ServerLimits, _FrameMeter, decode_checked_frame, decode_frame
+from zchat_nb.pickles import RefusedPickle
+
+OID = b"\x00\x00\x00\x00\x00\x00\x00\x07"
+TID = b"\x03\xe5\x7f\x7f\x7f\x7f\x7f\x7f"
+LIMITS = ServerLimits()
+
+
+def load_frame(oid: bytes = OID, tid: bytes = TID) -> bytes:
+    """The frame ZEO's client sends for ``loadBefore(oid, tid)``."""
+    return encoder(b"Z5")((oid, tid), False, "loadBefore", (oid, tid))
+
+
+def outcome(decode, frame: bytes, limits: ServerLimits = LIMITS):  # type: ignore[no-untyped-def]
+    try:
+        return decode(frame, limits)
+    except RefusedPickle:
+        return "refused"
+
+
+def test_a_load_frame_decodes_as_the_checked_path_does() -> None:
+    frame = load_frame()
+    assert decode_frame(frame, LIMITS) == decode_checked_frame(frame, LIMITS)
+    assert decode_frame(frame, LIMITS) == ((OID, TID), 0, "loadBefore", (OID, TID))
+
+
+def test_every_one_byte_change_of_a_load_frame_decodes_as_the_checked_path_does() -> None:
+    """The exact match of a load is no looser than the scan: whatever it lets through, the scan does too."""
+    frame = load_frame()
+    differ = []
+    for pos in range(len(frame)):
+        for value in range(256):
+            changed = frame[:pos] + bytes([value]) + frame[pos + 1 :]
+            if outcome(decode_frame, changed) != outcome(decode_checked_frame, changed):
+                differ.append((pos, value))
+    assert differ == []
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        load_frame()[:-1],  # truncated
+        load_frame() + b".",  # a byte after STOP
+        load_frame() + load_frame(),  # two frames in one
+        load_frame()[:-2] + b"\x85t.",  # TUPLE1 of the args
+        load_frame(OID + b"\x00", TID),  # a 9-byte oid
+        load_frame(OID, TID[:7]),  # a 7-byte tid
+        load_frame().replace(b"loadBefore", b"loadBefor\x00"),
+        bytearray(load_frame()),
+    ],
+    ids=["truncated", "trailing", "two", "tuple1", "long-oid", "short-tid", "method", "bytearray"],
+)
+def test_near_misses_of_a_load_frame_take_the_checked_path(frame: bytes) -> None:
+    assert outcome(decode_frame, frame) == outcome(decode_checked_frame, frame)
+
+
+def test_a_load_frame_over_a_tiny_frame_limit_is_refused() -> None:
+    tiny = ServerLimits(max_frame_bytes=32)
+    assert outcome(decode_frame, load_frame(), tiny) == "refused"
+
+
+def test_a_load_frame_naming_a_global_is_refused() -> None:
+    evil = load_frame().replace(b"C\x08" + OID, b"cbuiltins\neval\n", 1)
+    assert outcome(decode_frame, evil) == "refused"
+
+
+def _reference_meter(stream: bytes, limit: int) -> tuple[int | None, int]:
+    """Frame by frame over the whole stream: (first oversized announcement, its offset)."""
+    pos = 0
+    while pos + 4 <= len(stream):
+        size = int.from_bytes(stream[pos : pos + 4], "big")
+        if size > limit:
+            return size, pos
+        pos += 4 + size
+    return None, len(stream)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_meter_finds_an_oversized_frame_however_the_stream_is_cut(seed: int) -> None:
+    rng = random.Random(seed)
+    limit = 100
+    frames = [rng.randrange(0, limit + 1) for _ in range(rng.randrange(1, 30))]
+    stream = b"".join(size.to_bytes(4, "big") + bytes(size) for size in frames)
+    if seed % 2:  # a frame over the limit somewhere, then more bytes
+        stream += (limit + 1 + seed).to_bytes(4, "big") + bytes(50)
+    expected, at = _reference_meter(stream, limit)
+    meter = _FrameMeter(limit)
+    pos, found = 0, None
+    while pos < len(stream) and found is None:
+        step = rng.choice([1, 2, 3, 4, 5, 7, 64, 1000])
+        found = meter.feed(stream[pos : pos + step])
+        pos += step
+    assert found == expected
+    if expected is not None:
+        assert pos > at + 3  # only once its whole length prefix arrived
+    else:
+        assert (meter.body, meter.head) == (0, b"")
