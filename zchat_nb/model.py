@@ -1070,8 +1070,8 @@ class ChatSession:
             for writer, stream in entries:
                 looked += 1
                 if not (type(writer) is str and 0 < len(writer) <= _ID_CHARS):
-                    bad = ValueError("a writer's key is not a short str")
-                    self._skip(f"writer {_capped(writer, 40)} of room {self.room!r}", bad, once=True)
+                    where = f"writer {_capped(writer, 40)} of room {self.room!r}"
+                    self._skip(where, ValueError("a writer's key is not a short str"), once=True)
                     continue
                 if not isinstance(stream, OOBTree):
                     bad = TypeError(f"a {type(stream).__name__}, not an OOBTree")
