@@ -179,8 +179,9 @@ def test_the_widget_says_the_server_does_not_answer_then_shows_what_it_missed(
             widget.close()
 
 
+@pytest.mark.usefixtures("comms")
 def test_a_widget_whose_first_read_failed_reads_again_by_itself(
-    server: zchat_nb.Server, proxy: SilentProxy, comms: list[Any]
+    server: zchat_nb.Server, proxy: SilentProxy
 ) -> None:
     """Nothing changes in the room after the failure: only the poller's own retry can load it."""
     from zchat_nb.widget import ChatWidget
