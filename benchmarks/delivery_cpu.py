@@ -43,32 +43,10 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.fanout import _raw_db, cpu_seconds, process_cpu  # noqa: E402 (fan-out's clients and clocks)
 from tests.helpers import ServerProcess  # noqa: E402
 
 ROOM = "hall"
-
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _raw_db(address: Any, woken: threading.Event | None = None) -> Any:
-    import ZODB
-    from ZEO.ClientStorage import ClientStorage
-
-    class Waking(ClientStorage):  # type: ignore[misc]
-        def invalidateTransaction(self, tid: bytes, oids: Any) -> None:
-            super().invalidateTransaction(tid, oids)
-            if woken is not None:
-                woken.set()
-
-    return ZODB.DB(Waking(address, wait_timeout=30))
 
 
 # -- the writer (a child process) ---------------------------------------------------------------

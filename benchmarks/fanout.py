@@ -75,6 +75,21 @@ def _say(**data: Any) -> None:
     sys.stdout.flush()
 
 
+def _read_on_go(read: Any, count: int, limit: float) -> float:
+    """Say ready, wait for "go", run ``read(k, deadline)`` for each reader on its own thread;
+    returns the CPU seconds this process spent meanwhile."""
+    _say(ready=True)
+    _wait_line("go")
+    cpu = cpu_seconds()
+    deadline = time.monotonic() + limit
+    threads = [threading.Thread(target=read, args=(k, deadline)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return cpu_seconds() - cpu
+
+
 def _wait_line(expected: str) -> None:
     line = sys.stdin.readline().strip()
     if line != expected:
@@ -101,16 +116,7 @@ def worker_session_readers(address: tuple[str, int], room: str, count: int, n: i
                     got["latencies"].append(now - float(found.group(1)))
                     got["ids"].append(m.id)
 
-    _say(ready=True)
-    _wait_line("go")
-    cpu = cpu_seconds()
-    deadline = time.monotonic() + limit
-    threads = [threading.Thread(target=read, args=(k, deadline)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    cpu = cpu_seconds() - cpu
+    cpu = _read_on_go(read, count, limit)
     for c in clients:
         c.close()
     _say(results=results, cpu=cpu)
@@ -286,16 +292,7 @@ def worker_raw_readers(address: tuple[str, int], room: str, count: int, n: int, 
                     results[k]["latencies"].append(time.time() - float(found.group(1)))
                     results[k]["ids"].append(text)
 
-    _say(ready=True)
-    _wait_line("go")
-    cpu = cpu_seconds()
-    deadline = time.monotonic() + limit
-    threads = [threading.Thread(target=read, args=(k, deadline)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    cpu = cpu_seconds() - cpu
+    cpu = _read_on_go(read, count, limit)
     for db in dbs:
         db.close()
     _say(results=results, cpu=cpu)
