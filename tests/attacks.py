@@ -274,8 +274,8 @@ class SilentProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool, asked: set[object]) -> None:
         with contextlib.suppress(OSError, ConnectionError, struct.error):
             while True:
-                head = _read(source, 4)
-                body = _read(source, struct.unpack(">I", head)[0])
+                head = recv_exactly(source, 4)
+                body = recv_exactly(source, struct.unpack(">I", head)[0])
                 stalls = False
                 if body[:1] == b"\x80":  # not the protocol handshake: (id, async, method, args)
                     # From our own client or the real server behind us: safe to unpickle.
@@ -296,7 +296,8 @@ class SilentProxy:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``; ConnectionError if it closes first."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))

@@ -19,7 +19,7 @@ from ZODB.POSException import ConflictError
 import zchat_nb
 from zchat_nb.model import ROOMS_KEY
 
-from .attacks import overwrite
+from .attacks import overwrite, recv_exactly
 from .helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -89,16 +89,6 @@ def zeo_handshake(address: tuple[str, int]) -> socket.socket:
     assert server_protocol.startswith(b"Z")
     send_frame(sock, server_protocol)  # a client answers with the protocol it speaks
     return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
