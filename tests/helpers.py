@@ -150,3 +150,23 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Loads:
+    """Counts the objects a client's storage loads (wraps its ``loadBefore``)."""
+
+    def __init__(self, client: ChatClient) -> None:
+        self.count = 0
+        storage = client.db.storage
+        real = storage.loadBefore
+
+        def load_before(*args: Any) -> Any:
+            self.count += 1
+            return real(*args)
+
+        storage.loadBefore = load_before
+
+    def during(self, action: Callable[[], Any]) -> tuple[int, Any]:
+        before = self.count
+        result = action()
+        return self.count - before, result

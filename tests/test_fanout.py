@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import transaction
@@ -27,33 +26,13 @@ from zchat_nb import ChatClient, Message
 from zchat_nb.model import ROOMS_KEY, Room
 from zchat_nb.widget import ChatWidget
 
-from .helpers import ServerProcess
+from .helpers import Loads, ServerProcess
 from .test_client import collect
 from .test_widget import comms, hello, recorder  # noqa: F401 (comms: a fixture used by name)
 
 pytestmark = pytest.mark.integration
 
 MakeClient = Callable[..., ChatClient]
-
-
-class Loads:
-    """Counts the objects a client's storage loads (wraps its ``loadBefore``)."""
-
-    def __init__(self, client: ChatClient) -> None:
-        self.count = 0
-        storage = client.db.storage
-        real = storage.loadBefore
-
-        def load_before(*args: Any) -> Any:
-            self.count += 1
-            return real(*args)
-
-        storage.loadBefore = load_before
-
-    def during(self, action: Callable[[], Any]) -> tuple[int, Any]:
-        before = self.count
-        result = action()
-        return self.count - before, result
 
 
 def test_many_racing_writers_reach_every_reading_reader_exactly_once(

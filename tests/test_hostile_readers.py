@@ -29,6 +29,7 @@ from zchat_nb.model import ROOMS_KEY, Message, Room
 
 from .attacks import dag_pickle, honest_pair_works, overwrite
 from .conftest import ServerProcess
+from .helpers import Loads
 
 pytestmark = pytest.mark.integration
 
@@ -217,21 +218,6 @@ def test_a_huge_stream_is_delivered_in_bounded_calls_without_skip_or_repeat(
         waiting = client.session("general")  # with a timeout: each call still returns at most 100
         assert len(waiting.new_messages(timeout=10)) == 100
     honest_pair_works(address)
-
-
-class Loads:
-    """Counts the objects a client's storage loads (wraps its ``loadBefore``)."""
-
-    def __init__(self, client: zchat_nb.ChatClient) -> None:
-        self.count = 0
-        storage = client.db.storage
-        real = storage.loadBefore
-
-        def load_before(*args: object) -> object:
-            self.count += 1
-            return real(*args)
-
-        storage.loadBefore = load_before
 
 
 def test_many_writers_are_read_a_slice_per_call_and_none_is_starved(
