@@ -12,9 +12,11 @@ import math
 import os
 import pickle
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import transaction
@@ -69,6 +71,27 @@ def bucket_record(items: bytes) -> bytes:
     return pickle.dumps(OOBTree, 3) + b"\x80\x03(" + items + b"t\x85\x85\x85."
 
 
+def plant_crafted_record(target: Any, how: str) -> None:
+    """Alice sends "honest"; mallory sends one message, then overwrites his stream's record (through the
+    raw storage at ``target``, a ZEO address or a PostgreSQL URI) with one whose only value is ``how``:
+    "dag value" (2**64 tuples through the memo), "forbidden global", "deep id" (200k nested tuples) or
+    "huge record" (20 MiB)."""
+    with (
+        zchat_nb.connect(target, user="mallory") as mallory,
+        zchat_nb.connect(target, user="alice") as alice,
+    ):
+        mallory.session().add_message("to be overwritten")
+        alice.session().add_message("honest")
+        oid, key = stream_oid(mallory)
+    values = {
+        "dag value": lambda: dag_pickle(64, "plain")[2:],
+        "forbidden global": lambda: pickle.dumps(threading.Event, 3)[2:-1],
+        "deep id": lambda: b")" + b"\x85" * 200_000,  # ((((...(),),),)...) 200k deep
+        "huge record": lambda: pickle.dumps("x" * (20 * 1024 * 1024), 3)[2:-1],
+    }
+    overwrite(target, oid, bucket_record(pickle.dumps(key, 3)[2:-1] + values[how]()))
+
+
 def mixed_tree(tree: OOBTree, extra: list[tuple[object, object]], *, first: bool = False) -> OOBTree:
     """A copy of ``tree`` with keys BTrees would refuse (they do not compare with str), set by state.
 
@@ -111,23 +134,7 @@ def test_bucket_record_builds_what_btrees_store() -> None:
 )
 def test_a_crafted_stream_record_is_skipped(lenient_server: zchat_nb.Server, how: str, why: str) -> None:
     address = lenient_server.address
-    with (
-        zchat_nb.connect(address, user="mallory") as mallory,
-        zchat_nb.connect(address, user="alice") as alice,
-    ):
-        mallory.session().add_message("to be overwritten")
-        alice.session().add_message("honest")
-        oid, key = stream_oid(mallory)
-    key_pickle = pickle.dumps(key, 3)[2:-1]
-    if how == "dag value":
-        value = dag_pickle(64, "plain")[2:]
-        crafted = bucket_record(key_pickle + value)
-    elif how == "deep id":
-        deep = b")" + b"\x85" * 200_000  # ((((...(),),),)...) 200k deep
-        crafted = bucket_record(key_pickle + deep)
-    else:
-        crafted = bucket_record(key_pickle + pickle.dumps("x" * (20 * 1024 * 1024), 3)[2:-1])
-    overwrite(address, oid, crafted)
+    plant_crafted_record(address, how)
     chat = reader_gets(address, ["honest"])
     assert chat.skipped and why in chat.skipped[0][1], chat.skipped
     assert all(len(reason) <= 300 for _, reason in chat.skipped)

@@ -29,7 +29,7 @@ from zchat_nb.storage import parse_storage_uri, redact
 from .attacks import dag_pickle, finishes, honest_pair_works, overwrite, raw_storage
 from .helpers import free_port
 from .pg import PASSWORD, PostgresCluster, find_pg_bin
-from .test_hostile_readers import bucket_record, reader_gets, stream_oid
+from .test_hostile_readers import bucket_record, plant_crafted_record, reader_gets, stream_oid
 
 # -- URIs and redaction (no database) ------------------------------------------------------------
 
@@ -409,21 +409,7 @@ class TestOnPostgres:
         self, pg_uri: str, how: str, why: str
     ) -> None:
         """What any holder of the password can write in SQL, or through RelStorage as here."""
-        with (
-            zchat_nb.connect(pg_uri, user="mallory") as mallory,
-            zchat_nb.connect(pg_uri, user="alice") as alice,
-        ):
-            mallory.session().add_message("to be overwritten")
-            alice.session().add_message("honest")
-            oid, key = stream_oid(mallory)
-        key_pickle = pickle.dumps(key, 3)[2:-1]
-        if how == "dag value":
-            value = dag_pickle(64, "plain")[2:]  # 2**64 tuples through the memo
-        elif how == "forbidden global":
-            value = pickle.dumps(threading.Event, 3)[2:-1]
-        else:
-            value = b")" + b"\x85" * 200_000  # ((((...(),),),)...) 200k deep
-        overwrite(pg_uri, oid, bucket_record(key_pickle + value))
+        plant_crafted_record(pg_uri, how)
         chat = finishes(lambda: reader_gets(pg_uri, ["honest"]), 120)
         assert chat.skipped and why in chat.skipped[0][1], chat.skipped
         honest_pair_works(pg_uri)
