@@ -23,7 +23,7 @@ from ZODB.FileStorage import FileStorage
 
 import zchat_nb
 from zchat_nb import ChatClient, Message
-from zchat_nb.model import ROOMS_KEY, Room
+from zchat_nb.model import ROOMS_KEY, Room, Tail
 from zchat_nb.widget import ChatWidget
 
 from .helpers import Loads, ServerProcess
@@ -95,6 +95,54 @@ def test_a_reader_loads_about_one_object_per_delivered_message(
     assert total <= 90 * 1.15, total
     idle, found = loads.during(reader.new_messages)
     assert (idle, found) == (0, [])
+
+
+def test_a_reader_takes_each_new_message_from_the_writers_tail_fetched_before_it_wakes(
+    server: zchat_nb.Server, make_client: MakeClient
+) -> None:
+    reader_client = make_client(server.address, "reader")
+    reader = reader_client.session("general", backlog=0)
+    assert reader.new_messages() == []
+    writer_client = make_client(server.address, "writer")
+    writer = writer_client.session("general")
+    writer.add_message("first: makes the writer's stream and tail")
+    assert len(collect(reader, 1)) == 1
+    storage = reader_client.db.storage
+    tm, conn = reader_client.connection()
+    tm.begin()
+    tail_oid = conn.root()[ROOMS_KEY]["general"].tails[writer_client.writer]._p_oid
+    tm.abort()
+
+    # A subscriber with fetched=True hears the invalidation once the tail is in the cache.
+    fetched, cached = threading.Event(), []
+
+    def on_event(event: zchat_nb.ClientEvent) -> None:
+        if event.kind == "invalidation" and tail_oid in event.oids:
+            start = (int.from_bytes(event.tid, "big") + 1).to_bytes(8, "big")
+            cached.append(storage._cache.loadBefore(tail_oid, start) is not None)
+            fetched.set()
+
+    reader_client.subscribe(on_event, fetched=True)
+    own_fetches = []
+    fetch = storage._server.load_before_co
+    storage._server.load_before_co = lambda *args: (own_fetches.append(args[0]), fetch(*args))[1]
+    loaded: list[bytes] = []
+    real = storage.loadBefore
+    storage.loadBefore = lambda oid, tid: (loaded.append(oid), real(oid, tid))[1]
+    for i in range(40):  # a bucket split on the way: the tail is all a reader loads still
+        fetched.clear()
+        writer.add_message(f"m{i}")
+        assert fetched.wait(10), "no invalidation of the tail"
+        assert [m.text for m in reader.new_messages()] == [f"m{i}"]
+    assert cached == [True] * 40
+    assert set(loaded) == {tail_oid} and len(loaded) == 40
+    assert own_fetches == [], "the reader fetched what its client had fetched for it"
+
+    # A reader that missed messages reads them from the stream, each once, in order.
+    for i in range(3):
+        writer.add_message(f"missed {i}")
+    assert [m.text for m in collect(reader, 3)] == ["missed 0", "missed 1", "missed 2"]
+    assert isinstance(conn.get(tail_oid), Tail)
 
 
 def test_a_commit_elsewhere_costs_a_reader_no_load(server: zchat_nb.Server, make_client: MakeClient) -> None:
@@ -263,6 +311,6 @@ def test_a_widget_woken_by_a_commit_elsewhere_loads_nothing(
         sent = bob.session("general").add_message("hi")
         update = rec.wait_for(lambda m: m["type"] == "append", start)
         assert [m["id"] for m in update["messages"]] == [sent.id]
-        assert loads.count <= 2  # bob's new stream: the streams index and the stream
+        assert loads.count <= 3  # bob's new stream: the streams and tails indexes, and the stream
     finally:
         widget.close()

@@ -27,7 +27,7 @@ from BTrees.OOBTree import OOBTree
 import zchat_nb
 from zchat_nb import model
 from zchat_nb.guard import ServerLimits
-from zchat_nb.model import ROOMS_KEY, Message, Room
+from zchat_nb.model import ROOMS_KEY, Message, Room, Tail
 
 from .attacks import dag_pickle, honest_pair_works, overwrite
 from .conftest import ServerProcess
@@ -176,6 +176,38 @@ def test_bad_streams_epoch_presence_and_room_keys_are_skipped(lenient_server: zc
     # a fresh client's first send to the room repairs the index it cannot search
     honest_pair_works(address)
     honest_pair_works(address, room="other")
+
+
+def test_crafted_tails_make_readers_read_the_stream_and_the_writer_repairs_them(
+    lenient_server: zchat_nb.Server,
+) -> None:
+    address = lenient_server.address
+    with (
+        zchat_nb.connect(address, user="alice") as alice,
+        zchat_nb.connect(address, user="bob") as bob,
+    ):
+        chat, reader = alice.session("general"), bob.session("general")
+        chat.add_message("one")
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["one"]
+
+        def vandalise(conn: ZODB.Connection.Connection) -> None:
+            room = conn.root()[ROOMS_KEY]["general"]
+            # Alice's tail says its previous key is no key; a second "tail" is no Tail; a key is no str.
+            room.tails[alice.writer].__setstate__(("not a key", (1e300, "x" * 32), ("forged",)))
+            room.tails[alice.writer]._p_changed = True
+            room.tails["w-not-a-tail"] = OOBTree()
+            room.tails = mixed_tree(room.tails, [(("not", "a str"), Tail())], first=True)
+
+        generation = bob.generation()
+        as_attacker(address, vandalise)
+        assert bob.wait_for_change(generation, 10)
+        assert reader.new_messages() == []  # the tail is not believed: the stream has nothing new
+        for text in ("two", "three"):
+            chat.add_message(text)  # the first repairs the index it cannot search
+            assert [m.text for m in reader.new_messages(timeout=10)] == [text]
+        assert reader.new_messages() == []
+        assert [m.text for m in reader.history(10)] == ["one", "two", "three"]
+    honest_pair_works(address)
 
 
 def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.Server) -> None:

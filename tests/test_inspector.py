@@ -72,10 +72,10 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         sent = chat_b.add_message("hello from bob")
         seen = inspector.wait_for(lambda s: s["invalidations_total"] >= 1, TIMEOUT)
         invalidation = seen["invalidations"][-1]
-        # B's first message: its new stream and the index that gets it; nothing shared besides
-        assert invalidation["count"] == len(invalidation["objects"]) == 2
+        # B's first message: its new stream and tail and the indexes that get them; nothing shared besides
+        assert invalidation["count"] == len(invalidation["objects"]) == 4
         kinds = {o["kind"] for o in invalidation["objects"]}
-        assert kinds == {f"stream of {b.writer}", "streams index"}
+        assert kinds == {f"stream of {b.writer}", "streams index", f"tail of {b.writer}", "tails index"}
         assert seen["last_tid"] >= invalidation["tid"]
 
         # A's own commit, with its latency; A's poll, with its cost

@@ -146,6 +146,8 @@ def test_objects_are_named_by_their_role_in_the_room() -> None:
         "room",
         "streams index",
         "stream of w1",
+        "tails index",
+        "tail of w1",
         "members",
     }
     bucket = room.streams["w1"].__getstate__()[0][0]
@@ -158,6 +160,13 @@ def test_objects_are_named_by_their_role_in_the_room() -> None:
     assert classify(conn, other._p_oid, known)["label"] == "room 'other'"
     assert classify(conn, other.streams["w2"]._p_oid, known)["label"] == "stream tree node"
     assert classify(conn, other.members._p_oid, known)["label"] == "members tree node"
+    assert classify(conn, other.tails._p_oid, known)["label"] == "tails index tree node"
+    assert classify(conn, other.tails["w2"]._p_oid, known) | {"oid": ""} == {
+        "oid": "",
+        "kind": "object",
+        "class": "Tail",
+        "label": "Tail",
+    }
     assert classify(conn, b"\0\0\0\0\0\0\xff\xff", known)["kind"] == "unreadable"
     tm.abort()
     db.close()

@@ -181,7 +181,53 @@ class _WakingClientStorage(ClientStorage):
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
-        self.zchat_events.tell(ClientEvent("invalidation", time.time(), tid, oids))
+        event = ClientEvent("invalidation", time.time(), tid, oids)
+        wanted = self.zchat_events.wanted(oids)
+        io = self._zchat_io() if wanted else None
+        self.zchat_events.tell(event, fetching=io is not None)
+        if io is not None:
+            self._zchat_fetch_then_wake(io, event, wanted)
+
+    #: Seconds to wait for the answers to :meth:`_zchat_fetch_then_wake`'s loads before the
+    #: readers are woken anyway (they then load, and time out, themselves).
+    _zchat_fetch_wait = 1.0
+
+    def _zchat_io(self) -> Any:
+        """ZEO's connection object, on its own thread; None if not connected."""
+        io = getattr(self._server, "client", None)
+        if getattr(io, "protocol", None) is None or not getattr(io, "operational", False):
+            return None
+        return io
+
+    def _zchat_fetch_then_wake(self, io: Any, event: ClientEvent, oids: list[bytes]) -> None:
+        """On ZEO's thread, as an invalidation arrives: ask at once for the new states of ``oids``
+        (the objects this client's sessions will load) and wake the readers when they are cached.
+
+        A woken reader then finds them in the cache: no load of its own, no hand-over to this
+        thread and back (ZEO merges a load of the same object and snapshot with the one under
+        way). Readers are woken anyway after :attr:`_zchat_fetch_wait` s, or at once if a load
+        cannot be asked for.
+        """
+        start = (int.from_bytes(event.tid or bytes(8), "big") + 1).to_bytes(8, "big")  # the readers' snapshot
+        events, pending = self.zchat_events, [len(oids)]
+
+        def answered(_: Any = None) -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                timer.cancel()
+                events.fetched(event)
+
+        def late() -> None:
+            if pending[0] > 0:
+                pending[0] = -1  # the answers that still come wake nobody
+                events.fetched(event)
+
+        timer = io.loop.call_later(self._zchat_fetch_wait, late)
+        for oid in oids:
+            try:
+                io.protocol.load_before(oid, start).add_done_callback(answered)
+            except Exception:  # closing: wake now, the readers find out
+                answered()
 
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
         # The oids this transaction stores, read back from ZEO's buffer before it is closed.
@@ -376,16 +422,19 @@ class ChatClient:
         self.events.report(kind, **details)
 
     def subscribe(
-        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False, fetched: bool = False
     ) -> Callable[[], None]:
         """Call ``callback(event)`` on each event of :data:`WAKE_KINDS`; returns an unsubscribe.
 
         With ``activity=True`` the callback also hears this client's own "commit", "poll" and
         "resolved" events (an inspector wants them; a poller must not wake on its own polls).
+        With ``fetched=True`` it hears an invalidation only once the client has fetched the objects
+        its sessions will load because of it (a reader's wake-up: its read then needs no round
+        trip of its own); else as soon as the invalidation arrives.
         The callback runs on ZEO's networking thread or the acting thread: it must be quick and
         make no storage calls.
         """
-        return self.events.subscribe(callback, activity=activity)
+        return self.events.subscribe(callback, activity=activity, fetched=fetched)
 
     # -- rooms ---------------------------------------------------------------------------
 

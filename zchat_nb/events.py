@@ -51,6 +51,9 @@ class ChangeTracker(Protocol):
 
     def mark_all(self) -> None: ...
 
+    #: Oids its reader will load as soon as one of them changes (see :meth:`ClientEvents.wanted`).
+    watched: frozenset[bytes]
+
 
 class ClientEvents:
     """The wake-ups and the subscribers of one client.
@@ -65,7 +68,8 @@ class ClientEvents:
         self._changed = threading.Condition()
         self._generation = 0
         self._closed = False
-        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str]]] = []
+        #: ``(callback, kinds, fetched)``: see :meth:`subscribe`.
+        self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str], bool]] = []
         self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def generation(self) -> int:
@@ -84,8 +88,21 @@ class ClientEvents:
         with self._changed:
             self._trackers.add(changes)
 
-    def tell(self, event: ClientEvent) -> None:
-        """Wake readers (for a wake kind) and call the subscribers that want ``event.kind``."""
+    def wanted(self, oids: Iterable[bytes], limit: int = 32) -> list[bytes]:
+        """Of ``oids``, those that a tracker's reader will load when they change (at most ``limit``):
+        what the storage may fetch before it wakes the readers (see :meth:`tell`)."""
+        watched = [changes.watched for changes in list(self._trackers) if changes.watched]
+        if not watched:
+            return []
+        return [oid for oid in oids if any(oid in w for w in watched)][:limit]
+
+    def tell(self, event: ClientEvent, *, fetching: bool = False) -> None:
+        """Note what ``event`` changed, wake readers (for a wake kind) and call the subscribers that
+        want ``event.kind``.
+
+        ``fetching``: the storage is fetching what the readers will load; the readers, and the
+        subscribers that asked to hear of changes only then, are left for :meth:`fetched`.
+        """
         with self._changed:
             # Noted before the wake-up, so that a woken reader finds what changed.
             if event.kind in ("invalidation", "committed"):
@@ -94,10 +111,28 @@ class ClientEvents:
             elif event.kind == "connected":  # ZEO dropped the whole object cache
                 for changes in self._trackers:
                     changes.mark_all()
-            if event.kind in WAKE_KINDS:
+            if event.kind in WAKE_KINDS and not fetching:
                 self._generation += 1
                 self._changed.notify_all()
-            subscribers = [callback for callback, kinds in self._subscribers if event.kind in kinds]
+            subscribers = [
+                callback
+                for callback, kinds, late in self._subscribers
+                if event.kind in kinds and not (fetching and late)
+            ]
+        self._call(subscribers, event)
+
+    def fetched(self, event: ClientEvent) -> None:
+        """What :meth:`tell` left for later with ``fetching``: the fetch is over (or given up on)."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+            subscribers = [
+                callback for callback, kinds, late in self._subscribers if late and event.kind in kinds
+            ]
+        self._call(subscribers, event)
+
+    @staticmethod
+    def _call(subscribers: list[Callable[[ClientEvent], None]], event: ClientEvent) -> None:
         for callback in subscribers:
             try:
                 callback(event)
@@ -108,14 +143,14 @@ class ClientEvents:
         """Tell subscribers what this client did (a commit, a poll); wakes no reader."""
         # Most clients have no one listening to their activity (an inspector does): then a poll
         # costs no event. A subscriber that comes meanwhile hears the next one.
-        if any(kind in kinds for _, kinds in self._subscribers):
+        if any(kind in kinds for _, kinds, _ in self._subscribers):
             self.tell(ClientEvent(kind, time.time(), details=details))
 
     def subscribe(
-        self, callback: Callable[[ClientEvent], None], *, activity: bool = False
+        self, callback: Callable[[ClientEvent], None], *, activity: bool = False, fetched: bool = False
     ) -> Callable[[], None]:
         """See :meth:`ChatClient.subscribe`."""
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS)
+        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS, fetched)
         with self._changed:
             self._subscribers.append(entry)
 

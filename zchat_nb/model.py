@@ -7,16 +7,17 @@ one shared BTree makes bucket splits, which cannot be merged, conflict all the t
 
 Here each writer (one per :class:`~zchat_nb.client.ChatClient`) appends to a stream of its own,
 ``Room.streams[writer]``, keyed by ``(time, id)``, where times only grow: a writer's key order is
-its commit order. A send changes only the writer's own objects (its stream's last bucket; on a
-split a node of its stream; on its first message the ``streams`` index), so concurrent senders
-neither conflict nor make the server resolve anything. A reader's cursor is the last key it was
-given from each stream, held by the :class:`ChatSession` in ordinary memory, never on a persistent
-object. History merges the recent ends of the streams by time.
+its commit order. A send changes only the writer's own objects (its stream's last bucket and its
+tail; on a split a node of its stream; on its first message the ``streams`` and ``tails`` indexes),
+so concurrent senders neither conflict nor make the server resolve anything. A reader's cursor is
+the last key it was given from each stream, held by the :class:`ChatSession` in ordinary memory,
+never on a persistent object. History merges the recent ends of the streams by time.
 Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
 
 Fan-out: a reader learns from the oids its client is told were committed (:class:`Changes`) which
-streams changed, and reads only those, from its cursor on: one load (the stream's last bucket) per
-delivered message, and no load at all while nothing of its room changed. Each call reads at most
+streams changed, and reads only those, from its cursor on: one small load per delivered message
+(the writer's :class:`Tail`, which holds its newest record; the stream's last bucket if the reader
+missed more), and no load at all while nothing of its room changed. Each call reads at most
 :data:`MAX_PER_CALL` records and looks at most at :data:`MAX_WRITERS_PER_CALL` streams; the rest
 comes with the next calls, so a crafted room cannot make one call unbounded.
 
@@ -330,6 +331,31 @@ def check_room_name(name: object) -> str:
     return name.strip()
 
 
+class Tail(Persistent):
+    """A writer's newest stream record, with the key before it, kept in a small object of its own.
+
+    Changed with every append, in the same commit as the stream. A reader whose cursor is at
+    :attr:`prev` (nearly always: it read the previous message) takes the one new record from here
+    instead of loading the stream's last bucket (up to 30 records, a few KB to check and
+    unpickle); any other reader reads the stream. Only its writer changes it.
+    """
+
+    prev: tuple[float, str] | None = None
+    key: tuple[float, str] | None = None
+    record: object = None
+
+    def __getstate__(self) -> tuple[object, object, object]:
+        return (self.prev, self.key, self.record)
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) == 3):
+            raise ValueError("a stream's tail is not (previous key, key, record)")
+        self.prev, self.key, self.record = state
+
+    def set(self, prev: tuple[float, str] | None, key: tuple[float, str], record: object) -> None:
+        self.prev, self.key, self.record = prev, key, record
+
+
 class Room(Persistent):
     """A chat room as stored in ZODB.
 
@@ -353,6 +379,9 @@ class Room(Persistent):
     #: ``(user, writer) -> time joined or lease renewed``; one key per client, changed on join,
     #: leave and (rarely) a lease renewal, so readers reload it only when someone comes or goes.
     members: OOBTree | None = None
+    #: ``writer -> Tail``: each stream's newest record, what a reader loads per delivery (see
+    #: :class:`Tail`); rooms made before it get theirs with the first append after an upgrade.
+    tails: OOBTree | None = None
     #: ``writer -> OOBTree(target key -> records)``: each writer's latest edit, delete and reactions
     #: per message it amended (see :mod:`zchat_nb.amend`); only that writer changes its tree.
     amends: OOBTree | None = None
@@ -370,6 +399,7 @@ class Room(Persistent):
             self.heads = self.count = None
         if self.amends is not None:
             self.amends = OOBTree()
+        self.tails = OOBTree()
 
     def _own_stream(self, writer: str) -> OOBTree:
         """``writer``'s stream, made on its first message (the only change to the shared index)."""
@@ -404,8 +434,23 @@ class Room(Persistent):
             message = dataclasses.replace(message, time=math.nextafter(last[0], math.inf))
         if seal is not None:  # signs the record with its final time
             message = seal(message)
-        stream[message.key] = message.to_record()
+        record = message.to_record()
+        stream[message.key] = record
+        self._own_tail(writer).set(last, message.key, record)
         return message
+
+    def _own_tail(self, writer: str) -> Tail:
+        """``writer``'s :class:`Tail`, made (with the ``tails`` index) on its first append."""
+        if self.tails is None:
+            self.tails = OOBTree()
+        try:
+            tail = self.tails.get(writer)
+        except TypeError:  # another client put keys there that do not compare with str
+            self.tails = _str_keyed(self.tails)
+            tail = self.tails.get(writer)
+        if not isinstance(tail, Tail):
+            tail = self.tails[writer] = Tail()
+        return tail
 
     # -- amendments (edits, deletes, reactions; see zchat_nb.amend) --------------------------
 
@@ -583,6 +628,9 @@ class Changes:
 
     def __init__(self, exact: bool = True) -> None:
         self.exact = exact
+        #: Oids whose change its reader will load at once (its streams' right edges): the client
+        #: may fetch them before it wakes the reader (see ``ClientEvents.wanted``).
+        self.watched: frozenset[bytes] = frozenset()
         self._lock = threading.Lock()
         self._all = True
         #: ``oid -> tid`` of the latest commit that changed it (None: not known).
@@ -859,6 +907,9 @@ class ChatSession:
         self._index_oids: set[bytes] = set()  # the room and its streams index
         self._stream_oids: dict[bytes, str] = {}  # a stream's root and right edge -> writer
         self._writer_oids: dict[str, list[bytes]] = {}  # writer -> its stream's root, right edge
+        self._tail_oids: dict[bytes, str] = {}  # a stream's Tail -> writer
+        self._writer_tails: dict[str, bytes] = {}  # writer -> its Tail
+        self._tail_stale: set[str] = set()  # writers whose Tail changed: maybe one new record there
         self._presence_stale = True
         self._presence_oids: set[bytes] = set()
         self._present: list[tuple[str, float]] | None = None
@@ -977,6 +1028,10 @@ class ChatSession:
             writer = self._stream_oids.get(oid)
             if writer is not None:
                 self._stale.add(writer)
+            writer = self._tail_oids.get(oid)
+            if writer is not None:  # its stream changed too (on a split, maybe only nodes not mapped)
+                self._stale.add(writer)
+                self._tail_stale.add(writer)
             if oid in self._index_oids:
                 self._rescan()
             if oid in self._presence_oids:
@@ -1005,6 +1060,7 @@ class ChatSession:
                 self._cursor.clear()
                 self._reset_amendments()
                 self._stream_oids, self._writer_oids = {}, {}
+                self._tail_oids, self._writer_tails, self._tail_stale = {}, {}, set()
                 self._stale, self._scan, self._scan_again = set(), (None, 0), False
                 self._epoch = epoch
                 if self._backlog is not None:
@@ -1022,9 +1078,10 @@ class ChatSession:
         """Read the changed streams and a slice of the pass over the index, within the bounds."""
         assert room.streams is not None
         _, conn = self._host.connection()
-        cursor, stale = dict(self._cursor), set(self._stale)
+        cursor, stale, tails = dict(self._cursor), set(self._stale), self._tail_stale
         scan, again = self._scan, self._scan_again
         mapped: dict[str, list[bytes]] = {}
+        tail_mapped: dict[str, bytes | None] = {}
         index_oids_now: set[bytes] | None = None
         found: list[tuple[str, Message | Event]] = []
         budget = MAX_PER_CALL
@@ -1036,12 +1093,17 @@ class ChatSession:
             budget -= consumed
             found.extend((writer, item) for item in items)
             mapped[writer] = self._edges(writer, stream)
+            tail_mapped[writer] = self._tail_oid(room, writer)
             return more
 
         # The streams the server said changed, found by oid (no index lookup).
         for writer in sorted(stale)[:MAX_WRITERS_PER_CALL]:
             if budget <= 0:
                 break
+            if writer in tails and self._read_tail(conn, writer, cursor, found):
+                stale.discard(writer)
+                budget -= 1
+                continue
             oids = self._writer_oids.get(writer)
             if not oids:  # not mapped (cannot happen but by a crafted record): the pass finds it
                 stale.discard(writer)
@@ -1061,8 +1123,11 @@ class ChatSession:
         # A slice of the pass over every stream (new writers, first read, reconnect).
         if scan is not None and budget > 0:
             after, position = scan
-            if after is None:  # a pass starts: note the index's nodes, whose change means a new pass
-                index_oids_now = {oid for oid in [room._p_oid, *index_oids(room.streams)] if oid}
+            if after is None:  # a pass starts: note the indexes' nodes, whose change means a new pass
+                tails_index = index_oids(room.tails) if isinstance(room.tails, OOBTree) else []
+                index_oids_now = {
+                    oid for oid in [room._p_oid, *index_oids(room.streams), *tails_index] if oid
+                }
             # Not prefetched: pipelined loads behind a huge record make the server drop the
             # connection (its unread-output limit), so one crafted record could knock readers off.
             entries = self._index_slice(room, after, position)
@@ -1096,7 +1161,63 @@ class ChatSession:
             self._writer_oids[writer] = oids
             for oid in oids:
                 self._stream_oids[oid] = writer
+        for writer, tail in tail_mapped.items():
+            old_tail = self._writer_tails.pop(writer, None)
+            if old_tail is not None:
+                self._tail_oids.pop(old_tail, None)
+            if tail is not None:
+                self._writer_tails[writer] = tail
+                self._tail_oids[tail] = writer
+        self._tail_stale = tails & stale
+        if mapped and self._changes is not None:
+            # What its client fetches before it wakes this reader: a writer's Tail, else its stream's edge.
+            self._changes.watched = frozenset(self._tail_oids) | frozenset(
+                oid for oid, writer in self._stream_oids.items() if writer not in self._writer_tails
+            )
         return absorbed
+
+    def _tail_oid(self, room: Room, writer: str) -> bytes | None:
+        """The oid of ``writer``'s :class:`Tail` (None: it has none, or the index is unusable)."""
+        try:
+            tail = room.tails.get(writer) if isinstance(room.tails, OOBTree) else None
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # keys another client made incomparable: read its stream instead
+            return None
+        oid = getattr(tail, "_p_oid", None) if isinstance(tail, Tail) else None
+        return oid if isinstance(oid, bytes) else None
+
+    def _read_tail(
+        self,
+        conn: Connection,
+        writer: str,
+        cursor: dict[str, tuple[float, str]],
+        found: list[tuple[str, Any]],
+    ) -> bool:
+        """Take ``writer``'s one new record from its :class:`Tail` if the cursor is right before it.
+
+        False if it cannot (the cursor is further back, the tail is gone or crafted): then the
+        caller reads the stream, as for a writer without a tail.
+        """
+        oid, after = self._writer_tails.get(writer), cursor.get(writer)
+        if oid is None or after is None:
+            return False
+        try:
+            tail = conn.get(oid)
+            if not isinstance(tail, Tail):
+                return False
+            prev, key, record = tail.prev, tail.key, tail.record
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # unloadable or crafted: the stream says what is there
+            return False
+        if not (_is_key(prev) and _is_key(key) and prev == after and key > after):  # type: ignore[operator]
+            return False
+        cursor[writer] = key  # type: ignore[assignment]
+        item = self._check(record, functools.partial(_place, writer, key), writer)
+        if item is not None:
+            found.append((writer, item))
+        return True
 
     def _index_slice(self, room: Room, after: str | None, position: int) -> list[tuple[Any, Any]]:
         """Up to :data:`MAX_WRITERS_PER_CALL` entries of the streams index after ``after``."""

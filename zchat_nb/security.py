@@ -60,14 +60,18 @@ CLIENT_GLOBALS: frozenset[tuple[str, str]] = _BTREE_CLASSES | {
     ("persistent.mapping", "PersistentMapping"),
     ("persistent.list", "PersistentList"),
     ("zchat_nb.model", "Room"),
+    ("zchat_nb.model", "Tail"),
     # Shared pictures and tables: the bytes are in the blob's file, not in its (empty) record.
     ("ZODB.blob", "Blob"),
 }
 
 #: Classes whose states the server may unpickle to resolve a conflict (they define
-#: ``_p_resolveConflict``); anything else simply stays a conflict.
+#: ``_p_resolveConflict``); anything else simply stays a conflict. ``Tail`` is only named by the
+#: references in the ``tails`` index, so that two first sends at once merge there as they do in
+#: ``streams``; it has no ``_p_resolveConflict``, so its own conflicts stay conflicts.
 CONFLICT_RESOLUTION_GLOBALS: frozenset[tuple[str, str]] = _BTREE_CLASSES | {
     ("BTrees.Length", "Length"),
+    ("zchat_nb.model", "Tail"),
 }
 
 #: States the server unpickles to resolve a conflict: BTree buckets and Length counters only.

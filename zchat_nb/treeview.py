@@ -16,7 +16,7 @@ from BTrees.OOBTree import OOBTree
 from transaction.interfaces import TransientError
 
 from .amend import EVENT_TAG, MESSAGE_TAG
-from .model import Room
+from .model import Room, Tail
 
 if TYPE_CHECKING:
     from ZODB.Connection import Connection
@@ -52,6 +52,7 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
         known[room._p_oid] = "room"
     for attr, kind in (
         ("streams", "streams index"),
+        ("tails", "tails index"),
         ("heads", "heads"),
         ("count", "count"),
         ("presence", "presence"),
@@ -65,6 +66,10 @@ def room_oids(room: Room | None, rooms_oid: bytes | None = None) -> dict[bytes, 
         for writer, stream in room.streams.items():  # one entry per writer: small
             if stream._p_oid is not None:
                 known[stream._p_oid] = f"stream of {writer}"
+    if room.tails is not None:
+        for writer, tail in room.tails.items():
+            if getattr(tail, "_p_oid", None) is not None:
+                known[tail._p_oid] = f"tail of {writer}"
     return known
 
 
@@ -116,6 +121,8 @@ def _guess_tree(node: Any) -> str:
     if isinstance(key, str):
         if isinstance(value, tuple):
             return "heads"
+        if isinstance(value, Tail):
+            return "tails index"
         return "presence" if isinstance(value, float) else "streams index"
     return ""
 

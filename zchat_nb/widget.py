@@ -104,6 +104,7 @@ _atexit_registered = False
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
 
+
 class ChatWidget(anywidget.AnyWidget):
     """A chat room shown in a notebook, updated live as messages are committed.
 
@@ -205,7 +206,7 @@ class ChatWidget(anywidget.AnyWidget):
         try:
             super().__init__(room=check_room_name(room), **kwargs)
             self.on_msg(self._on_view_message)
-            self._unsubscribe = client.subscribe(self._on_client_event)
+            self._unsubscribe = client.subscribe(self._on_client_event, fetched=True)
             self._poller = threading.Thread(
                 target=self._poll_loop, name=f"zchat-poller-{self.model_id[:8]}", daemon=True
             )
