@@ -1194,7 +1194,8 @@ class ChatSession:
         cursor: dict[str, tuple[float, str]],
         found: list[tuple[str, Any]],
     ) -> bool:
-        """Take ``writer``'s one new record from its :class:`Tail` if the cursor is right before it.
+        """Take ``writer``'s one new record from its :class:`Tail` if the cursor is right before it
+        (or nothing, if the cursor is at it already: the stream gave it with the one before).
 
         False if it cannot (the cursor is further back, the tail is gone or crafted): then the
         caller reads the stream, as for a writer without a tail.
@@ -1211,6 +1212,8 @@ class ChatSession:
             raise
         except Exception:  # unloadable or crafted: the stream says what is there
             return False
+        if key == after and _is_key(key):  # read already (with the one before, from the stream)
+            return True
         if not (_is_key(prev) and _is_key(key) and prev == after and key > after):  # type: ignore[operator]
             return False
         cursor[writer] = key  # type: ignore[assignment]
