@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 import time
 
 import pytest
 
+from zchat_nb import render
 from zchat_nb.model import Message
 from zchat_nb.render import (
     ALLOWED_TAGS,
@@ -286,3 +288,36 @@ def test_names_stay_on_one_line_and_message_lines_are_indented() -> None:
     line = format_line(message)
     assert "eve\ufffdteacher: one\n" in line
     assert line.endswith("\n        two")
+
+
+@pytest.mark.parametrize(
+    "text, plain",
+    [
+        ("hello world", True),
+        ("message 5 sent=1733212121.123456", True),
+        ('she said "hi", it\'s fine: 3/4 done (mostly)!', False),  # "!" may start an image
+        ("she said hi; it is fine (mostly)", True),
+        ("see example.com", False),  # a link
+        ("1. first", False),  # a list
+        ("    indented", False),  # code
+        ("two  spaces at the end  ", False),  # a line break
+        ("a\u00a0b", False),  # the sanitiser writes &nbsp;
+        ("x < y & z", False),
+    ],
+)
+def test_plain_lines_are_told_apart(text: str, plain: bool) -> None:
+    assert render.is_plain(text) is plain
+    assert render.render_markdown(text) == render.render_sanitised(text)
+
+
+def test_the_plain_line_short_cut_renders_what_the_full_rendering_does() -> None:
+    rng = random.Random(7)
+    pieces = [*"aZé9 .,:;'\"?!=-+()/@%$^{}#*_`[]<>&~|\\\t\n\u00a0\u200b\u2028😀ß"]
+    pieces += ["http://", "www.", ".com", "a@b.co", "  ", "1. ", "- ", "ab", "cd ef"]
+    plain = 0
+    for _ in range(50_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        if render.is_plain(text):
+            plain += 1
+            assert render.render_markdown(text) == render.render_sanitised(text), text
+    assert plain > 500  # the generator does make plain lines (888 with this seed)

@@ -141,6 +141,9 @@ _markdown = (
 )
 
 
+_linkify: Any = _markdown.linkify  # linkify-it, made by the "linkify" option
+
+
 def code_blocks(text: str) -> list[str]:
     """The contents of the fenced (and indented) code blocks of Markdown ``text``, in order."""
     return [token.content for token in _markdown.parse(text) if token.type in ("fence", "code_block")]
@@ -165,11 +168,30 @@ def render_plain(text: str) -> str:
     return "<p>" + html.escape(text).replace("\n", "<br>\n") + "</p>"
 
 
+#: One line of words with nothing Markdown, HTML or the sanitiser would change: no markup or
+#: escape characters anywhere, a letter first (no list, heading or indented code), no edge spaces.
+_PLAIN = re.compile(r"[^\W\d_][^\\`*_\[\]<>&!~|#\t\n\r\x00-\x1f\x7f\xa0]*(?<! )")
+
+
+def is_plain(text: str) -> bool:
+    """Whether ``text`` renders as itself in one paragraph: most chat lines. ``tests/test_render.py``
+    holds this to the full rendering, over generated texts."""
+    return _PLAIN.fullmatch(text) is not None and text.isprintable() and not _linkify.pretest(text)
+
+
 def render_markdown(text: str) -> str:
     """Render chat ``text`` as Markdown and return HTML that is safe to assign to ``innerHTML``.
 
-    Past the cost budget (see the module's docstring) the text is shown plain.
+    Past the cost budget (see the module's docstring) the text is shown plain. A line with no
+    Markdown at all (:func:`is_plain`) skips the parser and the sanitiser: it would come out as it is.
     """
+    if len(text) <= MAX_MARKDOWN_CHARS and is_plain(text):
+        return f"<p>{text}</p>"
+    return render_sanitised(text)
+
+
+def render_sanitised(text: str) -> str:
+    """:func:`render_markdown` without its short cut for plain lines."""
     if _over_budget(text):
         return render_plain(text)
     rendered = _markdown.render(text)
