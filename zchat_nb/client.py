@@ -229,9 +229,30 @@ class _WakingClientStorage(ClientStorage):
             except Exception:  # closing: wake now, the readers find out
                 answered()
 
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> Any:
+        result = super().store(oid, serial, data, version, txn)
+        self._zchat_stored(txn).append(oid)
+        return result
+
+    def storeBlob(
+        self, oid: bytes, serial: bytes, data: bytes, blobfilename: str, version: str, txn: Any
+    ) -> Any:
+        result = super().storeBlob(oid, serial, data, blobfilename, version, txn)
+        self._zchat_stored(txn).append(oid)
+        return result
+
+    def _zchat_stored(self, txn: Any) -> list[bytes]:
+        """The oids ``txn`` stores here, noted on ZEO's buffer of it (reading them back from the
+        buffer's file at the end would unpickle every record once more)."""
+        buffer = txn.data(self)
+        stored: list[bytes] | None = getattr(buffer, "zchat_oids", None)
+        if stored is None:
+            stored = buffer.zchat_oids = []
+        return stored
+
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
-        # The oids this transaction stores, read back from ZEO's buffer before it is closed.
-        oids = tuple(oid for oid, _, _ in txn.data(self))
+        # The oids this transaction stores (deleteObject and undo are not used by zchat_nb).
+        oids = tuple(dict.fromkeys(self._zchat_stored(txn)))
         tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
         # The server sends no invalidation to the client that committed: tell this client's own
         # readers and subscribers (other threads, a widget's poller) as an invalidation would.

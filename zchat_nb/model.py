@@ -1038,9 +1038,9 @@ class ChatSession:
                 self._presence_stale = True
 
     def _rescan(self) -> None:
-        if self._scan is None:
+        if self._scan is None or self._scan == (None, 0):  # a pass from the start sees the change
             self._scan = (None, 0)
-        else:
+        else:  # the change came in the middle of a pass: one more after it
             self._scan_again = True
 
     def _collect(self) -> list[Message]:
