@@ -271,3 +271,20 @@ def test_the_storage_tells_the_client_from_its_first_connection(server: zchat_nb
     with zchat_nb.connect(server.address, user="early") as client:
         assert client.db.storage.zchat_events is client.events
         assert client.generation() >= 1  # the "connected" that ZEO sent while connect() waited
+
+
+def test_the_in_memory_transaction_buffer_has_what_zeos_has() -> None:
+    from ZEO.TransactionBuffer import TransactionBuffer
+
+    from zchat_nb.client import _MemoryTransactionBuffer
+
+    ours, zeos = _MemoryTransactionBuffer(3), TransactionBuffer(3)
+    try:
+        assert sorted(vars(ours)) == sorted(vars(zeos))
+        for buffer in (ours, zeos):
+            buffer.store(b"1" * 8, b"data")
+            buffer.store(b"2" * 8, None)
+        assert list(ours) == list(zeos) == [(b"1" * 8, b"data", False), (b"2" * 8, None, False)]
+    finally:
+        ours.close()
+        zeos.close()
