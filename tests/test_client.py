@@ -288,3 +288,29 @@ def test_the_in_memory_transaction_buffer_has_what_zeos_has() -> None:
     finally:
         ours.close()
         zeos.close()
+
+
+@pytest.mark.integration
+def test_a_send_hands_its_one_way_messages_to_zeos_thread_at_once(file_server: zchat_nb.Server) -> None:
+    with zchat_nb.connect(file_server.address, user="a") as client:
+        chat = client.session("general")
+        chat.add_message("makes the stream")
+        storage = client.db.storage
+        one_by_one: list[str] = []
+        batches: list[list[str]] = []
+        single, batch = storage._zchat_raw_async, storage._zchat_raw_async_iter
+
+        def async_(method: str, *args: object) -> None:
+            one_by_one.append(method)
+            single(method, *args)
+
+        def async_iter(messages: object) -> None:
+            messages = list(messages)  # type: ignore[call-overload]
+            batches.append([method for method, _ in messages])
+            batch(iter(messages))
+
+        storage._zchat_raw_async, storage._zchat_raw_async_iter = async_, async_iter
+        sent = chat.add_message("two objects: the stream's bucket and the tail")
+        assert one_by_one == []
+        assert batches == [["tpc_begin", "storea", "storea"]]
+        assert [m.id for m in client.session("general").new_messages()][-1] == sent.id

@@ -133,10 +133,44 @@ class _WakingClientStorage(ClientStorage):
         super().__init__(addr, **kwargs)
         self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
         self._call = self._zchat_call
+        # A transaction's one-way messages (tpc_begin, its stores) are held until its first call
+        # that waits (the vote) and handed to ZEO's thread together: one wake-up of that thread
+        # instead of one per message.
+        self._zchat_raw_async: Callable[..., Any] = getattr(self, "_async")  # noqa: B009
+        self._zchat_raw_async_iter: Callable[..., Any] = getattr(self, "_async_iter")  # noqa: B009
+        self._zchat_held: list[tuple[str, tuple[Any, ...]]] | None = None
+        # Another thread's call (a ping, new oids) may send them: whoever sends, sends them first.
+        self._zchat_held_lock = threading.Lock()
+        self._async = self._zchat_async
+        self._async_iter = self._zchat_async_iter
+
+    def _zchat_async(self, method: str, *args: Any) -> None:
+        with self._zchat_held_lock:
+            held = self._zchat_held
+            if held is None:
+                self._zchat_raw_async(method, *args)
+            else:
+                held.append((method, args))
+
+    def _zchat_async_iter(self, messages: Any) -> None:
+        with self._zchat_held_lock:
+            self._zchat_send_held_locked()
+            self._zchat_raw_async_iter(messages)
+
+    def _zchat_send_held(self) -> None:
+        if self._zchat_held is not None:
+            with self._zchat_held_lock:
+                self._zchat_send_held_locked()
+
+    def _zchat_send_held_locked(self) -> None:
+        held, self._zchat_held = self._zchat_held, None
+        if held:
+            self._zchat_raw_async_iter(iter(held))
 
     def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
         """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a
         dead network), so a commit's vote could block a send far past its timeout."""
+        self._zchat_send_held()  # in order: what the transaction sent before comes first
         if method == "pack" or kw.get("wait") is False or self._zchat_wait() is None:
             return self._zchat_raw_call(method, *args, **kw)
         return self._zchat_answer(self._zchat_raw_call(method, *args, wait=False, **kw), method)
@@ -268,14 +302,19 @@ class _WakingClientStorage(ClientStorage):
             buffer = None
         if buffer is not None:
             raise StorageTransactionError("Duplicate tpc_begin calls for same transaction")
+        if not self.is_connected():  # as ZEO's would, at once
+            raise ClientDisconnected()
         txn.set_data(self, _MemoryTransactionBuffer(self._connection_generation))
         self._commit_lock.acquire()
         self._tbuf = txn.data(self)
-        try:
-            self._async("tpc_begin", id(txn), txn.user, txn.description, txn.extension, tid, status)
-        except ClientDisconnected:
-            self.tpc_end(txn)
-            raise
+        # Held with the stores until the vote (see _zchat_async): sent there, or dropped by tpc_end.
+        with self._zchat_held_lock:
+            self._zchat_held = [("tpc_begin", (id(txn), txn.user, txn.description, txn.extension, tid, status))]
+
+    def tpc_end(self, txn: Any) -> None:
+        with self._zchat_held_lock:
+            self._zchat_held = None
+        super().tpc_end(txn)
 
     def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> Any:
         result = super().store(oid, serial, data, version, txn)
