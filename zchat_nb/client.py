@@ -309,7 +309,8 @@ class _WakingClientStorage(ClientStorage):
         self._tbuf = txn.data(self)
         # Held with the stores until the vote (see _zchat_async): sent there, or dropped by tpc_end.
         with self._zchat_held_lock:
-            self._zchat_held = [("tpc_begin", (id(txn), txn.user, txn.description, txn.extension, tid, status))]
+            begin = (id(txn), txn.user, txn.description, txn.extension, tid, status)
+            self._zchat_held = [("tpc_begin", begin)]
 
     def tpc_end(self, txn: Any) -> None:
         with self._zchat_held_lock:

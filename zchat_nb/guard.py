@@ -614,7 +614,10 @@ class GuardedStorageServer(StorageServer):
                 else:  # not offered by this server; kept to ZEO's way should it ever be
                     connection.call_async("invalidateTransaction", (tid, invalidated))
 
+        loop: Any = getattr(getattr(targets[0], "connection", None), "loop", None) or getattr(
+            self, "loop", None
+        )
         try:
-            targets[0].connection.loop.call_soon_threadsafe(send)
-        except RuntimeError:  # the loop is closed: the server is stopping
-            log.debug("invalidations not sent: the server's loop is closed")
+            loop.call_soon_threadsafe(send)
+        except (AttributeError, RuntimeError):  # no loop, or a closed one: the server is stopping
+            log.debug("invalidations not sent: the server's loop is gone or closed")
