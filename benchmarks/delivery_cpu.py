@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.delivery_cpu                     # client and server parts
     python -m benchmarks.delivery_cpu --profile           # also cProfile the ChatSession reader
     python -m benchmarks.delivery_cpu --parts client --messages 400
+    python -m benchmarks.delivery_cpu --parts send        # what one send costs, vs a raw commit
 
 ``client``
     One reader in this process, blocked in ``ChatSession.new_messages(timeout=1.0)`` on its own
@@ -17,6 +18,10 @@ Usage (from the repository root)::
     Server CPU (from ``/proc``) per small ``loadBefore`` round trip (``--loads`` of them, one raw
     ClientStorage, cache bypassed), and per commit whose invalidation goes to ``--fanout``
     connected clients; ``zchat-nb serve`` vs ZEO's stock ``runzeo``.
+``send``
+    CPU per ``add_message`` against a raw commit of one small object (the 8-writer benchmark's raw
+    control), one sender alone: this process (the sending thread and ZEO's IO thread), the sending
+    thread alone, and the server (from ``/proc``).
 
 Nothing here runs at import time; nothing is written to ``RESULTS.md``.
 """
@@ -322,6 +327,72 @@ def server_part(args: argparse.Namespace, workdir: Path) -> str:
     return "\n".join(out)
 
 
+# -- the send part ---------------------------------------------------------------------------------
+
+
+def send_costs(address: Any, pid: int, sends: int) -> list[tuple[str, dict[str, float]]]:
+    """Per send: this process's CPU, the sending thread's, the server's; ``add_message`` vs a raw commit
+    of one small object, one after the other on one server, nobody else connected."""
+    import transaction
+    from persistent.mapping import PersistentMapping
+
+    import zchat_nb
+
+    client = zchat_nb.connect(address, user="sender")
+    session = client.session(ROOM, backlog=0)
+    db = _raw_db(address)
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    conn.root()["send-box"] = box = PersistentMapping()
+    tm.commit()
+
+    def zchat(i: int) -> None:
+        session.add_message(f"message number {i} with some text")
+
+    def raw(i: int) -> None:
+        tm.begin()
+        box["text"] = f"message number {i} with some text"
+        tm.commit()
+
+    rows = []
+    for label, send in (("ChatSession.add_message", zchat), ("raw commit of one small object", raw)):
+        for i in range(40):  # warm-up: the stream splits its first buckets, caches fill
+            send(i)
+        process, thread, server = cpu_seconds(), time.thread_time(), process_cpu(pid)
+        for i in range(sends):
+            send(i)
+        rows.append(
+            (
+                label,
+                {
+                    "process_us": 1e6 * (cpu_seconds() - process) / sends,
+                    "thread_us": 1e6 * (time.thread_time() - thread) / sends,
+                    "server_us": 1e6 * (process_cpu(pid) - server) / sends,
+                },
+            )
+        )
+    client.close()
+    db.close()
+    return rows
+
+
+def send_part(args: argparse.Namespace, workdir: Path) -> str:
+    out = [
+        f"Send part: CPU per send ({args.sends} sends, one sender, nobody else connected), `zchat-nb serve`",
+        "",
+        "| sender | run | client process µs / send | sending thread µs | server µs / send |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    with ServerProcess(workdir / "send.fs") as server:
+        assert server.proc is not None
+        for rep in range(args.repeat):
+            for label, r in send_costs(server.address, server.proc.pid, args.sends):
+                out.append(
+                    f"| {label} | {rep + 1} | {r['process_us']:.0f} | {r['thread_us']:.0f} | {r['server_us']:.0f} |"
+                )
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "writer":
@@ -331,13 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.delivery_cpu", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--parts", default="client,server")
+    parser.add_argument("--parts", default="client,server,send")
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--gap", type=float, default=0.02)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--loads", type=int, default=5000)
     parser.add_argument("--fanout", type=int, default=50)
     parser.add_argument("--commits", type=int, default=100)
+    parser.add_argument("--sends", type=int, default=400, help="sends timed by the send part")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -353,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
         if "server" in parts:
             print(server_part(args, Path(tmp)), flush=True)
+            print()
+        if "send" in parts:
+            print(send_part(args, Path(tmp)), flush=True)
     print(f"load average after: {Path('/proc/loadavg').read_text().split()[0]}")
     return 0
 
