@@ -291,10 +291,11 @@ def test_the_in_memory_transaction_buffer_has_what_zeos_has() -> None:
 
 
 @pytest.mark.integration
-def test_a_send_hands_its_one_way_messages_to_zeos_thread_at_once(file_server: zchat_nb.Server) -> None:
+def test_a_send_hands_its_two_stores_to_zeos_thread_at_once(file_server: zchat_nb.Server) -> None:
     with zchat_nb.connect(file_server.address, user="a") as client:
         chat = client.session("general")
-        chat.add_message("makes the stream")
+        for i in range(40):  # the stream's root has buckets below it now: an insert passes through it
+            chat.add_message(f"makes the stream {i}")
         storage = client.db.storage
         one_by_one: list[str] = []
         batches: list[list[str]] = []
@@ -312,5 +313,6 @@ def test_a_send_hands_its_one_way_messages_to_zeos_thread_at_once(file_server: z
         storage._zchat_raw_async, storage._zchat_raw_async_iter = async_, async_iter
         sent = chat.add_message("two objects: the stream's bucket and the tail")
         assert one_by_one == []
+        # and no checkCurrentSerialInTransaction for the stream's root: only this writer changes it
         assert batches == [["tpc_begin", "storea", "storea"]]
         assert [m.id for m in client.session("general").new_messages()][-1] == sent.id
