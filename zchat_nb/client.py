@@ -246,7 +246,11 @@ class _WakingClientStorage(ClientStorage):
         io = self._zchat_io() if wanted else None
         self.zchat_events.tell(event, fetching=io is not None)
         if io is not None:
-            self._zchat_fetch_then_wake(io, event, wanted)
+            try:
+                self._zchat_fetch_then_wake(io, event, wanted)
+            except Exception:  # ZEO's loop is closing: wake the readers now, they find out
+                log.debug("fetching before the wake-up failed", exc_info=True)
+                self.zchat_events.fetched(event)
 
     #: Seconds to wait for the answers to :meth:`_zchat_fetch_then_wake`'s loads before the
     #: readers are woken anyway (they then load, and time out, themselves).

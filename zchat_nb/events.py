@@ -91,7 +91,8 @@ class ClientEvents:
     def wanted(self, oids: Iterable[bytes], limit: int = 32) -> list[bytes]:
         """Of ``oids``, those that a tracker's reader will load when they change (at most ``limit``):
         what the storage may fetch before it wakes the readers (see :meth:`tell`)."""
-        watched = [changes.watched for changes in list(self._trackers) if changes.watched]
+        with self._changed:  # as track() adds to the set: never iterate it while it grows
+            watched = [changes.watched for changes in self._trackers if changes.watched]
         if not watched:
             return []
         return [oid for oid in oids if any(oid in w for w in watched)][:limit]
