@@ -593,7 +593,8 @@ class GuardedStorageServer(StorageServer):
 
         ZEO pickles it again for each client and wakes its loop once per client; in a lecture
         hall that is 200 pickles and 200 wake-ups per message. The frames are the same bytes
-        (every connection here speaks Z5), sent in the same order, from one callback.
+        (every connection here speaks Z5: ``finish_connection`` refuses the others), sent in the
+        same order, from one callback on the server's loop.
         """
         invq = self.invq[storage_id]
         if len(invq) >= self.invq_bound:
@@ -606,18 +607,10 @@ class GuardedStorageServer(StorageServer):
 
         def send() -> None:
             for zs in targets:
-                connection = getattr(zs, "connection", None)
-                if connection is None or getattr(connection, "closed", False):
-                    continue
-                if connection.protocol_version == b"Z5":
-                    connection.write_message(frame)
-                else:  # not offered by this server; kept to ZEO's way should it ever be
-                    connection.call_async("invalidateTransaction", (tid, invalidated))
+                if zs.connection is not None and not zs.connection.closed:
+                    zs.connection.write_message(frame)
 
-        loop: Any = getattr(getattr(targets[0], "connection", None), "loop", None) or getattr(
-            self, "loop", None
-        )
-        try:
-            loop.call_soon_threadsafe(send)
-        except (AttributeError, RuntimeError):  # no loop, or a closed one: the server is stopping
-            log.debug("invalidations not sent: the server's loop is gone or closed")
+        try:  # every connection runs on the acceptor's one loop
+            targets[0].connection.loop.call_soon_threadsafe(send)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            log.debug("invalidations not sent: the server's loop is closed")

@@ -404,16 +404,25 @@ class Room(Persistent):
     def _own_stream(self, writer: str) -> OOBTree:
         """``writer``'s stream, made on its first message (the only change to the shared index)."""
         assert self.streams is not None
-        try:
-            stream = self.streams.get(writer)
-            if stream is None:
-                stream = self.streams[writer] = OOBTree()
-        except TypeError:  # another client put keys there that do not compare with str
-            self.streams = _str_keyed(self.streams)
-            stream = self.streams.get(writer)
-            if stream is None:
-                stream = self.streams[writer] = OOBTree()
+        stream: OOBTree = self._own_entry("streams", writer, OOBTree, lambda entry: entry is not None)
         return stream
+
+    def _own_entry(
+        self, index: str, writer: str, make: Callable[[], Any], usable: Callable[[Any], bool]
+    ) -> Any:
+        """``writer``'s entry in the writer-keyed tree ``index`` (``streams``, ``tails``), made if
+        not ``usable``. A tree whose keys another client made incomparable with str is rebuilt with
+        its str keys only."""
+        tree = getattr(self, index)
+        try:
+            entry = tree.get(writer)
+        except TypeError:  # another client put keys there that do not compare with str
+            tree = _str_keyed(tree)
+            setattr(self, index, tree)
+            entry = tree.get(writer)
+        if not usable(entry):
+            entry = tree[writer] = make()
+        return entry
 
     def append(self, writer: str, message: _Item, seal: Callable[[_Item], _Item] | None = None) -> _Item:
         """Add ``message`` to the end of ``writer``'s stream and return it as stored.
@@ -443,13 +452,7 @@ class Room(Persistent):
         """``writer``'s :class:`Tail`, made (with the ``tails`` index) on its first append."""
         if self.tails is None:
             self.tails = OOBTree()
-        try:
-            tail = self.tails.get(writer)
-        except TypeError:  # another client put keys there that do not compare with str
-            self.tails = _str_keyed(self.tails)
-            tail = self.tails.get(writer)
-        if not isinstance(tail, Tail):
-            tail = self.tails[writer] = Tail()
+        tail: Tail = self._own_entry("tails", writer, Tail, lambda entry: isinstance(entry, Tail))
         return tail
 
     # -- amendments (edits, deletes, reactions; see zchat_nb.amend) --------------------------
@@ -645,8 +648,9 @@ class Changes:
 
     def __init__(self, exact: bool = True) -> None:
         self.exact = exact
-        #: Oids whose change its reader will load at once (its streams' right edges): the client
-        #: may fetch them before it wakes the reader (see ``ClientEvents.wanted``).
+        #: Oids whose change its reader will load at once (its writers' tails; a stream's right
+        #: edge where the writer has none): the client may fetch them before it wakes the reader
+        #: (see ``ClientEvents.wanted``).
         self.watched: frozenset[bytes] = frozenset()
         self._lock = threading.Lock()
         self._all = True
