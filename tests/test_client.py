@@ -273,18 +273,38 @@ def test_the_storage_tells_the_client_from_its_first_connection(server: zchat_nb
         assert client.generation() >= 1  # the "connected" that ZEO sent while connect() waited
 
 
-def test_the_in_memory_transaction_buffer_has_what_zeos_has() -> None:
+def _fill(buffer: Any, records: list[tuple[bytes, bytes | None]]) -> None:
+    for oid, data in records:
+        buffer.store(oid, data)
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in memory", "past the limit"])
+def test_the_in_memory_transaction_buffer_gives_what_zeos_gives(
+    spill: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same attributes (and its list of records), same records back, in order, with ZEO's rules
+    for records the client resolved (the last one counts) and oids only the server resolved."""
     from ZEO.TransactionBuffer import TransactionBuffer
 
     from zchat_nb.client import _MemoryTransactionBuffer
 
+    if spill:
+        monkeypatch.setattr(_MemoryTransactionBuffer, "IN_MEMORY", 100)
+    records = [(b"%08d" % i, b"d" * 40 if i % 3 else None) for i in range(12)]
     ours, zeos = _MemoryTransactionBuffer(3), TransactionBuffer(3)
     try:
-        assert sorted(vars(ours)) == sorted(vars(zeos))
+        assert sorted(vars(ours)) == sorted([*vars(zeos), "records"])
         for buffer in (ours, zeos):
-            buffer.store(b"1" * 8, b"data")
-            buffer.store(b"2" * 8, None)
-        assert list(ours) == list(zeos) == [(b"1" * 8, b"data", False), (b"2" * 8, None, False)]
+            _fill(buffer, records)
+            buffer.resolve(b"%08d" % 4, b"merged")  # the client merged a conflict on record 4
+            buffer.server_resolve(b"%08d" % 5)
+            buffer.server_resolve(b"9" * 8)  # resolved by the server, not in the buffer
+        assert (ours.file is not None) is spill
+        assert len(ours.records) == (2 if spill else 13)  # 31 + 71 bytes by ZEO's count, then the file
+        assert (ours.count, ours.size) == (zeos.count, zeos.size)
+        assert list(ours) == list(zeos)
+        assert list(ours)[4] == (b"%08d" % 5, b"d" * 40, True)
+        assert (b"%08d" % 4, b"merged", False) in list(ours)
     finally:
         ours.close()
         zeos.close()
@@ -316,3 +336,69 @@ def test_a_send_hands_its_two_stores_to_zeos_thread_at_once(file_server: zchat_n
         # and no checkCurrentSerialInTransaction for the stream's root: only this writer changes it
         assert batches == [["tpc_begin", "storea", "storea"]]
         assert [m.id for m in client.session("general").new_messages()][-1] == sent.id
+
+
+class _Tracker:
+    """A reader's change tracker, as ClientEvents sees one (zchat_nb.model.Changes)."""
+
+    def __init__(self, watched: frozenset[bytes] = frozenset()) -> None:
+        self.watched = watched
+        self.marked: list[tuple[tuple[bytes, ...], bytes | None]] = []
+
+    def mark(self, oids: Any, tid: bytes | None = None) -> None:
+        self.marked.append((tuple(oids), tid))
+
+    def mark_all(self) -> None:
+        self.marked.append(((), None))
+
+
+def test_a_commit_marks_the_trackers_and_wakes_the_readers_unless_a_fetch_comes_first() -> None:
+    from zchat_nb.events import ClientEvents
+
+    events = ClientEvents()
+    plain, watching = _Tracker(), _Tracker(frozenset({b"tail"}))
+    for tracker in (plain, watching, watching):  # tracked twice: told once
+        events.track(tracker)
+    early: list[str] = []
+    late: list[str] = []
+    events.subscribe(lambda e: early.append(e.kind))
+    events.subscribe(lambda e: late.append(e.kind), fetched=True)
+
+    generation = events.generation()
+    event, wanted = events.committed("invalidation", b"t1", (b"other",), can_fetch=True)
+    assert wanted == [] and events.generation() == generation + 1  # nothing watched: woken now
+    assert early == late == ["invalidation"] and event is not None and event.oids == (b"other",)
+
+    generation = events.generation()
+    event, wanted = events.committed("invalidation", b"t2", (b"tail", b"other"), can_fetch=True)
+    assert wanted == [b"tail"] and events.generation() == generation  # waits for the fetch
+    assert early == ["invalidation"] * 2 and late == ["invalidation"]
+    assert event is not None
+    events.fetched(event)
+    assert events.generation() == generation + 1 and late == ["invalidation"] * 2
+
+    # A client that cannot fetch (not connected) wakes at once.
+    _, wanted = events.committed("invalidation", b"t3", (b"tail",), can_fetch=False)
+    assert wanted == [] and events.generation() == generation + 2
+    assert plain.marked == watching.marked == [
+        ((b"other",), b"t1"),
+        ((b"tail", b"other"), b"t2"),
+        ((b"tail",), b"t3"),
+    ]
+
+
+def test_trackers_are_held_weakly() -> None:
+    import gc
+
+    from zchat_nb.events import ClientEvents
+
+    events = ClientEvents()
+    kept, gone = _Tracker(), _Tracker(frozenset({b"tail"}))
+    events.track(kept)
+    events.track(gone)
+    del gone
+    gc.collect()
+    # The tracker that is gone neither holds memory nor asks for a fetch.
+    assert events.committed("invalidation", b"t1", (b"tail",), can_fetch=True) == (None, [])
+    assert kept.marked == [((b"tail",), b"t1")]
+    assert len(events._trackers) == 1

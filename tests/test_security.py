@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,28 @@ def _invalidation(count: int) -> bytes:
     return _server_frame(0, True, "invalidateTransaction", (_TID, [_OID] * count))
 
 
+def _answer(msgid: int, value: object) -> bytes:
+    """The server's answer to a call (a vote's ``[]``, a finish's tid)."""
+    return _server_frame(msgid, 0, ".reply", value)
+
+
+def _info(length: int, size: int) -> bytes:
+    """What the server sends a client after its commit."""
+    return _server_frame(0, True, "info", ({"length": length, "size": size},))
+
+
+#: The frames a send brings its client, with message ids and sizes of each width ZEO writes.
+_COMMIT_FRAMES = [
+    _answer(7, []),
+    _answer(300, _TID),
+    _answer(70_000, None),
+    _answer(2**31 - 1, []),
+    _info(7, 9_000),
+    _info(300, 70_000),
+    _info(70_000, 2**31 - 1),
+]
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -213,26 +236,40 @@ def _invalidation(count: int) -> bytes:
         _reply(b"r" * 3000),
         _reply(b"r" * 40, flag=False),
         *map(_invalidation, (0, 1, 3, 1001)),
+        *_COMMIT_FRAMES,
     ],
-    ids=["reply", "last", "empty", "long", "false", "inv0", "inv1", "inv3", "inv1001"],
+    ids=[
+        *["reply", "last", "empty", "long", "false", "inv0", "inv1", "inv3", "inv1001"],
+        *["vote", "finish", "none", "id4", "info1", "info2", "info4"],
+    ],
 )
-def test_the_frames_of_a_delivery_skip_the_full_check(frame: bytes) -> None:
+def test_the_frames_of_a_delivery_or_a_send_skip_the_full_check(frame: bytes) -> None:
     from zchat_nb.pickles import CLIENT_WIRE, check_pickle
-    from zchat_nb.security import is_plain_server_frame
+    from zchat_nb.security import _decode_server_frame, is_plain_server_frame
 
     assert is_plain_server_frame(frame)
     check_pickle(frame, CLIENT_WIRE)  # which would have let it through too
+    # A plain frame is unpickled by C's pickle.loads: the same value as the checked decoder's.
+    assert pickle.loads(frame) == _decode_server_frame(frame)
 
 
 @pytest.mark.parametrize(
     "frame",
-    [_reply(b"r" * 20), _reply(b"r" * 300, None), _reply(b"r" * 20, flag=False), _invalidation(2)],
-    ids=["short", "long", "false", "inv"],
+    [
+        _reply(b"r" * 20),
+        _reply(b"r" * 300, None),
+        _reply(b"r" * 20, flag=False),
+        _invalidation(2),
+        _answer(7, []),
+        _answer(300, _TID),
+        _info(7, 70_000),
+    ],
+    ids=["short", "long", "false", "inv", "vote", "finish", "info"],
 )
 def test_no_one_byte_change_of_a_plain_frame_gets_past_the_full_check_unchecked(frame: bytes) -> None:
     """What the match lets through, the full check lets through as well: it is never looser."""
     from zchat_nb.pickles import CLIENT_WIRE, RefusedPickle, check_pickle
-    from zchat_nb.security import is_plain_server_frame
+    from zchat_nb.security import _decode_server_frame, is_plain_server_frame
 
     looser = []
     variants = [frame[:cut] for cut in range(len(frame))] + [frame + b"."]
@@ -244,7 +281,18 @@ def test_no_one_byte_change_of_a_plain_frame_gets_past_the_full_check_unchecked(
                 check_pickle(variant, CLIENT_WIRE)
             except RefusedPickle:
                 looser.append(variant)
+                continue
+            # The client unpickles it with pickle.loads instead of the checked decoder: same outcome.
+            if _outcome(pickle.loads, variant) != _outcome(_decode_server_frame, variant):
+                looser.append(variant)
     assert looser == []
+
+
+def _outcome(decode: Callable[[bytes], object], frame: bytes) -> tuple[bool, object]:
+    try:
+        return True, decode(frame)
+    except Exception:
+        return False, None
 
 
 def test_a_frame_naming_a_global_is_not_plain() -> None:

@@ -51,7 +51,7 @@ class ChangeTracker(Protocol):
 
     def mark_all(self) -> None: ...
 
-    #: Oids its reader will load as soon as one of them changes (see :meth:`ClientEvents.wanted`).
+    #: Oids its reader will load as soon as one of them changes (see :meth:`ClientEvents.committed`).
     watched: frozenset[bytes]
 
 
@@ -70,7 +70,9 @@ class ClientEvents:
         self._closed = False
         #: ``(callback, kinds, fetched)``: see :meth:`subscribe`.
         self._subscribers: list[tuple[Callable[[ClientEvent], None], frozenset[str], bool]] = []
-        self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Weak references to the trackers (a plain list: cheaper to walk than a WeakSet, on
+        #: every commit any client makes); dead ones are dropped as they are met.
+        self._trackers: list[weakref.ref[Any]] = []
 
     def generation(self) -> int:
         """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
@@ -86,16 +88,48 @@ class ClientEvents:
         Held weakly: a session that is gone stops being told.
         """
         with self._changed:
-            self._trackers.add(changes)
+            if all(ref() is not changes for ref in self._trackers):
+                self._trackers.append(weakref.ref(changes))
 
-    def wanted(self, oids: Iterable[bytes], limit: int = 32) -> list[bytes]:
-        """Of ``oids``, those that a tracker's reader will load when they change (at most ``limit``):
-        what the storage may fetch before it wakes the readers (see :meth:`tell`)."""
-        with self._changed:  # as track() adds to the set: never iterate it while it grows
-            watched = [changes.watched for changes in self._trackers if changes.watched]
-        if not watched:
-            return []
-        return [oid for oid in oids if any(oid in w for w in watched)][:limit]
+    def _live_trackers(self) -> list[Any]:
+        """The trackers still alive (under ``_changed``); forgets the dead ones."""
+        live = [changes for changes in (ref() for ref in self._trackers) if changes is not None]
+        if len(live) != len(self._trackers):
+            self._trackers = [weakref.ref(changes) for changes in live]
+        return live
+
+    def committed(
+        self, kind: str, tid: bytes | None, oids: tuple[bytes, ...], *, can_fetch: bool = False
+    ) -> tuple[ClientEvent | None, list[bytes]]:
+        """:meth:`tell` for a commit (``"invalidation"`` from the server,
+        ``"committed"`` by this client) in one pass under the lock: every client hears of every
+        commit, so this is the one call each commit costs each client.
+
+        ``can_fetch``: the caller can fetch what the trackers' readers will load (their ``watched``
+        oids) before they are woken. Returns the event (None if nobody is told of it) and the oids
+        to fetch (at most 32); if there are any, the readers and the subscribers that asked for it
+        wait for :meth:`fetched`.
+        """
+        wanted: list[bytes] = []
+        with self._changed:
+            for changes in self._live_trackers():
+                changes.mark(oids, tid)
+                watched = changes.watched
+                if can_fetch and watched:
+                    wanted += [oid for oid in oids if oid in watched and oid not in wanted]
+            fetching = bool(wanted)
+            if not fetching:
+                self._generation += 1
+                self._changed.notify_all()
+            subscribers = [
+                callback
+                for callback, kinds, late in self._subscribers
+                if kind in kinds and not (fetching and late)
+            ]
+        event = ClientEvent(kind, time.time(), tid, oids) if subscribers or fetching else None
+        if subscribers:
+            self._call(subscribers, event)  # type: ignore[arg-type]  # made just above
+        return event, wanted[:32]
 
     def tell(self, event: ClientEvent, *, fetching: bool = False) -> None:
         """Note what ``event`` changed, wake readers (for a wake kind) and call the subscribers that
@@ -107,10 +141,10 @@ class ClientEvents:
         with self._changed:
             # Noted before the wake-up, so that a woken reader finds what changed.
             if event.kind in ("invalidation", "committed"):
-                for changes in self._trackers:
+                for changes in self._live_trackers():
                     changes.mark(event.oids, event.tid)
             elif event.kind == "connected":  # ZEO dropped the whole object cache
-                for changes in self._trackers:
+                for changes in self._live_trackers():
                     changes.mark_all()
             if event.kind in WAKE_KINDS and not fetching:
                 self._generation += 1

@@ -436,7 +436,8 @@ class Room(Persistent):
         last: tuple[float, str] | None = stream.maxKey() if stream else None
         if last is not None and last[1] == message.id:
             return parse_record(stream[last], 2**30)  # type: ignore[return-value]
-        stored = _find_retried(stream, message)
+        # Only keys from the message's own on can hold an earlier attempt: none past the last one.
+        stored = _find_retried(stream, message) if last is not None and message.key <= last else None
         if stored is not None:
             return stored
         if last is not None and message.time <= last[0]:
@@ -650,7 +651,7 @@ class Changes:
         self.exact = exact
         #: Oids whose change its reader will load at once (its writers' tails; a stream's right
         #: edge where the writer has none): the client may fetch them before it wakes the reader
-        #: (see ``ClientEvents.wanted``).
+        #: (see ``ClientEvents.committed``).
         self.watched: frozenset[bytes] = frozenset()
         self._lock = threading.Lock()
         self._all = True

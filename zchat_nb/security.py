@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import pickle
 import re
 from collections.abc import Callable, Iterable
 from io import BytesIO
@@ -220,13 +221,27 @@ _LOAD_REPLY_HEAD = re.compile(
     rb"\x80\x03\(C\x08.{8}C\x08.{8}\x86(?:K\x00|\x89)X\x06\x00\x00\x00\.reply", re.DOTALL
 )
 _TID = re.compile(rb"C\x08.{8}(?:N|C\x08.{8})\x87t\.", re.DOTALL)
+#: A small int as ZEO's pickler writes it (BININT1, BININT2, BININT).
+_INT = rb"(?:K.|M..|J....)"
+#: What the server answers a commit with: the vote's ``[]`` (nothing resolved), the finish's tid,
+#: a ``None``; and the ``info({"length": ..., "size": ...})`` it sends after each commit.
+_COMMIT_FRAME = re.compile(
+    rb"\x80\x03\((?:" + _INT + rb"(?:K\x00|\x89)X\x06\x00\x00\x00\.reply(?:\]|N|C\x08.{8})"
+    rb"|K\x00\x88X\x04\x00\x00\x00info\}\(X\x06\x00\x00\x00length"
+    + _INT
+    + rb"X\x04\x00\x00\x00size"
+    + _INT
+    + rb"u\x85)t\.",
+    re.DOTALL,
+)
 
 
 def is_plain_server_frame(frame: bytes) -> bool:
-    """True if ``frame`` is, byte for byte, one of the two frames every delivered message brings.
+    """True if ``frame`` is, byte for byte, one of the frames every delivered or sent message brings.
 
-    An invalidation, or a load's answer ``(data, serial, next serial or None)``: plain bytes in
-    tuples and a fresh list, nothing memoized, no globals, so there is nothing for
+    An invalidation, a load's answer ``(data, serial, next serial or None)``, the answers to a
+    commit's vote and finish and the server's ``info`` after it: plain bytes, small ints and str in
+    tuples, a fresh list or dict, nothing memoized, no globals, so there is nothing for
     :func:`~zchat_nb.pickles.check_pickle` to refuse but size, which is checked here too. Anything
     else, a near miss included, is left to the full check.
     """
@@ -244,7 +259,7 @@ def is_plain_server_frame(frame: bytes) -> bool:
         else:
             return False
         return _TID.fullmatch(frame, end) is not None
-    return _INVALIDATION.fullmatch(frame) is not None
+    return _INVALIDATION.fullmatch(frame) is not None or _COMMIT_FRAME.fullmatch(frame) is not None
 
 
 def _no_globals(module: str, name: str) -> Any:
@@ -274,15 +289,25 @@ def harden_client_process() -> None:
     class GuardedClientProtocol(zeo_client.Protocol):
         """ZEO's client connection, refusing a frame before unpickling it; a refusal closes it."""
 
+        #: The frame being received matched :func:`is_plain_server_frame`.
+        _zchat_plain = False
+
         def finish_connection(self, protocol_version: bytes) -> None:
             super().finish_connection(protocol_version)
             if protocol_version[:1] == b"Z":
-                self.decode = _decode_server_frame
+                self.decode = self._zchat_decode
+
+        def _zchat_decode(self, frame: bytes) -> Any:
+            if self._zchat_plain:  # nothing but bytes, tuples, a list: C's unpickler cannot be misled
+                self._zchat_plain = False
+                return pickle.loads(frame)
+            return _decode_server_frame(frame)
 
         def message_received(self, data: bytes) -> None:
             if self.protocol_version is not None and self.protocol_version[:1] == b"Z":
                 try:
-                    if not is_plain_server_frame(data):
+                    self._zchat_plain = is_plain_server_frame(data)
+                    if not self._zchat_plain:
                         check_pickle(data, CLIENT_WIRE)
                 except RefusedPickle as exc:
                     log.error("closing the connection to the ZEO server at %s: %s", self.addr, exc)
