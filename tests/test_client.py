@@ -380,11 +380,15 @@ def test_a_commit_marks_the_trackers_and_wakes_the_readers_unless_a_fetch_comes_
     # A client that cannot fetch (not connected) wakes at once.
     _, wanted = events.committed("invalidation", b"t3", (b"tail",), can_fetch=False)
     assert wanted == [] and events.generation() == generation + 2
-    assert plain.marked == watching.marked == [
-        ((b"other",), b"t1"),
-        ((b"tail", b"other"), b"t2"),
-        ((b"tail",), b"t3"),
-    ]
+    assert (
+        plain.marked
+        == watching.marked
+        == [
+            ((b"other",), b"t1"),
+            ((b"tail", b"other"), b"t2"),
+            ((b"tail",), b"t3"),
+        ]
+    )
 
 
 def test_trackers_are_held_weakly() -> None:

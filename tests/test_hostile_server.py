@@ -10,6 +10,7 @@ in a thread with a deadline (:func:`tests.attacks.finishes`): a hang fails the t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +71,7 @@ SILENT_READS = {
 
 @pytest.mark.parametrize("call", list(SILENT_READS), ids=list(SILENT_READS))
 def test_a_read_the_server_does_not_answer_raises_zchat_disconnected(
-    silent: ChatClient, proxy: SilentProxy, call: str
+    silent: ChatClient, proxy: SilentProxy, call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ZChatDisconnected) as info:
         finishes(lambda: SILENT_READS[call](silent), DEADLINE)
@@ -78,15 +79,29 @@ def test_a_read_the_server_does_not_answer_raises_zchat_disconnected(
     message = str(info.value)
     assert f"the server at {silent.address_text} did not answer within {TIMEOUT:g} s" in message
     assert f"zchat-nb serve --port {silent.address[1]} --path FILE" in message
+    assert _load_tracebacks(caplog) == []
 
 
 @pytest.mark.parametrize("call", list(WRITES), ids=list(WRITES))
 def test_a_write_whose_reads_the_server_does_not_answer_fails_in_time(
-    silent: ChatClient, proxy: SilentProxy, call: str
+    silent: ChatClient, proxy: SilentProxy, call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ZChatSendError) as info:
         finishes(lambda: WRITES[call](silent), DEADLINE)
     assert silent.address_text in str(info.value)
+    assert _load_tracebacks(caplog) == []
+
+
+def _load_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What ZODB logged, as warnings or errors, of the loads the server left unanswered.
+
+    ZODB logs every failed load as an ERROR with its traceback before it raises; the caller is told
+    in words already, and in a notebook each traceback would be printed under the cell (Python's
+    last-resort handler). Such records are demoted to DEBUG.
+    """
+    return [
+        r.getMessage() for r in caplog.records if r.name == "ZODB.Connection" and r.levelno >= logging.WARNING
+    ]
 
 
 @pytest.mark.parametrize("methods", [("loadBefore",), ("sendBlob",)])

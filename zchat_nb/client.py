@@ -89,6 +89,28 @@ def _ignore_outcome(future: Any) -> None:
     future.exception()
 
 
+class _UnansweredLoadsAreDebug(logging.Filter):
+    """ZODB logs each load that fails as an ERROR with its traceback ("Couldn't load state for
+    ..."), then raises. A load the server did not answer in time, or that a lost connection cut
+    short, is routine for a class's server (a crowd joining at once, a restart), and the caller
+    reports it in words (:class:`ZChatDisconnected`, :class:`ZChatSendError`) or retries it; in a
+    notebook, Python's last-resort handler would also print each traceback under the cell. Those
+    records become DEBUG; every other load error stays an ERROR.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.WARNING and isinstance(error, ClientDisconnected):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _quiet_unanswered_loads() -> None:
+    connection_log = logging.getLogger("ZODB.Connection")
+    if not any(isinstance(f, _UnansweredLoadsAreDebug) for f in connection_log.filters):
+        connection_log.addFilter(_UnansweredLoadsAreDebug())
+
+
 class _MemoryTransactionBuffer(TransactionBuffer):
     """ZEO's buffer of a transaction's records, kept as a list in memory up to :attr:`IN_MEMORY` bytes.
 
@@ -757,6 +779,7 @@ def connect(
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
         signer, verifier = _signing(bundle)
     harden_client_process()
+    _quiet_unanswered_loads()
     rate_limit("ZODB.Connection", "ZEO.asyncio.client", "zchat_nb.security")
     addr = resolve_address(address)
     where = format_address(addr)
