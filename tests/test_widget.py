@@ -456,6 +456,26 @@ def test_present_lists_users_with_a_recent_heartbeat(client: ChatClient, make_wi
     rec.wait_state("present", lambda present: present == ["alice", "bob"])
 
 
+def test_a_join_that_failed_is_tried_again_soon_not_at_the_next_renewal(
+    client: ChatClient, make_widget: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole class opening the notebook at once can make a join miss its send timeout."""
+    from zchat_nb.model import ChatSession
+
+    join, failures = ChatSession.join, []
+
+    def swamped(self: ChatSession, user: str | None = None) -> None:
+        if len(failures) < 2:
+            failures.append(user)
+            raise ZChatSendError("joining 'general' failed: no answer from the server within 10 s")
+        join(self, user)
+
+    monkeypatch.setattr(ChatSession, "join", swamped)
+    widget = make_widget()  # renews its lease every 600 s
+    recorder(widget).wait_state("present", lambda present: present == ["alice"])
+    assert failures == ["alice", "alice"]
+
+
 def test_the_widget_beats_in_the_room_it_switches_to(client: ChatClient, make_widget: Callable) -> None:
     ChatClient(client.db, user="bob").session("general").heartbeat()
     widget = make_widget()

@@ -380,6 +380,7 @@ class ChatWidget(anywidget.AnyWidget):
         # The room's first load asks for a join; renewals of many widgets are spread out.
         next_beat = time.monotonic() + self.heartbeat_interval * random.uniform(0.5, 1.0)
         joined: tuple[str, str] | None = None  # (room, user) of the last join committed
+        join_retry = RETRY_FIRST
         try:
             while True:
                 try:
@@ -402,7 +403,13 @@ class ChatWidget(anywidget.AnyWidget):
                         self._presence(session, joined, join=False)
                         joined = None
                     if self._presence(session, wanted, join=True):
-                        joined = wanted
+                        joined, join_retry = wanted, RETRY_FIRST
+                    else:
+                        # The server away or swamped (a whole class joining at once): try again soon,
+                        # spread out and backing off, not at the next renewal ten minutes on.
+                        wait = min(join_retry, self.heartbeat_interval) * random.uniform(0.5, 1.0)
+                        next_beat = time.monotonic() + wait
+                        join_retry = min(2 * join_retry, RETRY_MAX)
                     continue
                 if self._stopping.is_set():
                     exc = ZChatConnectionError("this ChatWidget was closed before the message was sent")
