@@ -5,6 +5,7 @@ Unit tests use ``ChatClient(ZODB.DB(None))``; those marked ``integration`` use a
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -474,6 +475,34 @@ def test_a_join_that_failed_is_tried_again_soon_not_at_the_next_renewal(
     widget = make_widget()  # renews its lease every 600 s
     recorder(widget).wait_state("present", lambda present: present == ["alice"])
     assert failures == ["alice", "alice"]
+
+
+def test_a_class_joining_at_once_makes_each_widget_read_presence_at_most_every_few_seconds(
+    client: ChatClient, make_widget: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each join changes the room's presence; rereading it after every one is N² loads for a class."""
+    from zchat_nb.model import ChatSession
+    from zchat_nb.widget import PRESENCE_GAP
+
+    reads: list[float] = []
+    present = ChatSession.present
+
+    def counted(self: ChatSession, within: float = 90.0) -> list[str]:
+        if threading.current_thread().name.startswith("zchat-poller"):
+            reads.append(time.monotonic())
+        return present(self, within)
+
+    monkeypatch.setattr(ChatSession, "present", counted)
+    widget = make_widget()  # polls every 50 ms (an in-process storage)
+    rec = recorder(widget)
+    rec.wait_state("present", lambda present: present == ["alice"])
+    students = [ChatClient(client.db, user=f"student{i:02}").session("general") for i in range(30)]
+    for student in students:
+        student.join()
+        time.sleep(0.02)
+    rec.wait_state("present", lambda present: len(present) == 31)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(reads)]
+    assert len(reads) >= 2 and min(gaps) >= PRESENCE_GAP * 0.95, gaps
 
 
 def test_the_widget_beats_in_the_room_it_switches_to(client: ChatClient, make_widget: Callable) -> None:

@@ -103,6 +103,9 @@ _atexit_registered = False
 #: Seconds before the poller reads again after a failed read, doubled each time up to RETRY_MAX.
 RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
+#: Seconds between two reads of the shown room's presence. A class joining at once would otherwise
+#: make every widget reread it after every join: N² loads just when the server is busiest.
+PRESENCE_GAP = 2.0
 
 
 class ChatWidget(anywidget.AnyWidget):
@@ -200,6 +203,10 @@ class ChatWidget(anywidget.AnyWidget):
         self._watch: dict[str, ChatSession] = {}
         self._known_rooms: set[str] | None = None
         self._poll_error = ""
+        #: ``time.monotonic()`` from which presence may be read again (see PRESENCE_GAP); and
+        #: whether a read was put off until then (the poller then wakes for it).
+        self._presence_next = 0.0
+        self._presence_put_off = False
         self._lost_at: float | None = None
         #: The last message this widget committed.
         self.last_sent: Message | None = None
@@ -507,8 +514,12 @@ class ChatWidget(anywidget.AnyWidget):
                 retry = RETRY_FIRST
                 if self._session is not None and self._session.behind:
                     continue  # a very large room is read a bounded slice per round
-                # A ZEO client wakes us on every change; the timer only expires leases (no loads).
-                self._wake.wait(self.heartbeat_interval if self.client.tracks_changes else self.poll_interval)
+                # A ZEO client wakes us on every change; the timer only expires leases (no loads),
+                # or reads the presence put off by PRESENCE_GAP.
+                wait = self.heartbeat_interval if self.client.tracks_changes else self.poll_interval
+                if self._presence_put_off:
+                    wait = min(wait, max(0.0, self._presence_next - time.monotonic()))
+                self._wake.wait(wait)
         except Exception:
             log.exception("zchat_nb: the poller of %r failed", self)
         finally:
@@ -546,7 +557,16 @@ class ChatWidget(anywidget.AnyWidget):
         self._apply_updates(self._session.updated_messages())
         self._refresh_rooms()
         self._count_unread()
+        self._read_presence()
+
+    def _read_presence(self) -> None:
+        now = time.monotonic()
+        self._presence_put_off = now < self._presence_next
+        if self._presence_put_off:
+            return
+        assert self._session is not None
         present = self._session.present(within=3 * self.heartbeat_interval)
+        self._presence_next = now + PRESENCE_GAP
         if present != self.present:
             self.present = present
 
@@ -555,6 +575,7 @@ class ChatWidget(anywidget.AnyWidget):
         first = session.new_messages()  # the last BACKLOG messages, in one transaction
         previous = self._shown
         self._session, self._shown = session, name
+        self._presence_next = 0.0  # who is in the new room: at once
         self._outbox.put(_Outgoing(name))  # say we are here now
         self._cache.clear()
         self._cache.extend(self._payload(m) for m in first)
