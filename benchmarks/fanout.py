@@ -24,7 +24,9 @@ checkout, so "before" and "after" share the machine's state. The parts:
     object a plain writer changed; against ``zchat-nb serve`` (``raw``) and against ZEO's stock
     ``runzeo`` (``stock``: no zchat_nb in the server either).
 ``idle``
-    N widgets connected, nobody typing, for ``--idle-seconds``: the server's CPU in % of one core,
+    N widgets started at once (the start-up: until each is connected and sees itself present; the
+    server's CPU and loads meanwhile), then connected, nobody typing, for ``--idle-seconds``: the
+    server's CPU in % of one core,
     and the widget processes' CPU (user+system of each process of 10 widgets).
 
 Results go to ``benchmarks/RESULTS.md`` between ``<!-- fanout:start -->`` and ``<!-- fanout:end -->``.
@@ -519,12 +521,21 @@ def idle(code: Path, label: str, server: Any, widgets: int, seconds: float, leas
     setup = Proc(code, "make_room", server.address, room)
     setup.read(READY_TIMEOUT)
     setup.finish()
+    # The start-up: every widget process started at once (a class opening the notebook), until
+    # each widget is connected and sees its own user present (its join committed and read back).
+    stats0, cpu_start, wall_start = (
+        server_stats(server.address),
+        process_cpu(server.proc.pid),
+        time.monotonic(),
+    )
     procs = []
     for start in range(0, widgets, PER_PROCESS):
         count = min(PER_PROCESS, widgets - start)
         procs.append(Proc(code, "widgets", server.address, room, count, 0, 0.0, True, lease))
     for p in procs:
         p.read(READY_TIMEOUT)
+    start_wall, start_cpu = time.monotonic() - wall_start, process_cpu(server.proc.pid) - cpu_start
+    start_loads = server_stats(server.address)["loads"] - stats0["loads"]
     time.sleep(2.0)  # the joins' invalidations settle
     cpu0 = process_cpu(server.proc.pid)
     wall0 = time.monotonic()
@@ -545,6 +556,7 @@ def idle(code: Path, label: str, server: Any, widgets: int, seconds: float, leas
         "server CPU % of a core": f"{server_cpu / wall * 100:.2f}",
         "widget process CPU %, mean (max)": f"{sum(per_process) / len(per_process):.2f}"
         f" ({max(per_process):.2f})",
+        "start-up: all present after s (server CPU s, loads)": f"{start_wall:.1f} ({start_cpu:.1f}, {start_loads})",
     }
     return row
 
