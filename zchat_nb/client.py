@@ -54,7 +54,7 @@ from .model import (
 from .net import Address, check_tls, format_address, probe, speaks_tls
 from .pgwake import DEFAULT_FALLBACK
 from .pickles import RECORD, PicklePolicy
-from .ratelog import rate_limit
+from .ratelog import add_filter_once, rate_limit
 from .security import RecordCheck, checked_conflict_states, class_factory, harden_client_process
 from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
@@ -103,12 +103,6 @@ class _UnansweredLoadsAreDebug(logging.Filter):
         if record.levelno >= logging.WARNING and isinstance(error, ClientDisconnected):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
-
-
-def _quiet_unanswered_loads() -> None:
-    connection_log = logging.getLogger("ZODB.Connection")
-    if not any(isinstance(f, _UnansweredLoadsAreDebug) for f in connection_log.filters):
-        connection_log.addFilter(_UnansweredLoadsAreDebug())
 
 
 class _MemoryTransactionBuffer(TransactionBuffer):
@@ -779,7 +773,7 @@ def connect(
         ssl, user = bundle.client_context(), user if user is not None else bundle.name
         signer, verifier = _signing(bundle)
     harden_client_process()
-    _quiet_unanswered_loads()
+    add_filter_once("ZODB.Connection", _UnansweredLoadsAreDebug)
     rate_limit("ZODB.Connection", "ZEO.asyncio.client", "zchat_nb.security")
     addr = resolve_address(address)
     where = format_address(addr)

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 
-__all__ = ["RateLimit", "rate_limit", "shared_limit"]
+__all__ = ["RateLimit", "add_filter_once", "rate_limit", "shared_limit"]
 
 _VARYING = re.compile(r"\([^)]*\)|\d+")
 
@@ -78,3 +78,10 @@ def rate_limit(*names: str) -> None:
         logger = logging.getLogger(name)
         if limit not in logger.filters:
             logger.addFilter(limit)
+
+
+def add_filter_once(name: str, kind: type[logging.Filter]) -> None:
+    """Put a ``kind()`` on the logger ``name`` unless it has one already (idempotent)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())

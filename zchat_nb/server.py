@@ -26,6 +26,7 @@ from ZODB.MappingStorage import MappingStorage
 from .exceptions import ZChatServerError
 from .guard import ServerLimits
 from .net import Address, format_address
+from .ratelog import add_filter_once
 from .security import harden_server_process
 
 __all__ = ["MemoryStorage", "Server", "serve"]
@@ -115,12 +116,6 @@ class _ClientDisconnectsAreInfo(logging.Filter):
         return True
 
 
-def _demote_client_disconnects() -> None:
-    zeo_server_log = logging.getLogger("ZEO.asyncio.server")
-    if not any(isinstance(f, _ClientDisconnectsAreInfo) for f in zeo_server_log.filters):
-        zeo_server_log.addFilter(_ClientDisconnectsAreInfo())
-
-
 class Server:
     """A ZEO server running in a daemon thread of this process. ``stop()`` is safe to call twice."""
 
@@ -140,7 +135,7 @@ class Server:
         from .guard import GuardedStorageServer
 
         harden_server_process()
-        _demote_client_disconnects()
+        add_filter_once("ZEO.asyncio.server", _ClientDisconnectsAreInfo)
         self.path = None if path is None else Path(path)
         self.storage_text = "in memory" if self.path is None else str(self.path)
         self._scratch: str | None = None
