@@ -104,3 +104,55 @@ def test_the_meter_finds_an_oversized_frame_however_the_stream_is_cut(seed: int)
         assert pos > at + 3  # only once its whole length prefix arrived
     else:
         assert (meter.body, meter.head) == (0, b"")
+
+
+def _log_ops(log: object) -> None:
+    """A transaction's worth of what a ZEO server logs: stores big and small, a check, a delete."""
+    for i in range(6):
+        log.store(b"%08d" % i, b"s" * 8, b"d" * (40 if i % 2 else 3000))  # type: ignore[attr-defined]
+    log.checkread(b"c" * 8, b"s" * 8)  # type: ignore[attr-defined]
+    log.delete(b"x" * 8, b"s" * 8)  # type: ignore[attr-defined]
+    log.restore(b"r" * 8, b"s" * 8, None, None)  # type: ignore[attr-defined]
+    log.undo(b"u" * 8)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in memory", "past the limit"])
+def test_the_servers_commit_log_gives_back_what_zeos_gives(
+    spill: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ZEO.StorageServer import CommitLog
+
+    from zchat_nb.guard import MemoryCommitLog
+
+    if spill:  # the first stores in memory, the rest in a file, as a big upload would
+        monkeypatch.setattr(MemoryCommitLog, "IN_MEMORY", 3200)
+    ours, zeos = MemoryCommitLog(), CommitLog()
+    try:
+        for log in (ours, zeos):
+            _log_ops(log)
+        assert (ours.file is not None) is spill
+        assert len(ours.entries) == (2 if spill else 10)
+        assert ours.stores == zeos.stores == 10
+        assert list(ours) == list(zeos)
+        assert list(ours) == list(ours)  # read again (ZEO reads the log at the vote, once)
+        assert ours.size() > 0
+    finally:
+        ours.close()
+        zeos.close()
+    assert ours.file is None and ours.entries == []
+
+
+def test_the_guarded_server_logs_its_transactions_in_memory() -> None:
+    import ZEO.StorageServer
+
+    import zchat_nb
+    from zchat_nb.guard import MemoryCommitLog
+
+    server = zchat_nb.serve()
+    try:
+        assert ZEO.StorageServer.CommitLog is MemoryCommitLog
+        with zchat_nb.connect(server.address, user="ada") as client:
+            sent = client.session("general").add_message("through the commit log")
+            assert [m.id for m in client.session("general").history(5)] == [sent.id]
+    finally:
+        server.stop()

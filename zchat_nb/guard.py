@@ -29,15 +29,19 @@ import math
 import re
 import socket
 import struct
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+import ZEO.StorageServer
 from ZEO._compat import Unpickler
 from ZEO.asyncio.marshal import encoder
 from ZEO.asyncio.server import Acceptor, ServerProtocol
-from ZEO.StorageServer import StorageServer
+from ZEO.StorageServer import CommitLog, StorageServer
 from ZODB.POSException import StorageTransactionError
+from zodbpickle.pickle import Pickler
 
 from .blobguard import MAX_BLOB_BYTES, BlobLimitedZEOStorage
 from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle
@@ -562,6 +566,70 @@ def _checked_conflict_states(storage: Any) -> None:
         storage._crs_untransform_record_data = checked_conflict_states(untransform)
 
 
+class MemoryCommitLog(CommitLog):
+    """ZEO's log of a transaction's stores on the server, kept in a list up to :attr:`IN_MEMORY` bytes.
+
+    ZEO's makes a temporary file for every transaction, pickles each record into it with protocol 1
+    (each bytes object as a ``_codecs.encode`` call), and reads them all back at the vote: about 5%
+    of the server's time per commit here. Past the limit (a picture's record, a big import) the
+    rest goes to a file as in ZEO's, so a client that stores and never votes holds at most
+    ``IN_MEMORY`` bytes of the server's memory per connection.
+    """
+
+    IN_MEMORY = 256 * 1024
+
+    def __init__(self) -> None:  # not super(): it makes the file
+        self.entries: list[tuple[str, tuple[Any, ...]]] = []
+        self.in_memory = 0
+        self.file: Any = None
+        self.pickler: Any = None
+        self.stores = 0
+
+    def _log(self, op: str, args: tuple[Any, ...], size: int = 0) -> None:
+        if self.file is None and self.in_memory + size <= self.IN_MEMORY:
+            self.entries.append((op, args))
+            self.in_memory += size + 50
+        else:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(suffix=".comit-log")  # noqa: SIM115 (closed by close())
+                self.pickler = Pickler(self.file, 1)
+                self.pickler.fast = 1
+            self.pickler.dump((op, args))
+        self.stores += 1
+
+    def size(self) -> int:
+        return self.in_memory + (self.file.tell() if self.file is not None else 0)
+
+    def delete(self, oid: bytes, serial: bytes) -> None:
+        self._log("_delete", (oid, serial))
+
+    def checkread(self, oid: bytes, serial: bytes) -> None:
+        self._log("_checkread", (oid, serial))
+
+    def store(self, oid: bytes, serial: bytes, data: bytes) -> None:
+        self._log("_store", (oid, serial, data), len(data))
+
+    def restore(self, oid: bytes, serial: bytes, data: bytes, prev_txn: Any) -> None:
+        self._log("_restore", (oid, serial, data, prev_txn), len(data or b""))
+
+    def undo(self, transaction_id: Any) -> None:
+        self._log("_undo", (transaction_id,))
+
+    def __iter__(self) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        yield from self.entries
+        if self.file is not None:
+            self.file.seek(0)
+            unpickler = Unpickler(self.file)
+            for _ in range(self.stores - len(self.entries)):
+                yield unpickler.load()
+
+    def close(self) -> None:
+        self.entries = []
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class GuardedStorageServer(StorageServer):
     """``ZEO.StorageServer.StorageServer`` hardened as described in :mod:`zchat_nb.guard`."""
 
@@ -580,6 +648,7 @@ class GuardedStorageServer(StorageServer):
         kw.pop("transaction_timeout", None)
         kw.pop("msgpack", None)
         super().__init__(addr, storages, Acceptor=GuardedAcceptor, **kw)
+        ZEO.StorageServer.CommitLog = MemoryCommitLog  # made by ZEOStorage.tpc_begin, a global of ZEO's
         for manager in self.lock_managers.values():
             manager.timeout = LockWatchdog(self.limits.commit_lock_timeout)
         for storage in storages.values():
