@@ -7,12 +7,16 @@ here runs at import time.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +47,14 @@ def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return float(ordered[rank - 1])
+
+
+def _state(task: Path) -> str:
+    """A thread's state letter from ``/proc/PID/task/TID/stat`` ("" if it has exited)."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return ""
 
 
 class ServerProcess:
@@ -131,6 +143,27 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         self._reap()
+
+    @contextlib.contextmanager
+    def stalled(self, timeout: float = 10.0) -> Iterator[None]:
+        """SIGSTOP the server for the block, as a machine that hangs: nothing is answered, nothing closed.
+
+        Returns once the kernel says every thread is stopped (``/proc/PID/stat`` state ``T``): the
+        signal takes effect at the server's next entry into the kernel, and a server that is running
+        meanwhile could still answer a request sent right after ``kill()``. SIGCONT at the end.
+        """
+        assert self.proc is not None and self.proc.poll() is None, "the server is not running"
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + timeout
+            while not all(_state(task) == "T" for task in Path(f"/proc/{pid}/task").iterdir()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server (pid {pid}) did not stop within {timeout} s")
+                time.sleep(0.001)  # the kernel gives no event for "stopped"; it takes microseconds
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def _reap(self) -> None:
         if self.proc is not None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import pickle
-import signal
 import threading
 import time
 import uuid
@@ -302,12 +300,8 @@ def test_a_lost_answer_says_the_message_may_have_been_sent_and_a_retry_stores_it
         chat = alice.session()
         chat.add_message("before")
         message = Message(uuid.uuid4().hex, "alice", "the answer to this one is lost", time.time())
-        os.kill(server_process.proc.pid, signal.SIGSTOP)  # a stalled server: nothing is answered
-        try:
-            with pytest.raises(zchat_nb.ZChatSendError, match="may have been sent"):
-                chat.post(message)
-        finally:
-            os.kill(server_process.proc.pid, signal.SIGCONT)
+        with server_process.stalled(), pytest.raises(zchat_nb.ZChatSendError, match="may have been sent"):
+            chat.post(message)
         chat.add_message("after")
         stored = chat.post(message)  # the retry
         assert stored.id == message.id

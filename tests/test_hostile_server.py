@@ -241,3 +241,31 @@ def test_a_send_ends_within_its_own_timeout_even_when_answers_may_take_longer(
         proxy.release()
         # Aborted, not half-sent: once the server answers again nothing of it is there.
         assert "in time" not in read_texts(lab.new_messages)
+
+
+def test_a_send_whose_finish_is_not_answered_ends_in_time_and_its_retry_stores_it_once(
+    server: zchat_nb.Server,
+) -> None:
+    """A server that stalls after the vote: the commit happened, its answer does not come. ZEO
+    waits for that answer for ever; the send gives up at its deadline and says so."""
+    with (
+        SilentProxy(server.address, ("tpc_finish",)) as proxy,
+        zchat_nb.connect(proxy.address, user="bob", timeout=30.0) as bob,
+    ):
+        lab = bob.session("lab")
+        lab.new_messages()
+        bob.policy = dataclasses.replace(bob.policy, timeout=1.0)
+        draft = lab.draft("its answer is lost")
+        proxy.holding.set()
+        started = time.monotonic()
+        with pytest.raises(ZChatSendError, match="may have been sent"):
+            finishes(lambda: lab.post(draft), DEADLINE)
+        took = time.monotonic() - started
+        assert proxy.held(), "the server answered the finish: nothing was tested"
+        assert took < 15.0, f"the send took {took:.1f} s: it waited for the 30 s answer timeout"
+        proxy.release()
+        bob.policy = dataclasses.replace(bob.policy, timeout=30.0)
+        assert finishes(lambda: lab.post(draft), DEADLINE).id == draft.id  # reconnected: the retry
+        assert read_texts(lab.new_messages).count("its answer is lost") == 1
+        assert [m.text for m in lab.history(5)].count("its answer is lost") == 1
+    honest_pair_works(server.address)

@@ -89,6 +89,10 @@ def _ignore_outcome(future: Any) -> None:
     future.exception()
 
 
+def _no_callback(tid: bytes) -> None:
+    """What ZEO's ``tpc_finish`` calls with the new tid when its caller gave nothing."""
+
+
 class _UnansweredLoadsAreDebug(logging.Filter):
     """ZODB logs each load that fails as an ERROR with its traceback ("Couldn't load state for
     ..."), then raises. A load the server did not answer in time, or that a lost connection cut
@@ -397,11 +401,47 @@ class _WakingClientStorage(ClientStorage):
     def tpc_finish(self, txn: Any, f: Any = None) -> Any:
         # The oids this transaction stores (deleteObject and undo are not used by zchat_nb).
         oids = tuple(dict.fromkeys(self._zchat_stored(txn)))
-        tid = super().tpc_finish(txn) if f is None else super().tpc_finish(txn, f)
+        tid = self._zchat_finish(txn, f if f is not None else _no_callback)
         # The server sends no invalidation to the client that committed: tell this client's own
         # readers and subscribers (other threads, a widget's poller) as an invalidation would.
         self.zchat_events.committed("committed", tid, oids)
         return tid
+
+    def _zchat_finish(self, txn: Any, f: Callable[[bytes], object]) -> bytes:
+        """ZEO's ``tpc_finish``, its answer waited for at most as long as any other (:meth:`_zchat_wait`).
+
+        ZEO waits for ever: a server that stalls between a vote and its finish would hang the send
+        for good. Past the time, the connection is closed, as a lost server's would be: the send
+        then fails saying the message may have been sent (a retry of it stores it once), and ZEO
+        reconnects and checks its cache against the server, so nothing stale stays cached.
+        """
+        tbuf = self._check_trans(txn, "tpc_finish")
+        try:
+            timeout = self._zchat_wait()
+            if timeout is None:
+                tid: bytes = self._server.tpc_finish(id(txn), tbuf, f)
+            else:
+                future = self._server.tpc_finish(id(txn), tbuf, f, wait=False)
+                try:
+                    tid = future.result(timeout)
+                except asyncio.TimeoutError:
+                    self._server.loop.call_soon_threadsafe(self._zchat_drop_connection)
+                    with contextlib.suppress(Exception):  # ClientDisconnected, once it is dropped
+                        future.result(timeout + 5.0)
+                    raise _NoAnswer("the commit's finish", timeout) from None
+        finally:
+            self.tpc_end(txn)
+            self._iterator_gc()
+        self._update_blob_cache(tbuf, tid)
+        return tid
+
+    def _zchat_drop_connection(self) -> None:
+        """On ZEO's thread: close the connection as ZEO does when it loses track (then it reconnects)."""
+        io = self._server.client
+        protocol = io.protocol
+        if protocol is not None:
+            protocol.close()
+            io.disconnected(protocol)
 
     def tpc_vote(self, txn: Any) -> Any:
         result = super().tpc_vote(txn)
