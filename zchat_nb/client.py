@@ -408,16 +408,18 @@ class _WakingClientStorage(ClientStorage):
         return tid
 
     def _zchat_finish(self, txn: Any, f: Callable[[bytes], object]) -> bytes:
-        """ZEO's ``tpc_finish``, its answer waited for at most as long as any other (:meth:`_zchat_wait`).
+        """ZEO's ``tpc_finish``, its answer waited for at most the client's answer timeout.
 
         ZEO waits for ever: a server that stalls between a vote and its finish would hang the send
-        for good. Past the time, the connection is closed, as a lost server's would be: the send
+        for good. Past the timeout, the connection is closed, as a lost server's would be: the send
         then fails saying the message may have been sent (a retry of it stores it once), and ZEO
-        reconnects and checks its cache against the server, so nothing stale stays cached.
+        reconnects and checks its cache against the server, so nothing stale stays cached. Not cut
+        short by the send's own deadline (:meth:`answers_by`): closing the connection costs every
+        session of the client a reconnect, so a slow finish on a busy server is waited for.
         """
         tbuf = self._check_trans(txn, "tpc_finish")
         try:
-            timeout = self._zchat_wait()
+            timeout = self._zchat_answer_timeout
             if timeout is None:
                 tid: bytes = self._server.tpc_finish(id(txn), tbuf, f)
             else:
