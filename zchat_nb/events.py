@@ -127,8 +127,8 @@ class ClientEvents:
                 if kind in kinds and not (fetching and late)
             ]
         event = ClientEvent(kind, time.time(), tid, oids) if subscribers or fetching else None
-        if subscribers:
-            self._call(subscribers, event)  # type: ignore[arg-type]  # made just above
+        if event is not None and subscribers:
+            self._call(subscribers, event)
         return event, wanted[:32]
 
     def tell(self, event: ClientEvent, *, fetching: bool = False) -> None:

@@ -298,7 +298,7 @@ def harden_client_process() -> None:
                 self.decode = self._zchat_decode
 
         def _zchat_decode(self, frame: bytes) -> Any:
-            if self._zchat_plain:  # nothing but bytes, tuples, a list: C's unpickler cannot be misled
+            if self._zchat_plain:  # plain values, matched byte for byte: C's unpickler cannot be misled
                 self._zchat_plain = False
                 return pickle.loads(frame)
             return _decode_server_frame(frame)
