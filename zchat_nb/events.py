@@ -118,26 +118,15 @@ class ClientEvents:
                 if can_fetch and watched:
                     wanted += [oid for oid in oids if oid in watched and oid not in wanted]
             fetching = bool(wanted)
-            if not fetching:
-                self._generation += 1
-                self._changed.notify_all()
-            subscribers = [
-                callback
-                for callback, kinds, late in self._subscribers
-                if kind in kinds and not (fetching and late)
-            ]
+            subscribers = self._wake(kind, fetching)
         event = ClientEvent(kind, time.time(), tid, oids) if subscribers or fetching else None
         if event is not None and subscribers:
             self._call(subscribers, event)
         return event, wanted[:32]
 
-    def tell(self, event: ClientEvent, *, fetching: bool = False) -> None:
+    def tell(self, event: ClientEvent) -> None:
         """Note what ``event`` changed, wake readers (for a wake kind) and call the subscribers that
-        want ``event.kind``.
-
-        ``fetching``: the storage is fetching what the readers will load; the readers, and the
-        subscribers that asked to hear of changes only then, are left for :meth:`fetched`.
-        """
+        want ``event.kind``."""
         with self._changed:
             # Noted before the wake-up, so that a woken reader finds what changed.
             if event.kind in ("invalidation", "committed"):
@@ -146,18 +135,26 @@ class ClientEvents:
             elif event.kind == "connected":  # ZEO dropped the whole object cache
                 for changes in self._live_trackers():
                     changes.mark_all()
-            if event.kind in WAKE_KINDS and not fetching:
-                self._generation += 1
-                self._changed.notify_all()
-            subscribers = [
-                callback
-                for callback, kinds, late in self._subscribers
-                if event.kind in kinds and not (fetching and late)
-            ]
+            subscribers = self._wake(event.kind)
         self._call(subscribers, event)
 
+    def _wake(self, kind: str, fetching: bool = False) -> list[Callable[[ClientEvent], None]]:
+        """Under ``_changed``: wake the readers for a wake kind, and pick the subscribers of ``kind``.
+
+        ``fetching``: the storage is fetching what the readers will load; the readers, and the
+        subscribers that asked to hear of changes only then, are left for :meth:`fetched`.
+        """
+        if kind in WAKE_KINDS and not fetching:
+            self._generation += 1
+            self._changed.notify_all()
+        return [
+            callback
+            for callback, kinds, late in self._subscribers
+            if kind in kinds and not (fetching and late)
+        ]
+
     def fetched(self, event: ClientEvent) -> None:
-        """What :meth:`tell` left for later with ``fetching``: the fetch is over (or given up on)."""
+        """What :meth:`committed` left for later while fetching: the fetch is over (or given up on)."""
         with self._changed:
             self._generation += 1
             self._changed.notify_all()

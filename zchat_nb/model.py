@@ -594,8 +594,8 @@ def _find_retried(stream: OOBTree, message: _Item) -> _Item | None:
     """The stored copy of ``message`` if an earlier attempt committed it, else None.
 
     A retry carries the first attempt's time and id; the stored key is that key, or a later time
-    when the writer's clock had gone back. So only keys from ``message.key`` on can match, and a
-    new message (later than everything stored) costs one tree descent. At most
+    when the writer's clock had gone back. So only keys from ``message.key`` on can match (a new
+    message, later than everything stored, is not looked for: see :meth:`Room.append`). At most
     :data:`RETRY_WINDOW` keys are looked at, so a bogus early time cannot make a send scan the
     whole stream.
     """
