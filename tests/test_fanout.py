@@ -285,6 +285,41 @@ def test_a_room_written_by_the_heads_and_count_model_is_read_amended_and_written
         assert dict(fresh[2].reactions) == {"🎉": ("carol",)}
 
 
+def test_a_room_written_with_one_record_tails_is_read_amended_and_written(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    # tests/data/room_v3.fs was written by the model of ee1f507 (tests/data/make_room_v3.py), whose
+    # tails held one record that was in the stream too: 40 messages of alice, bob's reply, edit,
+    # reaction and delete.
+    shutil.copy(DATA / "room_v3.fs", tmp_path / "Data.fs")
+    with zchat_nb.serve(tmp_path / "Data.fs") as server:
+        client = make_client(server.address, "carol")
+        chat = client.session("general")
+        old = collect(chat, 43)
+        assert [m.text for m in old] == [
+            "hello from the one-record tails",
+            *(f"alice {i}" for i in range(39)),
+            "hi @alice",
+            "third",
+            "",
+        ]
+        assert old[40].reply_to == old[0].id and old[41].edited is not None and old[42].deleted
+        assert dict(old[0].reactions) == {"👍": ("bob",)}
+        assert chat.new_messages() == []
+        assert chat.history(3) == old[-3:]
+        assert client.session("general", backlog=2).new_messages() == old[-2:]
+        chat.react(old[41], "🎉")
+        sent = [chat.add_message(f"carol {i}") for i in range(10)]  # a batch into the stream, two held
+        assert collect(chat, 10) == sent
+        [changed] = chat.updated_messages()
+        assert changed.id == old[41].id and dict(changed.reactions) == {"🎉": ("carol",)}
+        other = make_client(server.address, "dave").session("general")
+        fresh = collect(other, 53)
+        assert [m.id for m in fresh] == [m.id for m in old + sent]
+        assert dict(fresh[41].reactions) == {"🎉": ("carol",)}
+        assert other.history(11) == fresh[-11:]
+
+
 @pytest.mark.usefixtures("comms")
 def test_a_widget_woken_by_a_commit_elsewhere_loads_nothing(
     server: zchat_nb.Server, make_client: MakeClient
@@ -311,6 +346,6 @@ def test_a_widget_woken_by_a_commit_elsewhere_loads_nothing(
         sent = bob.session("general").add_message("hi")
         update = rec.wait_for(lambda m: m["type"] == "append", start)
         assert [m["id"] for m in update["messages"]] == [sent.id]
-        assert loads.count <= 3  # bob's new stream: the streams and tails indexes, and the stream
+        assert loads.count <= 4  # bob's new writer: the streams and tails indexes, his stream and tail
     finally:
         widget.close()

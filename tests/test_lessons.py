@@ -60,7 +60,7 @@ SOLUTIONS = {
     ),
     "06_zeo_on_the_wire": (
         'answer = {"invalidations": ..., "objects_each": ...}  # your turn: two numbers',
-        'answer = {"invalidations": 3, "objects_each": 2}',
+        'answer = {"invalidations": 3, "objects_each": 1}',
     ),
     "07_blobs": (
         'raise NotImplementedError("your turn: find the blob and read its first 8 bytes")',

@@ -11,8 +11,9 @@ import ZODB
 from BTrees.OOBTree import OOBTree
 
 import zchat_nb
+from zchat_nb import model
 from zchat_nb.exceptions import InvalidMessageError
-from zchat_nb.model import ROOMS_KEY, Message, Room
+from zchat_nb.model import HELD_CHARS, HELD_MAX, ROOMS_KEY, Message, Room, Tail
 
 from .helpers import MakeClient
 
@@ -289,3 +290,120 @@ def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB, make_client: 
     now[0] += 60
     assert bob.present(within=90) == ["bob"]
     assert make_client(db, "carol").session("random").present() == []
+
+
+# -- a writer's tail: records wait there and go into the stream a batch at a time ------------
+
+
+def stored_texts(client: zchat_nb.ChatClient, room: str = "general") -> tuple[list[str], list[str]]:
+    """The texts in ``client``'s stream, and those its tail holds past the stream."""
+    tm, conn = client.connection()
+    tm.begin()
+    try:
+        found = conn.root()[ROOMS_KEY][room]
+        stream = found.streams[client.writer]
+        return [r[2] for r in stream.values()], [r[2] for _, r in found.unflushed(client.writer, stream)]
+    finally:
+        tm.abort()
+
+
+def test_records_wait_in_the_writers_tail_and_go_into_its_stream_a_batch_at_a_time(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
+    client = make_client(db, "alice")
+    chat, reader = client.session("general"), make_client(db, "bob").session("general")
+    chat.add_message("m0")
+    assert stored_texts(client) == (["m0"], [])  # the first goes into the new stream at once
+    for i in range(1, HELD_MAX):
+        chat.add_message(f"m{i}")
+    assert stored_texts(client) == (["m0"], [f"m{i}" for i in range(1, HELD_MAX)])
+    assert texts(reader.new_messages()) == [f"m{i}" for i in range(HELD_MAX)]
+    chat.add_message(f"m{HELD_MAX}")  # the tail's 8th: all of them go into the stream
+    assert stored_texts(client) == ([f"m{i}" for i in range(HELD_MAX + 1)], [])
+    chat.add_message("after")
+    assert stored_texts(client) == ([f"m{i}" for i in range(HELD_MAX + 1)], ["after"])
+    everything = [f"m{i}" for i in range(HELD_MAX + 1)] + ["after"]
+    assert texts(reader.new_messages()) == everything[HELD_MAX:]
+    fresh = make_client(db, "carol").session("general")
+    assert texts(fresh.new_messages()) == everything  # the stream, then the tail
+    assert texts(fresh.history(100)) == everything
+    assert texts(fresh.history(2)) == everything[-2:]
+    assert texts(fresh.everything()) == everything
+    tm, conn = client.connection()
+    tm.begin()
+    room = conn.root()[ROOMS_KEY]["general"]
+    assert room.message_count() == len(everything)
+    assert [record[2] for _, record in room.records()] == everything
+
+
+def test_a_long_text_goes_into_the_stream_at_once(db: ZODB.DB, make_client: MakeClient) -> None:
+    client = make_client(db, "alice")
+    chat = client.session("general")
+    chat.add_message("first")
+    chat.add_message("short")
+    long = "x" * (HELD_CHARS + 1)
+    chat.add_message(long)
+    assert stored_texts(client) == (["first", "short", long], [])
+
+
+def test_edits_and_retries_find_messages_still_in_the_tail(db: ZODB.DB, make_client: MakeClient) -> None:
+    client = make_client(db, "alice")
+    chat, reader = client.session("general"), make_client(db, "bob").session("general")
+    chat.add_message("first")
+    typo = chat.add_message("thrid")
+    retried = chat.draft("retried", id="r" * 32)
+    chat.post(retried)
+    chat.add_message("between")
+    assert chat.post(retried).id == retried.id  # found in the tail, not stored again
+    chat.edit(typo, "third")
+    assert stored_texts(client)[0] == ["first"]  # everything since is still in the tail
+    assert texts(reader.new_messages()) == ["first", "third", "retried", "between"]
+    for i in range(2 * HELD_MAX):  # the edit and the retried message go into the stream
+        chat.add_message(f"more {i}")
+    assert chat.post(retried).id == retried.id
+    assert texts(reader.history(3)) == [f"more {2 * HELD_MAX - 3 + i}" for i in range(3)]
+    assert texts(reader.everything())[:4] == ["first", "third", "retried", "between"]
+    assert texts(reader.new_messages()) == [f"more {i}" for i in range(2 * HELD_MAX)]
+
+
+def test_a_reader_that_missed_some_takes_them_from_the_tail_and_bounded(
+    db: ZODB.DB, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(db, "alice")
+    chat, reader = client.session("general"), make_client(db, "bob").session("general")
+    chat.add_message("m0")
+    assert texts(reader.new_messages()) == ["m0"]
+    for i in range(1, 6):
+        chat.add_message(f"m{i}")
+    monkeypatch.setattr(model, "MAX_PER_CALL", 2)
+    got = []
+    for _ in range(4):
+        batch = texts(reader.new_messages())
+        assert len(batch) <= 2
+        got += batch
+    assert got == [f"m{i}" for i in range(1, 6)]
+    assert reader.new_messages() == []
+
+
+def test_a_tail_written_before_batching_reads_as_one_record_also_in_the_stream(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
+    """Its state was ``(key before, key, record)``; the writer then goes on from it."""
+    client = make_client(db, "alice")
+    chat, reader = client.session("general"), make_client(db, "bob").session("general")
+    chat.add_message("one")
+    tm, conn = client.connection()
+    tm.begin()
+    room = conn.root()[ROOMS_KEY]["general"]
+    stream = room.streams[client.writer]
+    stream[(stream.maxKey()[0] + 1, "t" * 32)] = ("t" * 32, "alice", "two", stream.maxKey()[0] + 1)
+    old = Tail()
+    old.__setstate__((stream.minKey(), stream.maxKey(), stream[stream.maxKey()]))  # as ee1f507 stored it
+    room.tails[client.writer] = old
+    tm.commit()
+    assert (old.base, old.held) == (stream.minKey(), ((stream.maxKey(), stream[stream.maxKey()]),))
+    assert texts(reader.new_messages()) == ["one", "two"]
+    chat.add_message("three")
+    assert stored_texts(client) == (["one", "two"], ["three"])
+    assert texts(reader.new_messages()) == ["three"]
+    assert texts(make_client(db, "carol").session("general").new_messages()) == ["one", "two", "three"]

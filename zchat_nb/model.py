@@ -7,17 +7,19 @@ one shared BTree makes bucket splits, which cannot be merged, conflict all the t
 
 Here each writer (one per :class:`~zchat_nb.client.ChatClient`) appends to a stream of its own,
 ``Room.streams[writer]``, keyed by ``(time, id)``, where times only grow: a writer's key order is
-its commit order. A send changes only the writer's own objects (its stream's last bucket and its
-tail; on a split a node of its stream; on its first message the ``streams`` and ``tails`` indexes),
-so concurrent senders neither conflict nor make the server resolve anything. A reader's cursor is
+its commit order. A send changes only the writer's own objects, so concurrent senders neither
+conflict nor make the server resolve anything: most sends change one small object, the writer's
+:class:`Tail`, where its newest records wait; every :data:`HELD_MAX`-th send also moves them into
+the stream's last bucket (on a split a node of its stream; on its first message the ``streams`` and
+``tails`` indexes too). A reader's cursor is
 the last key it was given from each stream, held by the :class:`ChatSession` in ordinary memory,
 never on a persistent object. History merges the recent ends of the streams by time.
 Records are plain tuples of ``str`` and ``float`` so that the unpickling allow-list stays tiny.
 
 Fan-out: a reader learns from the oids its client is told were committed (:class:`Changes`) which
 streams changed, and reads only those, from its cursor on: one small load per delivered message
-(the writer's :class:`Tail`, which holds its newest record; the stream's last bucket if the reader
-missed more), and no load at all while nothing of its room changed. Each call reads at most
+(the writer's :class:`Tail`; the stream's last bucket too if the reader missed more than the tail
+holds), and no load at all while nothing of its room changed. Each call reads at most
 :data:`MAX_PER_CALL` records and looks at most at :data:`MAX_WRITERS_PER_CALL` streams; the rest
 comes with the next calls, so a crafted room cannot make one call unbounded.
 
@@ -331,29 +333,108 @@ def check_room_name(name: object) -> str:
     return name.strip()
 
 
-class Tail(Persistent):
-    """A writer's newest stream record, with the key before it, kept in a small object of its own.
+#: A writer's records its :class:`Tail` holds before they go into its stream (see :meth:`Room.append`).
+HELD_MAX = 8
+#: ... and the characters they may hold together before they do.
+HELD_CHARS = 4096
+#: Records a reader believes a Tail holds, at most (a crafted one with more is not read).
+_HELD_READ = 64
 
-    Changed with every append, in the same commit as the stream. A reader whose cursor is at
-    :attr:`prev` (nearly always: it read the previous message) takes the one new record from here
-    instead of loading the stream's last bucket (up to 30 records, a few KB to check and
-    unpickle); any other reader reads the stream. Only its writer changes it.
+
+class Tail(Persistent):
+    """A writer's newest stream records, kept in a small object of its own: the one a send stores.
+
+    ``held`` is ``((key, record), ...)``, oldest first, and ``base`` the writer's key right before
+    the first of them. Every record of the writer up to ``base`` is in its stream; the ones after
+    it are in ``held``, and go into the stream :data:`HELD_MAX` at a time (:meth:`Room.append`),
+    so most sends store this one object and no stream bucket (a bucket holds up to 30 records: a
+    few KB to pickle, store and send to every reader). A reader whose cursor is at ``base`` or at
+    a held key (nearly always: it read the previous message) takes what follows from here; any
+    other reader reads the stream, then the held records past it. Only its writer changes it.
+
+    A tail written before batching holds ``(prev, key, record)``, its record also in the stream:
+    read as ``base=prev, held=((key, record),)``, which says the same.
     """
 
-    prev: tuple[float, str] | None = None
-    key: tuple[float, str] | None = None
-    record: object = None
+    base: tuple[float, str] | None = None
+    held: tuple[tuple[Any, Any], ...] = ()
 
-    def __getstate__(self) -> tuple[object, object, object]:
-        return (self.prev, self.key, self.record)
+    def __getstate__(self) -> tuple[object, object]:
+        return (self.base, self.held)
 
     def __setstate__(self, state: object) -> None:
-        if not (isinstance(state, tuple) and len(state) == 3):
-            raise ValueError("a stream's tail is not (previous key, key, record)")
-        self.prev, self.key, self.record = state
+        if isinstance(state, tuple) and len(state) == 3:  # before batching
+            self.base, self.held = state[0], ((state[1], state[2]),)
+        elif isinstance(state, tuple) and len(state) == 2 and type(state[1]) is tuple:
+            self.base, self.held = state
+        else:
+            raise ValueError("a stream's tail is not (key before, held records)")
 
-    def set(self, prev: tuple[float, str] | None, key: tuple[float, str], record: object) -> None:
-        self.prev, self.key, self.record = prev, key, record
+    def set(self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...]) -> None:
+        self.base, self.held = base, held
+
+    def checked(self, limit: int = _HELD_READ) -> tuple[tuple[Any, Any], ...] | None:
+        """``held`` if it is what a writer stores (``base`` a key or None, then at most ``limit``
+        ``(key, record)`` pairs with keys increasing past it); None if not (crafted or broken)."""
+        base, held = self.base, self.held
+        if not (type(held) is tuple and 0 < len(held) <= limit and (base is None or _is_key(base))):
+            return None
+        before = base
+        for entry in held:
+            if not (type(entry) is tuple and len(entry) == 2 and _is_key(entry[0])):
+                return None
+            if before is not None and not entry[0] > before:
+                return None
+            before = entry[0]
+        return held
+
+    def after(self, key: tuple[float, str]) -> tuple[tuple[Any, Any], ...] | None:
+        """The held records after ``key`` if they are all the writer has after it (``key`` is
+        ``base`` or a held key), else None: the stream must be read from ``key`` first."""
+        held = self.checked()
+        if held is None:
+            return None
+        if key == self.base:
+            return held
+        for position, (held_key, _) in enumerate(held):
+            if held_key == key:
+                return held[position + 1 :]
+        return None
+
+
+def _chars(record: object) -> int:
+    """The characters of a record's str fields: what it weighs in a Tail."""
+    return sum(len(part) for part in record if type(part) is str) if type(record) is tuple else 0
+
+
+class _Records(NamedTuple):
+    """A writer's stream and the records its tail holds past it (``extra``), read as one."""
+
+    stream: OOBTree
+    extra: tuple[tuple[Any, Any], ...]
+
+    def last(self) -> Any:
+        """The writer's last key (the stream must not be empty if ``extra`` is)."""
+        return self.extra[-1][0] if self.extra else self.stream.maxKey()
+
+    def items(
+        self, low: Any = None, high: Any = None, *, excludemax: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(key, record)`` with ``low <= key <= high`` (``< high`` with ``excludemax``), in order."""
+        yield from self.stream.items(low, high, excludemax=excludemax)
+        for key, record in self.extra:
+            if (low is None or key >= low) and (
+                high is None or key < high or (key == high and not excludemax)
+            ):
+                yield key, record
+
+    def has_before(self, low: Any) -> bool:
+        """Whether the writer has a key below ``low`` (one descent of the stream, O(log N))."""
+        try:
+            key = self.stream.maxKey(low)  # the largest key <= low
+        except ValueError:  # none
+            return bool(self.extra) and self.extra[0][0] < low
+        return _is_key(key)
 
 
 class Room(Persistent):
@@ -425,28 +506,47 @@ class Room(Persistent):
         return entry
 
     def append(self, writer: str, message: _Item, seal: Callable[[_Item], _Item] | None = None) -> _Item:
-        """Add ``message`` to the end of ``writer``'s stream and return it as stored.
+        """Add ``message`` to the end of ``writer``'s records and return it as stored.
 
         Its time is moved just past the writer's previous message if the writer's clock went back,
-        so that each stream's key order is its commit order. A message whose id is already in the
-        stream (a retried send whose first commit did happen, even with later sends since) is left
-        alone. Changes only the writer's own stream (and the ``streams`` index on its first message).
+        so that each writer's key order is its commit order. A message whose id is already stored
+        (a retried send whose first commit did happen, even with later sends since) is left alone.
+
+        The record goes into the writer's :class:`Tail`, the one object most sends change; once
+        the tail holds :data:`HELD_MAX` records or :data:`HELD_CHARS` characters, they all go into
+        the stream in the same commit (and the writer's first record at once: that send makes
+        the stream anyway). Changes only the writer's own objects (and the ``streams`` and
+        ``tails`` indexes on its first message).
         """
         stream = self._own_stream(writer)
-        last: tuple[float, str] | None = stream.maxKey() if stream else None
+        tail = self._own_tail(writer)
+        in_stream: tuple[float, str] | None = stream.maxKey() if stream else None
+        try:
+            held = tail.checked() or ()
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # a tail another client broke (its records are lost; the stream is not)
+            tail, held = self._own_entry("tails", writer, Tail, lambda entry: False), ()
+        pending = tuple(entry for entry in held if in_stream is None or entry[0] > in_stream)
+        last = pending[-1][0] if pending else in_stream
         if last is not None and last[1] == message.id:
-            return parse_record(stream[last], 2**30)  # type: ignore[return-value]
+            return parse_record(pending[-1][1] if pending else stream[last], 2**30)  # type: ignore[return-value]
         # Only keys from the message's own on can hold an earlier attempt: none past the last one.
-        stored = _find_retried(stream, message) if last is not None and message.key <= last else None
-        if stored is not None:
-            return stored
+        if last is not None and message.key <= last:
+            stored = _find_retried(stream, pending, message)
+            if stored is not None:
+                return stored
         if last is not None and message.time <= last[0]:
             message = dataclasses.replace(message, time=math.nextafter(last[0], math.inf))
         if seal is not None:  # signs the record with its final time
             message = seal(message)
         record = message.to_record()
-        _insert_unchecked(stream, message.key, record)
-        self._own_tail(writer).set(last, message.key, record)
+        pending += ((message.key, record),)
+        if in_stream is None or len(pending) >= HELD_MAX or sum(_chars(r) for _, r in pending) > HELD_CHARS:
+            _insert_unchecked(stream, pending)
+            tail.set(last, pending[-1:])
+        else:
+            tail.set(in_stream, pending)
         return message
 
     def _own_tail(self, writer: str) -> Tail:
@@ -508,15 +608,36 @@ class Room(Persistent):
     def cert(self, fingerprint: str) -> object:
         return self.certs.get(fingerprint) if self.certs is not None else None
 
+    def unflushed(self, writer: str, stream: OOBTree) -> tuple[tuple[Any, Any], ...]:
+        """``writer``'s records that its :class:`Tail` holds and its ``stream`` does not yet
+        (none if the tail is missing or is not one a writer stores)."""
+        try:
+            tail = self.tails.get(writer) if isinstance(self.tails, OOBTree) else None
+            held = tail.checked() if isinstance(tail, Tail) else None
+            if not held:
+                return ()
+            last = stream.maxKey() if stream else None
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # keys another client made incomparable, a tail that does not load
+            return ()
+        return tuple(entry for entry in held if last is None or entry[0] > last)
+
     def records(self) -> Iterator[tuple[Any, Any]]:
         """Every ``(key, record)`` of the room in time order (reads everything: for exports)."""
         assert self.streams is not None
-        return heapq.merge(*(stream.items() for stream in self.streams.values()), key=lambda item: item[0])
+        every = (
+            itertools.chain(stream.items(), self.unflushed(writer, stream))
+            for writer, stream in self.streams.items()
+        )
+        return heapq.merge(*every, key=lambda item: item[0])
 
     def message_count(self) -> int:
         """How many records the room holds; walks every bucket of every stream (a teacher's reset)."""
         assert self.streams is not None
-        return sum(len(stream) for stream in self.streams.values())
+        return sum(
+            len(stream) + len(self.unflushed(writer, stream)) for writer, stream in self.streams.items()
+        )
 
     def join(self, user: str, writer: str, when: float) -> None:
         """Say that ``writer``'s client shows this room to ``user`` from ``when`` (or still does)."""
@@ -569,8 +690,9 @@ class Room(Persistent):
         return f"<Room {self.name!r}>"
 
 
-def _insert_unchecked(stream: OOBTree, key: tuple[float, str], record: tuple[Any, ...]) -> None:
-    """``stream[key] = record`` without asking the server to check the tree nodes it passed.
+def _insert_unchecked(stream: OOBTree, entries: Iterable[tuple[tuple[float, str], Any]]) -> None:
+    """``stream[key] = record`` for each entry without asking the server to check the tree nodes
+    it passed.
 
     A BTree insert marks each inner node it goes through "read current", so that a commit fails if
     another transaction restructured the tree meanwhile: one more message per send and one more
@@ -580,7 +702,8 @@ def _insert_unchecked(stream: OOBTree, key: tuple[float, str], record: tuple[Any
     """
     marked: dict[bytes, bytes] | None = getattr(stream._p_jar, "_readCurrent", None)
     before = set(marked) if marked else ()
-    stream[key] = record
+    for key, record in entries:
+        stream[key] = record
     if marked:
         for oid in [oid for oid in marked if oid not in before]:
             del marked[oid]
@@ -590,15 +713,18 @@ def _insert_unchecked(stream: OOBTree, key: tuple[float, str], record: tuple[Any
 RETRY_WINDOW = 256
 
 
-def _find_retried(stream: OOBTree, message: _Item) -> _Item | None:
+def _find_retried(stream: OOBTree, held: tuple[tuple[Any, Any], ...], message: _Item) -> _Item | None:
     """The stored copy of ``message`` if an earlier attempt committed it, else None.
 
     A retry carries the first attempt's time and id; the stored key is that key, or a later time
     when the writer's clock had gone back. So only keys from ``message.key`` on can match (a new
-    message, later than everything stored, is not looked for: see :meth:`Room.append`). At most
-    :data:`RETRY_WINDOW` keys are looked at, so a bogus early time cannot make a send scan the
-    whole stream.
+    message, later than everything stored, is not looked for: see :meth:`Room.append`): in the
+    records ``held`` in the writer's tail, then in the stream. At most :data:`RETRY_WINDOW` keys
+    of the stream are looked at, so a bogus early time cannot make a send scan all of it.
     """
+    for key, record in held:
+        if key[1] == message.id and key >= message.key:
+            return parse_record(record, 2**30)  # type: ignore[return-value]  # a message or an event
     for count, key in enumerate(stream.keys(min=message.key)):
         if count >= RETRY_WINDOW:
             break
@@ -1109,23 +1235,31 @@ class ChatSession:
         budget = MAX_PER_CALL
 
         def read(writer: str, stream: Any) -> bool:
-            """Read ``writer``'s stream from the cursor; True if it has more than the budget allowed."""
+            """Read ``writer``'s stream from the cursor, then what its tail holds past the stream;
+            True if it has more than the budget allowed."""
             nonlocal budget
             items, consumed, more = self._read_stream(stream, writer, cursor, budget)
             budget -= consumed
             found.extend((writer, item) for item in items)
             mapped[writer] = self._edges(writer, stream)
-            tail_mapped[writer] = self._tail_oid(room, writer)
-            return more
+            tail = tail_mapped[writer] = self._tail_oid(room, writer)
+            if more is False and tail is not None:  # None: the stream is broken, so is the writer
+                taken = self._read_held(conn, tail, writer, cursor, found, budget, from_stream=True)
+                if taken is not None:
+                    budget, more = budget - taken[0], taken[1]
+            return bool(more)
 
         # The streams the server said changed, found by oid (no index lookup).
         for writer in sorted(stale)[:MAX_WRITERS_PER_CALL]:
             if budget <= 0:
                 break
-            if writer in tails and self._read_tail(conn, writer, cursor, found):
-                stale.discard(writer)
-                budget -= 1
-                continue
+            if writer in tails:
+                taken = self._read_held(conn, self._writer_tails.get(writer), writer, cursor, found, budget)
+                if taken is not None:
+                    budget -= taken[0]
+                    if not taken[1]:
+                        stale.discard(writer)
+                    continue
             oids = self._writer_oids.get(writer)
             if not oids:  # not mapped (cannot happen but by a crafted record): the pass finds it
                 stale.discard(writer)
@@ -1209,40 +1343,51 @@ class ChatSession:
         oid = getattr(tail, "_p_oid", None) if isinstance(tail, Tail) else None
         return oid if isinstance(oid, bytes) else None
 
-    def _read_tail(
+    def _read_held(
         self,
         conn: Connection,
+        oid: bytes | None,
         writer: str,
         cursor: dict[str, tuple[float, str]],
         found: list[tuple[str, Any]],
-    ) -> bool:
-        """Take ``writer``'s one new record from its :class:`Tail` if the cursor is right before it
-        (or nothing, if the cursor is at it already: the stream gave it with the one before).
+        budget: int,
+        *,
+        from_stream: bool = False,
+    ) -> tuple[int, bool] | None:
+        """Take ``writer``'s records after the cursor from its :class:`Tail` (at most ``budget``):
+        how many were taken, and whether more are left there.
 
-        False if it cannot (the cursor is further back, the tail is gone or crafted): then the
-        caller reads the stream, as for a writer without a tail.
+        Without ``from_stream`` only if the cursor is at the tail's base or at a record it holds
+        (nearly always: the reader read the one before), else None: the caller reads the stream
+        first. With it (the caller just read the stream to its end), the records past the cursor;
+        None if the tail is gone or crafted.
         """
-        oid, after = self._writer_tails.get(writer), cursor.get(writer)
-        if oid is None or after is None:
-            return False
+        after = cursor.get(writer)
+        if oid is None or (after is None and not from_stream):
+            return None
         try:
             tail = conn.get(oid)
             if not isinstance(tail, Tail):
-                return False
-            prev, key, record = tail.prev, tail.key, tail.record
+                new = None
+            elif from_stream:
+                held = tail.checked()
+                new = held and tuple(entry for entry in held if after is None or entry[0] > after)
+            else:
+                new = tail.after(after)  # type: ignore[arg-type]
         except transaction.interfaces.TransientError:
             raise
         except Exception:  # unloadable or crafted: the stream says what is there
-            return False
-        if key == after and _is_key(key):  # read already (with the one before, from the stream)
-            return True
-        if not (_is_key(prev) and _is_key(key) and prev == after and key > after):  # type: ignore[operator]
-            return False
-        cursor[writer] = key  # type: ignore[assignment]
-        item = self._check(record, functools.partial(_place, writer, key), writer)
-        if item is not None:
-            found.append((writer, item))
-        return True
+            new = None
+        if new is None:
+            return None
+        taken = new[: max(budget, 0)]
+        for key, record in taken:
+            item = self._check(record, functools.partial(_place, writer, key), writer)
+            if item is not None:
+                found.append((writer, item))
+        if taken:
+            cursor[writer] = taken[-1][0]
+        return len(taken), len(taken) < len(new)
 
     def _index_slice(self, room: Room, after: str | None, position: int) -> list[tuple[Any, Any]]:
         """Up to :data:`MAX_WRITERS_PER_CALL` entries of the streams index after ``after``."""
@@ -1274,10 +1419,11 @@ class ChatSession:
 
     def _read_stream(
         self, stream: Any, writer: str, cursor: dict[str, tuple[float, str]], limit: int
-    ) -> tuple[list[Message | Event], int, bool]:
+    ) -> tuple[list[Message | Event], int, bool | None]:
         """Up to ``limit`` records of ``stream`` after ``cursor[writer]``, moving the cursor past them.
 
-        Returns them (bad ones skipped), how many entries were read and whether the stream has more.
+        Returns them (bad ones skipped), how many entries were read and whether the stream has more
+        (None: it could not be read).
         """
         after = cursor.get(writer)
         try:
@@ -1289,7 +1435,7 @@ class ChatSession:
             raise
         except Exception as exc:  # a crafted or broken record: report it, keep the others going
             self._skip(f"stream {writer!r:.40} after {_capped(after)}", exc)
-            return [], 0, False
+            return [], 0, None
         more = len(entries) > limit
         entries = entries[:limit]
         if entries:
@@ -1298,7 +1444,7 @@ class ChatSession:
                 cursor[writer] = last
             else:
                 self._skip(f"stream {writer!r:.40}", ValueError(f"bad key {_capped(last)}"), once=True)
-                return [], 0, False
+                return [], 0, None
         # The place is named only if the record is bad: a repr per message costs more than its parse.
         found = (
             self._check(record, functools.partial(_place, writer, key), writer) for key, record in entries
@@ -1358,8 +1504,8 @@ class ChatSession:
             room = self._room()
             return [] if room is None else self._history(room, n, before)
 
-    def _ends(self, room: Room, *, prefetch: bool = True) -> list[tuple[str, Any, tuple[float, str]]]:
-        """``(writer, stream, last key)`` of each non-empty stream, checked.
+    def _ends(self, room: Room, *, prefetch: bool = True) -> list[tuple[str, _Records, tuple[float, str]]]:
+        """``(writer, its records, last key)`` of each writer with records, checked.
 
         Only the right edge of each stream is loaded: a cold history of a big room reads no old
         bucket (nor the inner nodes above one) just to learn where a stream begins.
@@ -1383,15 +1529,16 @@ class ChatSession:
             self._skip(f"streams of room {self.room!r}", ValueError(f"more than {cap} writers"), once=True)
             streams = streams[:cap]
         if prefetch:
-            self._prefetch(room, [stream for _, stream in streams])
+            self._prefetch(room, [stream for _, stream in streams] + self._tails(room, streams))
         ends = []
         for writer, stream in streams:
             try:
                 if not (type(writer) is str and isinstance(stream, OOBTree)):
                     raise TypeError(f"a {type(stream).__name__} under {_capped(writer, 40)}")
-                if not stream:
+                records = _Records(stream, room.unflushed(writer, stream))
+                if not (stream or records.extra):
                     continue
-                last = stream.maxKey()
+                last = records.last()
                 # an infinite or NaN time would make history's window search run for ever
                 if not _is_key(last):
                     raise ValueError(f"bad last key {_capped(last, 40)}")
@@ -1400,21 +1547,30 @@ class ChatSession:
             except Exception as exc:
                 self._skip(f"ends of stream {_capped(writer, 40)}", exc, once=True)
                 continue
-            ends.append((writer, stream, last))
+            ends.append((writer, records, last))
         return ends
 
-    def _older(self, writer: str, stream: Any, low: float) -> bool:
-        """Whether ``stream`` has a key older than time ``low`` (one descent, O(log N))."""
+    @staticmethod
+    def _tails(room: Room, streams: list[tuple[Any, Any]]) -> list[Tail]:
+        """The :class:`Tail` of each of ``streams``' writers that has one (to prefetch with them)."""
         try:
-            key = stream.maxKey((low,))  # the largest key <= (low,): every (time, id) with time < low
-        except ValueError:  # none
-            return False
+            tails = room.tails if isinstance(room.tails, OOBTree) else None
+            found = [tails.get(writer) for writer, _ in streams] if tails is not None else []
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:  # keys another client made incomparable: each is looked up on its own
+            return []
+        return [tail for tail in found if isinstance(tail, Tail)]
+
+    def _older(self, writer: str, records: _Records, low: float) -> bool:
+        """Whether ``writer`` has a key older than time ``low`` (one descent, O(log N))."""
+        try:
+            return records.has_before((low,))  # every (time, id) with time < low is below (low,)
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:
             self._skip(f"history of {writer!r:.40}", exc)
             return False
-        return _is_key(key)
 
     def _history(
         self, room: Room, n: int, before: Message | None, ends: list[tuple[str, Any, Any]] | None = None
@@ -1441,14 +1597,14 @@ class ChatSession:
             # Only the streams that have messages between low and top; each read is O(log N).
             low = start - window
             items: list[tuple[Any, str, Any]] = []
-            for writer, stream, last in ends:
+            for writer, records, last in ends:
                 if last[0] < low:
                     continue
                 try:
                     # Amendments share the streams: only message records count towards n.
                     items.extend(
                         (key, writer, record)
-                        for key, record in stream.items((low,), top, excludemax=top is not None)
+                        for key, record in records.items((low,), top, excludemax=top is not None)
                         if not is_event_record(record)
                     )
                 except transaction.interfaces.TransientError:
@@ -1456,7 +1612,7 @@ class ChatSession:
                 except Exception as exc:
                     self._skip(f"history of {writer!r:.40}", exc)
             # Short of n, widen only while some stream reaches back past the window.
-            if len(items) >= n or not any(self._older(writer, stream, low) for writer, stream, _ in ends):
+            if len(items) >= n or not any(self._older(writer, records, low) for writer, records, _ in ends):
                 break
             # Widen the window to where n messages should be at the density just seen.
             window *= max(2.0, 1.2 * n / len(items)) if items else 4.0
@@ -1672,7 +1828,7 @@ class ChatSession:
             assert room.streams is not None
             found: list[Message] = []
             for writer, stream in room.streams.items():
-                for key, record in stream.items():
+                for key, record in itertools.chain(stream.items(), room.unflushed(writer, stream)):
                     item = self._check(record, f"{writer}@{key!r:.60}", writer)
                     if isinstance(item, Message):
                         found.append(item)
@@ -1731,6 +1887,8 @@ class ChatSession:
         try:
             stream = room.streams.get(writer)
             record = stream.get(key) if isinstance(stream, OOBTree) else None
+            if record is None and isinstance(stream, OOBTree):  # maybe still in the writer's tail
+                record = dict(room.unflushed(writer, stream)).get(key)
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:  # keys another client made incomparable

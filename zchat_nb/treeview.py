@@ -138,9 +138,11 @@ def drawn_stream(
 ) -> dict[str, Any] | None:
     """What the picture shows: the busiest writer's stream, with whose it is and how much of the room.
 
-    Returns ``{"stream", "writer", "author", "count", "writers", "total"}``: the stream (a BTree),
-    its writer id, the author of its last message (a writer is one client, so one name), its
-    record count, how many writers the room has and the room's record count; None when no
+    Returns ``{"stream", "writer", "author", "count", "held", "writers", "total"}``: the stream (a
+    BTree), its writer id, the author of its last message (a writer is one client, so one name),
+    the records in the tree and those still held in the writer's tail (they go into the tree
+    a few at a time: see :class:`~zchat_nb.model.Tail`), how many writers the room has and the
+    room's record count, tails included; None when no
     writer has sent yet. Counts by walking the streams (no shared counter exists: writers would
     conflict on it). ``counts`` (``stream oid -> (last key, count)``, kept by the caller between
     calls) makes a recount read only what was appended since.
@@ -151,22 +153,24 @@ def drawn_stream(
     for writer, stream in itertools.islice(room.streams.items(), MAX_WRITERS_DRAWN):
         try:
             if isinstance(stream, OOBTree) and stream:
-                sizes.append((_count(stream, counts), str(writer), stream))
+                held = len(room.unflushed(writer, stream)) if isinstance(writer, str) else 0
+                sizes.append((_count(stream, counts) + held, str(writer), stream, held))
         except TransientError:
             raise
         except Exception:  # a crafted stream: not drawn
             continue
     if not sizes:
         return None
-    count, writer, stream = max(sizes, key=lambda entry: entry[0])
+    count, writer, stream, held = max(sizes, key=lambda entry: entry[0])
     author = _author(stream[stream.maxKey()])
     return {
         "stream": stream,
         "writer": writer,
         "author": author[:64],
-        "count": count,
+        "count": count - held,
+        "held": held,
         "writers": len(sizes),
-        "total": sum(size for size, _, _ in sizes),
+        "total": sum(size for size, _, _, _ in sizes),
     }
 
 
@@ -199,6 +203,8 @@ def stream_caption(drawn: dict[str, Any] | None) -> tuple[str, str]:
         return "no messages yet", ""
     who = drawn["author"] or f"writer {drawn['writer'][:8]}"
     title = f"{who}'s stream: {drawn['count']:,} of {drawn['total']:,} messages"
+    if drawn.get("held"):
+        title += f", {drawn['held']} more in its tail"
     others = drawn["writers"] - 1
     subtitle = (
         f"the busiest of {drawn['writers']} writers; the other {others} keep streams of their own"
