@@ -208,6 +208,49 @@ def test_crafted_tails_make_readers_read_the_stream_and_the_writer_repairs_them(
     honest_pair_works(address)
 
 
+KEY = (1.0, "k" * 32)
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        pytest.param(((KEY, ("forged",)), (KEY, ("forged",))), id="keys not increasing"),
+        pytest.param((((math.inf, "k"), ("forged",)),), id="an infinite time"),
+        pytest.param(((KEY, ("forged",), "extra"),), id="an entry not a pair"),
+        pytest.param(tuple(((1.0 + i, "k"), ("forged",)) for i in range(1000)), id="1000 entries"),
+        pytest.param((), id="empty"),
+        pytest.param(("not a tuple of pairs",), id="not pairs"),
+    ],
+)
+def test_a_tail_holding_what_no_writer_stores_is_not_believed(
+    lenient_server: zchat_nb.Server, held: tuple[Any, ...]
+) -> None:
+    address = lenient_server.address
+    with (
+        zchat_nb.connect(address, user="alice") as alice,
+        zchat_nb.connect(address, user="bob") as bob,
+    ):
+        chat, reader = alice.session("general"), bob.session("general")
+        chat.add_message("one")
+        chat.add_message("two")  # held in alice's tail
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["one", "two"]
+
+        def vandalise(conn: ZODB.Connection.Connection) -> None:
+            tail = conn.root()[ROOMS_KEY]["general"].tails[alice.writer]
+            tail.__setstate__((None, held))
+            tail._p_changed = True
+
+        generation = bob.generation()
+        as_attacker(address, vandalise)
+        assert bob.wait_for_change(generation, 10)
+        assert reader.new_messages() == []  # the tail is not believed: the stream has nothing new
+        assert [m.text for m in reader.history(10)] == ["one"]  # "two" was only in the tail
+        chat.add_message("three")  # alice starts her tail afresh
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["three"]
+        assert [m.text for m in reader.history(10)] == ["one", "three"]
+    honest_pair_works(address)
+
+
 def test_a_room_that_is_not_a_room_breaks_only_itself(lenient_server: zchat_nb.Server) -> None:
     address = lenient_server.address
     with zchat_nb.connect(address, user="alice") as alice:
