@@ -1518,6 +1518,8 @@ class ChatSession:
         """
         assert room.streams is not None
         cap = 10 * MAX_WRITERS_PER_CALL
+        if prefetch:  # the two indexes in one round trip
+            self._prefetch(room, [room.streams, room.tails], levels=1)
         try:
             streams = list(itertools.islice(room.streams.items(), cap + 1))
         except transaction.interfaces.TransientError:
