@@ -20,7 +20,7 @@ import pytest
 import transaction
 import ZEO
 import ZODB
-from BTrees.OOBTree import OOBTree
+from BTrees.OOBTree import OOBTree, OOBucket
 
 import zchat_nb
 from zchat_nb import model
@@ -251,6 +251,38 @@ def test_a_tail_holding_what_no_writer_stores_is_not_believed(
         chat.add_message("three")  # alice starts her tail afresh
         assert [m.text for m in reader.new_messages(timeout=10)] == ["three"]
         assert [m.text for m in reader.history(10)] == ["one", "three"]
+    honest_pair_works(address)
+
+
+@pytest.mark.parametrize("edge", ["a str", "a tree", "an empty bucket", "bob's last bucket"])
+def test_a_tail_naming_no_last_bucket_of_its_stream_leaves_history_whole(
+    lenient_server: zchat_nb.Server, edge: str
+) -> None:
+    address = lenient_server.address
+    with (
+        zchat_nb.connect(address, user="alice") as alice,
+        zchat_nb.connect(address, user="bob") as bob,
+    ):
+        chat, other = alice.session("general"), bob.session("general")
+        sent = [chat.add_message(f"alice {i}") for i in range(70)]  # her stream: several buckets
+        sent += [other.add_message(f"bob {i}") for i in range(70)]
+
+        def vandalise(conn: ZODB.Connection.Connection) -> None:
+            tails = conn.root()[ROOMS_KEY]["general"].tails
+            tail = tails[alice.writer]
+            crafted = {
+                "a str": "not a bucket",
+                "a tree": OOBTree(),
+                "an empty bucket": OOBucket(),
+                "bob's last bucket": tails[bob.writer].edge,
+            }[edge]
+            assert tail.edge is not None and crafted is not tail.edge
+            tail.__setstate__((tail.base, tail.held, crafted))
+            tail._p_changed = True
+
+        as_attacker(address, vandalise)
+    with zchat_nb.connect(address, user="reader") as reader:
+        assert reader.session("general").history(200) == sent
     honest_pair_works(address)
 
 

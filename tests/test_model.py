@@ -13,7 +13,7 @@ from BTrees.OOBTree import OOBTree
 import zchat_nb
 from zchat_nb import model
 from zchat_nb.exceptions import InvalidMessageError
-from zchat_nb.model import HELD_CHARS, HELD_MAX, ROOMS_KEY, Message, Room, Tail
+from zchat_nb.model import HELD_CHARS, HELD_MAX, ROOMS_KEY, Message, Room, Tail, _last_bucket
 
 from .helpers import MakeClient
 
@@ -407,3 +407,23 @@ def test_a_tail_written_before_batching_reads_as_one_record_also_in_the_stream(
     assert stored_texts(client) == (["one", "two"], ["three"])
     assert texts(reader.new_messages()) == ["three"]
     assert texts(make_client(db, "carol").session("general").new_messages()) == ["one", "two", "three"]
+
+
+def test_the_tail_names_its_streams_last_bucket_as_the_stream_grows(
+    db: ZODB.DB, make_client: MakeClient
+) -> None:
+    client = make_client(db, "alice")
+    chat, reader = client.session("general"), make_client(db, "bob").session("general")
+    named = []
+    for i in range(200):
+        chat.add_message(f"m{i}")
+        tm, conn = client.connection()
+        tm.begin()
+        room = conn.root()[ROOMS_KEY]["general"]
+        stream, tail = room.streams[client.writer], room.tails[client.writer]
+        assert tail.edge is _last_bucket(stream)  # None while the tree keeps its bucket inline
+        named.append(tail.edge)
+        tm.abort()
+    assert named[0] is None and len({id(edge) for edge in named if edge is not None}) > 3  # splits
+    assert texts(reader.history(50)) == [f"m{i}" for i in range(150, 200)]
+    assert texts(reader.history(3, before=reader.history(100)[0])) == ["m97", "m98", "m99"]

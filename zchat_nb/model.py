@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import transaction
 from BTrees.Length import Length
-from BTrees.OOBTree import OOBTree
+from BTrees.OOBTree import OOBTree, OOBucket
 from persistent import Persistent
 from ZODB.POSException import ConflictError, POSKeyError, StorageError, Unsupported
 
@@ -352,26 +352,46 @@ class Tail(Persistent):
     a held key (nearly always: it read the previous message) takes what follows from here; any
     other reader reads the stream, then the held records past it. Only its writer changes it.
 
+    ``edge`` is the stream's last bucket as of the last time records went into it (None while
+    the stream is one bucket kept inside the tree's own record): history reads a writer's newest
+    records from the tail and this bucket, without loading the tree's root and inner nodes.
+
     A tail written before batching holds ``(prev, key, record)``, its record also in the stream:
     read as ``base=prev, held=((key, record),)``, which says the same.
     """
 
     base: tuple[float, str] | None = None
     held: tuple[tuple[Any, Any], ...] = ()
+    edge: OOBucket | None = None
 
-    def __getstate__(self) -> tuple[object, object]:
-        return (self.base, self.held)
+    def __getstate__(self) -> tuple[object, object, object]:
+        return (self.base, self.held, self.edge)
 
     def __setstate__(self, state: object) -> None:
-        if isinstance(state, tuple) and len(state) == 3:  # before batching
-            self.base, self.held = state[0], ((state[1], state[2]),)
-        elif isinstance(state, tuple) and len(state) == 2 and type(state[1]) is tuple:
-            self.base, self.held = state
+        if not (isinstance(state, tuple) and 2 <= len(state) <= 3):
+            raise ValueError("a stream's tail is not (key before, held records, last bucket)")
+        if len(state) == 3 and _is_key(state[1]):  # before batching: (prev, key, record)
+            self.base, self.held, self.edge = state[0], ((state[1], state[2]),), None
+        elif type(state[1]) is tuple:
+            self.base, self.held = state[0], state[1]
+            self.edge = state[2] if len(state) == 3 else None
         else:
-            raise ValueError("a stream's tail is not (key before, held records)")
+            raise ValueError("a stream's tail is not (key before, held records, last bucket)")
 
-    def set(self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...]) -> None:
-        self.base, self.held = base, held
+    def set(
+        self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...], edge: OOBucket | None
+    ) -> None:
+        self.base, self.held, self.edge = base, held, edge
+
+    def checked_edge(self) -> OOBucket | None:
+        """:attr:`edge` (loaded) if it is what the writer stores: a bucket whose last key is the
+        tail's :attr:`base` (records wait here) or its last held key (they just went into the
+        stream); else None, and the stream is read from its root."""
+        held, edge = self.checked(), self.edge
+        if held is None or type(edge) is not OOBucket or not edge:
+            return None
+        last = edge.maxKey()
+        return edge if last == self.base or last == held[-1][0] else None
 
     def checked(self, limit: int = _HELD_READ) -> tuple[tuple[Any, Any], ...] | None:
         """``held`` if it is what a writer stores (``base`` a key or None, then at most ``limit``
@@ -408,20 +428,31 @@ def _chars(record: object) -> int:
 
 
 class _Records(NamedTuple):
-    """A writer's stream and the records its tail holds past it (``extra``), read as one."""
+    """A writer's stream and the records its tail holds past it (``extra``), read as one.
+
+    With ``edge`` (the stream's last bucket, from the tail), reads that stay within it and the
+    tail never load the tree's root and inner nodes.
+    """
 
     stream: OOBTree
     extra: tuple[tuple[Any, Any], ...]
+    edge: OOBucket | None = None
 
     def last(self) -> Any:
         """The writer's last key (the stream must not be empty if ``extra`` is)."""
-        return self.extra[-1][0] if self.extra else self.stream.maxKey()
+        if self.extra:
+            return self.extra[-1][0]
+        return (self.edge if self.edge is not None else self.stream).maxKey()
+
+    def _covers(self, low: Any) -> bool:
+        return self.edge is not None and low is not None and self.edge.minKey() <= low
 
     def items(
         self, low: Any = None, high: Any = None, *, excludemax: bool = False
     ) -> Iterator[tuple[Any, Any]]:
         """``(key, record)`` with ``low <= key <= high`` (``< high`` with ``excludemax``), in order."""
-        yield from self.stream.items(low, high, excludemax=excludemax)
+        tree = self.edge if self._covers(low) else self.stream
+        yield from tree.items(low, high, excludemax=excludemax)  # type: ignore[union-attr]
         for key, record in self.extra:
             if (low is None or key >= low) and (
                 high is None or key < high or (key == high and not excludemax)
@@ -430,6 +461,8 @@ class _Records(NamedTuple):
 
     def has_before(self, low: Any) -> bool:
         """Whether the writer has a key below ``low`` (one descent of the stream, O(log N))."""
+        if self.edge is not None and self.edge.minKey() < low:
+            return True
         try:
             key = self.stream.maxKey(low)  # the largest key <= low
         except ValueError:  # none
@@ -544,9 +577,9 @@ class Room(Persistent):
         pending += ((message.key, record),)
         if in_stream is None or len(pending) >= HELD_MAX or sum(_chars(r) for _, r in pending) > HELD_CHARS:
             _insert_unchecked(stream, pending)
-            tail.set(last, pending[-1:])
+            tail.set(last, pending[-1:], _last_bucket(stream))
         else:
-            tail.set(in_stream, pending)
+            tail.set(in_stream, pending, tail.edge if type(tail.edge) is OOBucket else None)
         return message
 
     def _own_tail(self, writer: str) -> Tail:
@@ -838,6 +871,17 @@ def _edge_oids(tree: Any) -> list[bytes]:
         children = _children(node)
         node = children[-1] if children else None
     return oids
+
+
+def _last_bucket(tree: OOBTree) -> OOBucket | None:
+    """A BTree's last bucket; None while the tree keeps its one bucket inside its own record."""
+    node: Any = tree
+    for _ in range(32):  # deeper than any real tree
+        children = _children(node)
+        if not children:
+            return node if type(node) is OOBucket else None
+        node = children[-1]
+    return None
 
 
 def index_oids(tree: Any, limit: int = 100_000) -> list[bytes]:
@@ -1530,16 +1574,23 @@ class ChatSession:
         if len(streams) > cap:
             self._skip(f"streams of room {self.room!r}", ValueError(f"more than {cap} writers"), once=True)
             streams = streams[:cap]
-        if prefetch:
-            self._prefetch(room, [stream for _, stream in streams] + self._tails(room, streams))
+        tails = self._tails(room, streams)
+        edges = self._edges_of(tails, prefetch=prefetch)
+        if prefetch:  # the trees of the writers whose tail names no last bucket
+            self._prefetch(room, [stream for writer, stream in streams if writer not in edges])
         ends = []
         for writer, stream in streams:
             try:
                 if not (type(writer) is str and isinstance(stream, OOBTree)):
                     raise TypeError(f"a {type(stream).__name__} under {_capped(writer, 40)}")
-                records = _Records(stream, room.unflushed(writer, stream))
-                if not (stream or records.extra):
-                    continue
+                edge = edges.get(writer)
+                if edge is not None:  # the tail's records past the bucket; the tree is not loaded
+                    held = tails[writer].checked() or ()
+                    records = _Records(stream, tuple(e for e in held if e[0] > edge.maxKey()), edge)
+                else:
+                    records = _Records(stream, room.unflushed(writer, stream))
+                    if not (records.extra or stream):
+                        continue
                 last = records.last()
                 # an infinite or NaN time would make history's window search run for ever
                 if not _is_key(last):
@@ -1553,16 +1604,57 @@ class ChatSession:
         return ends
 
     @staticmethod
-    def _tails(room: Room, streams: list[tuple[Any, Any]]) -> list[Tail]:
-        """The :class:`Tail` of each of ``streams``' writers that has one (to prefetch with them)."""
+    def _tails(room: Room, streams: list[tuple[Any, Any]]) -> dict[str, Tail]:
+        """``writer -> Tail`` for each of ``streams``' writers that has one (ghosts: not loaded)."""
         try:
             tails = room.tails if isinstance(room.tails, OOBTree) else None
-            found = [tails.get(writer) for writer, _ in streams] if tails is not None else []
+            found = [(writer, tails.get(writer)) for writer, _ in streams] if tails is not None else []
         except transaction.interfaces.TransientError:
             raise
         except Exception:  # keys another client made incomparable: each is looked up on its own
-            return []
-        return [tail for tail in found if isinstance(tail, Tail)]
+            return {}
+        return {writer: tail for writer, tail in found if isinstance(tail, Tail) and type(writer) is str}
+
+    def _edges_of(self, tails: dict[str, Tail], *, prefetch: bool) -> dict[str, OOBucket]:
+        """``writer -> its stream's last bucket`` as its tail names it, for the tails that do and
+        whose bucket loads (the tails, then the buckets, each in one round trip with ``prefetch``)."""
+        room = None
+        if prefetch and tails:
+            room = next(iter(tails.values()))
+            self._prefetch_objects(room, list(tails.values()))
+        named: dict[str, Any] = {}
+        for writer, tail in tails.items():
+            try:
+                if tail.checked() is not None and isinstance(tail.edge, OOBucket):
+                    named[writer] = tail.edge
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception:  # a tail that does not load: its writer is read from the tree
+                continue
+        if room is not None and named:
+            self._prefetch_objects(room, list(named.values()))
+        edges = {}
+        for writer in named:
+            try:
+                edge = tails[writer].checked_edge()
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception:
+                continue
+            if edge is not None:
+                edges[writer] = edge
+        return edges
+
+    def _prefetch_objects(self, anchor: Any, objects: list[Any]) -> None:
+        """Ask ZEO for ``objects`` in one pipelined round trip (a speed-up only)."""
+        jar = anchor._p_jar
+        try:
+            if jar is not None and hasattr(jar.db().storage, "prefetch") and self._host.is_connected():
+                jar.prefetch([o for o in objects if isinstance(o, Persistent)])
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception:
+            log.debug("prefetching failed", exc_info=True)
 
     def _older(self, writer: str, records: _Records, low: float) -> bool:
         """Whether ``writer`` has a key older than time ``low`` (one descent, O(log N))."""
