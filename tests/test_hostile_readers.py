@@ -274,9 +274,9 @@ def test_a_tail_naming_no_last_bucket_of_its_stream_leaves_history_whole(
                 "a str": "not a bucket",
                 "a tree": OOBTree(),
                 "an empty bucket": OOBucket(),
-                "bob's last bucket": tails[bob.writer].edge,
+                "bob's last bucket": tails[bob.writer].bucket,
             }[edge]
-            assert tail.edge is not None and crafted is not tail.edge
+            assert tail.bucket is not None and crafted is not tail.bucket
             tail.__setstate__((tail.base, tail.held, crafted))
             tail._p_changed = True
 

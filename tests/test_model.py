@@ -421,8 +421,8 @@ def test_the_tail_names_its_streams_last_bucket_as_the_stream_grows(
         tm.begin()
         room = conn.root()[ROOMS_KEY]["general"]
         stream, tail = room.streams[client.writer], room.tails[client.writer]
-        assert tail.edge is _last_bucket(stream)  # None while the tree keeps its bucket inline
-        named.append(tail.edge)
+        assert tail.bucket is _last_bucket(stream)  # None while the tree keeps its bucket inline
+        named.append(tail.bucket)
         tm.abort()
     assert named[0] is None and len({id(edge) for edge in named if edge is not None}) > 3  # splits
     assert texts(reader.history(50)) == [f"m{i}" for i in range(150, 200)]

@@ -352,7 +352,7 @@ class Tail(Persistent):
     a held key (nearly always: it read the previous message) takes what follows from here; any
     other reader reads the stream, then the held records past it. Only its writer changes it.
 
-    ``edge`` is the stream's last bucket as of the last time records went into it (None while
+    ``bucket`` is the stream's last bucket as of the last time records went into it (None while
     the stream is one bucket kept inside the tree's own record): history reads a writer's newest
     records from the tail and this bucket, without loading the tree's root and inner nodes.
 
@@ -362,36 +362,36 @@ class Tail(Persistent):
 
     base: tuple[float, str] | None = None
     held: tuple[tuple[Any, Any], ...] = ()
-    edge: OOBucket | None = None
+    bucket: OOBucket | None = None
 
     def __getstate__(self) -> tuple[object, object, object]:
-        return (self.base, self.held, self.edge)
+        return (self.base, self.held, self.bucket)
 
     def __setstate__(self, state: object) -> None:
         if not (isinstance(state, tuple) and 2 <= len(state) <= 3):
             raise ValueError("a stream's tail is not (key before, held records, last bucket)")
         if len(state) == 3 and _is_key(state[1]):  # before batching: (prev, key, record)
-            self.base, self.held, self.edge = state[0], ((state[1], state[2]),), None
+            self.base, self.held, self.bucket = state[0], ((state[1], state[2]),), None
         elif type(state[1]) is tuple:
             self.base, self.held = state[0], state[1]
-            self.edge = state[2] if len(state) == 3 else None
+            self.bucket = state[2] if len(state) == 3 else None
         else:
             raise ValueError("a stream's tail is not (key before, held records, last bucket)")
 
     def set(
-        self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...], edge: OOBucket | None
+        self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...], bucket: OOBucket | None
     ) -> None:
-        self.base, self.held, self.edge = base, held, edge
+        self.base, self.held, self.bucket = base, held, bucket
 
-    def checked_edge(self) -> OOBucket | None:
-        """:attr:`edge` (loaded) if it is what the writer stores: a bucket whose last key is the
+    def checked_bucket(self) -> OOBucket | None:
+        """:attr:`bucket` (loaded) if it is what the writer stores: a bucket whose last key is the
         tail's :attr:`base` (records wait here) or its last held key (they just went into the
         stream); else None, and the stream is read from its root."""
-        held, edge = self.checked(), self.edge
-        if held is None or type(edge) is not OOBucket or not edge:
+        held, bucket = self.checked(), self.bucket
+        if held is None or type(bucket) is not OOBucket or not bucket:
             return None
-        last = edge.maxKey()
-        return edge if last == self.base or last == held[-1][0] else None
+        last = bucket.maxKey()
+        return bucket if last == self.base or last == held[-1][0] else None
 
     def checked(self, limit: int = _HELD_READ) -> tuple[tuple[Any, Any], ...] | None:
         """``held`` if it is what a writer stores (``base`` a key or None, then at most ``limit``
@@ -430,28 +430,28 @@ def _chars(record: object) -> int:
 class _Records(NamedTuple):
     """A writer's stream and the records its tail holds past it (``extra``), read as one.
 
-    With ``edge`` (the stream's last bucket, from the tail), reads that stay within it and the
+    With ``bucket`` (the stream's last bucket, from the tail), reads that stay within it and the
     tail never load the tree's root and inner nodes.
     """
 
     stream: OOBTree
     extra: tuple[tuple[Any, Any], ...]
-    edge: OOBucket | None = None
+    bucket: OOBucket | None = None
 
     def last(self) -> Any:
         """The writer's last key (the stream must not be empty if ``extra`` is)."""
         if self.extra:
             return self.extra[-1][0]
-        return (self.edge if self.edge is not None else self.stream).maxKey()
+        return (self.bucket if self.bucket is not None else self.stream).maxKey()
 
     def _covers(self, low: Any) -> bool:
-        return self.edge is not None and low is not None and self.edge.minKey() <= low
+        return self.bucket is not None and low is not None and self.bucket.minKey() <= low
 
     def items(
         self, low: Any = None, high: Any = None, *, excludemax: bool = False
     ) -> Iterator[tuple[Any, Any]]:
         """``(key, record)`` with ``low <= key <= high`` (``< high`` with ``excludemax``), in order."""
-        tree = self.edge if self._covers(low) else self.stream
+        tree = self.bucket if self._covers(low) else self.stream
         yield from tree.items(low, high, excludemax=excludemax)  # type: ignore[union-attr]
         for key, record in self.extra:
             if (low is None or key >= low) and (
@@ -461,7 +461,7 @@ class _Records(NamedTuple):
 
     def has_before(self, low: Any) -> bool:
         """Whether the writer has a key below ``low`` (one descent of the stream, O(log N))."""
-        if self.edge is not None and self.edge.minKey() < low:
+        if self.bucket is not None and self.bucket.minKey() < low:
             return True
         try:
             key = self.stream.maxKey(low)  # the largest key <= low
@@ -579,7 +579,7 @@ class Room(Persistent):
             _insert_unchecked(stream, pending)
             tail.set(last, pending[-1:], _last_bucket(stream))
         else:
-            tail.set(in_stream, pending, tail.edge if type(tail.edge) is OOBucket else None)
+            tail.set(in_stream, pending, tail.bucket if type(tail.bucket) is OOBucket else None)
         return message
 
     def _own_tail(self, writer: str) -> Tail:
@@ -1551,11 +1551,14 @@ class ChatSession:
     def _ends(self, room: Room, *, prefetch: bool = True) -> list[tuple[str, _Records, tuple[float, str]]]:
         """``(writer, its records, last key)`` of each writer with records, checked.
 
-        Only the right edge of each stream is loaded: a cold history of a big room reads no old
-        bucket (nor the inner nodes above one) just to learn where a stream begins.
+        Loads each writer's :class:`Tail` and the stream's last bucket it names, not the tree above
+        it: a writer's newest records are there. A writer whose tail names no bucket (a small
+        stream, a tail written before buckets were named) has the right edge of its tree loaded
+        instead; no old bucket is read just to learn where a stream begins.
 
-        ``prefetch``: ask for the streams' edges in a few pipelined round trips (history wants
-        that; a reader starting at the end does without, see :meth:`_read`).
+        ``prefetch``: ask for the tails, then the buckets (and the edges of the other trees) in a
+        few pipelined round trips (history wants that; a reader starting at the end does without,
+        see :meth:`_read`).
 
         Looks at the first ``10 * MAX_WRITERS_PER_CALL`` streams of the index (every stream of
         any real room); a larger index is reported once in ``skipped``.
@@ -1575,18 +1578,18 @@ class ChatSession:
             self._skip(f"streams of room {self.room!r}", ValueError(f"more than {cap} writers"), once=True)
             streams = streams[:cap]
         tails = self._tails(room, streams)
-        edges = self._edges_of(tails, prefetch=prefetch)
+        buckets = self._last_buckets(room, tails, prefetch=prefetch)
         if prefetch:  # the trees of the writers whose tail names no last bucket
-            self._prefetch(room, [stream for writer, stream in streams if writer not in edges])
+            self._prefetch(room, [stream for writer, stream in streams if writer not in buckets])
         ends = []
         for writer, stream in streams:
             try:
                 if not (type(writer) is str and isinstance(stream, OOBTree)):
                     raise TypeError(f"a {type(stream).__name__} under {_capped(writer, 40)}")
-                edge = edges.get(writer)
-                if edge is not None:  # the tail's records past the bucket; the tree is not loaded
+                bucket = buckets.get(writer)
+                if bucket is not None:  # the tail's records past the bucket; the tree is not loaded
                     held = tails[writer].checked() or ()
-                    records = _Records(stream, tuple(e for e in held if e[0] > edge.maxKey()), edge)
+                    records = _Records(stream, tuple(e for e in held if e[0] > bucket.maxKey()), bucket)
                 else:
                     records = _Records(stream, room.unflushed(writer, stream))
                     if not (records.extra or stream):
@@ -1615,46 +1618,33 @@ class ChatSession:
             return {}
         return {writer: tail for writer, tail in found if isinstance(tail, Tail) and type(writer) is str}
 
-    def _edges_of(self, tails: dict[str, Tail], *, prefetch: bool) -> dict[str, OOBucket]:
+    def _last_buckets(self, room: Room, tails: dict[str, Tail], *, prefetch: bool) -> dict[str, OOBucket]:
         """``writer -> its stream's last bucket`` as its tail names it, for the tails that do and
         whose bucket loads (the tails, then the buckets, each in one round trip with ``prefetch``)."""
-        room = None
-        if prefetch and tails:
-            room = next(iter(tails.values()))
-            self._prefetch_objects(room, list(tails.values()))
+        if prefetch:
+            self._prefetch(room, list(tails.values()), levels=1)
         named: dict[str, Any] = {}
         for writer, tail in tails.items():
             try:
-                if tail.checked() is not None and isinstance(tail.edge, OOBucket):
-                    named[writer] = tail.edge
+                if tail.checked() is not None and isinstance(tail.bucket, OOBucket):
+                    named[writer] = tail.bucket
             except transaction.interfaces.TransientError:
                 raise
             except Exception:  # a tail that does not load: its writer is read from the tree
                 continue
-        if room is not None and named:
-            self._prefetch_objects(room, list(named.values()))
-        edges = {}
+        if prefetch and named:
+            self._prefetch(room, list(named.values()), levels=1)
+        buckets = {}
         for writer in named:
             try:
-                edge = tails[writer].checked_edge()
+                bucket = tails[writer].checked_bucket()
             except transaction.interfaces.TransientError:
                 raise
             except Exception:
                 continue
-            if edge is not None:
-                edges[writer] = edge
-        return edges
-
-    def _prefetch_objects(self, anchor: Any, objects: list[Any]) -> None:
-        """Ask ZEO for ``objects`` in one pipelined round trip (a speed-up only)."""
-        jar = anchor._p_jar
-        try:
-            if jar is not None and hasattr(jar.db().storage, "prefetch") and self._host.is_connected():
-                jar.prefetch([o for o in objects if isinstance(o, Persistent)])
-        except transaction.interfaces.TransientError:
-            raise
-        except Exception:
-            log.debug("prefetching failed", exc_info=True)
+            if bucket is not None:
+                buckets[writer] = bucket
+        return buckets
 
     def _older(self, writer: str, records: _Records, low: float) -> bool:
         """Whether ``writer`` has a key older than time ``low`` (one descent, O(log N))."""
