@@ -240,7 +240,7 @@ def test_a_tail_holding_what_no_writer_stores_is_not_believed(
 
         def vandalise(conn: ZODB.Connection.Connection) -> None:
             tail = conn.root()[ROOMS_KEY]["general"].tails[alice.writer]
-            tail.__setstate__((None, held))
+            tail.__setstate__((None, held, None))
             tail._p_changed = True
 
         generation = bob.generation()
@@ -249,6 +249,31 @@ def test_a_tail_holding_what_no_writer_stores_is_not_believed(
         assert reader.new_messages() == []  # the tail is not believed: the stream has nothing new
         assert [m.text for m in reader.history(10)] == ["one"]  # "two" was only in the tail
         chat.add_message("three")  # alice starts her tail afresh
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["three"]
+        assert [m.text for m in reader.history(10)] == ["one", "three"]
+    honest_pair_works(address)
+
+
+def test_a_tail_that_does_not_load_is_replaced_by_its_writer(lenient_server: zchat_nb.Server) -> None:
+    address = lenient_server.address
+    with (
+        zchat_nb.connect(address, user="alice") as alice,
+        zchat_nb.connect(address, user="bob") as bob,
+    ):
+        chat, reader = alice.session("general"), bob.session("general")
+        chat.add_message("one")
+        chat.add_message("two")  # held in alice's tail
+        got: list[str] = []
+        while len(got) < 2:
+            got += [m.text for m in reader.new_messages(timeout=10)]
+        tm, conn = alice.connection()
+        tm.begin()
+        oid = conn.root()[ROOMS_KEY]["general"].tails[alice.writer]._p_oid
+        tm.abort()
+        generation = alice.generation()
+        overwrite(address, oid, pickle.dumps(threading.Event, 3))  # a record clients refuse to load
+        assert alice.wait_for_change(generation, 10)
+        chat.add_message("three")  # alice's send makes her a new tail; "two" is gone with the old one
         assert [m.text for m in reader.new_messages(timeout=10)] == ["three"]
         assert [m.text for m in reader.history(10)] == ["one", "three"]
     honest_pair_works(address)

@@ -368,15 +368,12 @@ class Tail(Persistent):
         return (self.base, self.held, self.bucket)
 
     def __setstate__(self, state: object) -> None:
-        if not (isinstance(state, tuple) and 2 <= len(state) <= 3):
+        if not (isinstance(state, tuple) and len(state) == 3):
             raise ValueError("a stream's tail is not (key before, held records, last bucket)")
-        if len(state) == 3 and _is_key(state[1]):  # before batching: (prev, key, record)
+        if _is_key(state[1]):  # before batching: (prev, key, record)
             self.base, self.held, self.bucket = state[0], ((state[1], state[2]),), None
-        elif type(state[1]) is tuple:
-            self.base, self.held = state[0], state[1]
-            self.bucket = state[2] if len(state) == 3 else None
-        else:
-            raise ValueError("a stream's tail is not (key before, held records, last bucket)")
+        else:  # checked() says whether a writer could have stored it
+            self.base, self.held, self.bucket = state
 
     def set(
         self, base: tuple[float, str] | None, held: tuple[tuple[Any, Any], ...], bucket: OOBucket | None
@@ -407,6 +404,14 @@ class Tail(Persistent):
                 return None
             before = entry[0]
         return held
+
+    def past(self, key: tuple[float, str] | None) -> tuple[tuple[Any, Any], ...] | None:
+        """The held records with keys past ``key`` (all of them for None); None if :meth:`checked`
+        refuses the tail. Past the stream's last key: the ones not in the stream yet."""
+        held = self.checked()
+        if held is None:
+            return None
+        return held if key is None else tuple(entry for entry in held if entry[0] > key)
 
     def after(self, key: tuple[float, str]) -> tuple[tuple[Any, Any], ...] | None:
         """The held records after ``key`` if they are all the writer has after it (``key`` is
@@ -555,12 +560,12 @@ class Room(Persistent):
         tail = self._own_tail(writer)
         in_stream: tuple[float, str] | None = stream.maxKey() if stream else None
         try:
-            held = tail.checked() or ()
+            tail._p_activate()
         except transaction.interfaces.TransientError:
             raise
         except Exception:  # a tail another client broke (its records are lost; the stream is not)
-            tail, held = self._own_entry("tails", writer, Tail, lambda entry: False), ()
-        pending = tuple(entry for entry in held if in_stream is None or entry[0] > in_stream)
+            tail = self._own_entry("tails", writer, Tail, lambda entry: False)
+        pending = tail.past(in_stream) or ()
         last = pending[-1][0] if pending else in_stream
         if last is not None and last[1] == message.id:
             return parse_record(pending[-1][1] if pending else stream[last], 2**30)  # type: ignore[return-value]
@@ -646,15 +651,13 @@ class Room(Persistent):
         (none if the tail is missing or is not one a writer stores)."""
         try:
             tail = self.tails.get(writer) if isinstance(self.tails, OOBTree) else None
-            held = tail.checked() if isinstance(tail, Tail) else None
-            if not held:
+            if not isinstance(tail, Tail):
                 return ()
-            last = stream.maxKey() if stream else None
+            return tail.past(stream.maxKey() if stream else None) or ()
         except transaction.interfaces.TransientError:
             raise
         except Exception:  # keys another client made incomparable, a tail that does not load
             return ()
-        return tuple(entry for entry in held if last is None or entry[0] > last)
 
     def records(self) -> Iterator[tuple[Any, Any]]:
         """Every ``(key, record)`` of the room in time order (reads everything: for exports)."""
@@ -1414,8 +1417,7 @@ class ChatSession:
             if not isinstance(tail, Tail):
                 new = None
             elif from_stream:
-                held = tail.checked()
-                new = held and tuple(entry for entry in held if after is None or entry[0] > after)
+                new = tail.past(after)
             else:
                 new = tail.after(after)  # type: ignore[arg-type]
         except transaction.interfaces.TransientError:
@@ -1588,8 +1590,7 @@ class ChatSession:
                     raise TypeError(f"a {type(stream).__name__} under {_capped(writer, 40)}")
                 bucket = buckets.get(writer)
                 if bucket is not None:  # the tail's records past the bucket; the tree is not loaded
-                    held = tails[writer].checked() or ()
-                    records = _Records(stream, tuple(e for e in held if e[0] > bucket.maxKey()), bucket)
+                    records = _Records(stream, tails[writer].past(bucket.maxKey()) or (), bucket)
                 else:
                     records = _Records(stream, room.unflushed(writer, stream))
                     if not (records.extra or stream):
@@ -1626,7 +1627,7 @@ class ChatSession:
         named: dict[str, Any] = {}
         for writer, tail in tails.items():
             try:
-                if tail.checked() is not None and isinstance(tail.bucket, OOBucket):
+                if isinstance(tail.bucket, OOBucket):  # loads the tail; checked_bucket() checks it
                     named[writer] = tail.bucket
             except transaction.interfaces.TransientError:
                 raise
