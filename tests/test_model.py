@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 
 import pytest
+import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
 
@@ -27,6 +28,15 @@ def db() -> Iterator[ZODB.DB]:
 
 def texts(messages: list[Message]) -> list[str]:
     return [m.text for m in messages]
+
+
+def begin_room(
+    client: zchat_nb.ChatClient, room: str = "general"
+) -> tuple[transaction.TransactionManager, Room]:
+    """A new transaction on ``client``'s connection (this thread's), and ``room`` as it sees it."""
+    tm, conn = client.connection()
+    tm.begin()
+    return tm, conn.root()[ROOMS_KEY][room]
 
 
 def test_own_message_is_delivered_once_through_new_messages(db: ZODB.DB, make_client: MakeClient) -> None:
@@ -124,9 +134,8 @@ def test_post_is_idempotent(db: ZODB.DB, make_client: MakeClient) -> None:
     chat.post(msg)
     chat.post(msg)
     assert chat.new_messages() == [msg]
-    tm, conn = client.connection()
-    tm.begin()
-    assert conn.root()[ROOMS_KEY]["general"].message_count() == 1
+    _, room = begin_room(client)
+    assert room.message_count() == 1
 
 
 def test_a_retried_post_is_stored_once_even_after_later_sends(db: ZODB.DB, make_client: MakeClient) -> None:
@@ -184,9 +193,8 @@ def test_clear_starts_every_reader_afresh(db: ZODB.DB, make_client: MakeClient) 
     chat = client.session("general")
     chat.add_message("before")
     chat.new_messages()
-    tm, conn = client.connection()
-    tm.begin()
-    conn.root()[ROOMS_KEY]["general"].clear()
+    tm, room = begin_room(client)
+    room.clear()
     tm.commit()
     chat.add_message("after")
     assert texts(chat.new_messages()) == ["after"]
@@ -251,9 +259,7 @@ def test_malformed_record_from_another_client_is_skipped_and_reported(
     client = make_client(db, "alice")
     chat = client.session("general")
     chat.add_message("good one")
-    tm, conn = client.connection()
-    tm.begin()
-    room: Room = conn.root()[ROOMS_KEY]["general"]
+    tm, room = begin_room(client)
     room.streams["evil"] = OOBTree({(1.0, "x"): ("id", "mallory", b"\x00" * 10, "not a time")})
     room.streams["junk"] = OOBTree({"not a key": "not a record"})
     tm.commit()
@@ -297,10 +303,8 @@ def test_presence_lists_users_with_a_recent_heartbeat(db: ZODB.DB, make_client: 
 
 def stored_texts(client: zchat_nb.ChatClient, room: str = "general") -> tuple[list[str], list[str]]:
     """The texts in ``client``'s stream, and those its tail holds past the stream."""
-    tm, conn = client.connection()
-    tm.begin()
+    tm, found = begin_room(client, room)
     try:
-        found = conn.root()[ROOMS_KEY][room]
         stream = found.streams[client.writer]
         return [r[2] for r in stream.values()], [r[2] for _, r in found.unflushed(client.writer, stream)]
     finally:
@@ -329,9 +333,7 @@ def test_records_wait_in_the_writers_tail_and_go_into_its_stream_a_batch_at_a_ti
     assert texts(fresh.history(100)) == everything
     assert texts(fresh.history(2)) == everything[-2:]
     assert texts(fresh.everything()) == everything
-    tm, conn = client.connection()
-    tm.begin()
-    room = conn.root()[ROOMS_KEY]["general"]
+    _, room = begin_room(client)
     assert room.message_count() == len(everything)
     assert [record[2] for _, record in room.records()] == everything
 
@@ -392,9 +394,7 @@ def test_a_tail_written_before_batching_reads_as_one_record_also_in_the_stream(
     client = make_client(db, "alice")
     chat, reader = client.session("general"), make_client(db, "bob").session("general")
     chat.add_message("one")
-    tm, conn = client.connection()
-    tm.begin()
-    room = conn.root()[ROOMS_KEY]["general"]
+    tm, room = begin_room(client)
     stream = room.streams[client.writer]
     stream[(stream.maxKey()[0] + 1, "t" * 32)] = ("t" * 32, "alice", "two", stream.maxKey()[0] + 1)
     old = Tail()
@@ -417,9 +417,7 @@ def test_the_tail_names_its_streams_last_bucket_as_the_stream_grows(
     named = []
     for i in range(200):
         chat.add_message(f"m{i}")
-        tm, conn = client.connection()
-        tm.begin()
-        room = conn.root()[ROOMS_KEY]["general"]
+        tm, room = begin_room(client)
         stream, tail = room.streams[client.writer], room.tails[client.writer]
         assert tail.bucket is _last_bucket(stream)  # None while the tree keeps its bucket inline
         named.append(tail.bucket)
