@@ -208,6 +208,7 @@ class SilentProxy:
         self.methods = methods
         self.holding = threading.Event()
         self._held: list[tuple[socket.socket, bytes]] = []
+        self._kept = threading.Condition()
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -219,6 +220,11 @@ class SilentProxy:
         """How many answers it keeps now."""
         with self._lock:
             return len(self._held)
+
+    def wait_held(self, timeout: float) -> bool:
+        """Wait until an answer is kept (True), at most ``timeout`` seconds."""
+        with self._kept:
+            return self._kept.wait_for(self.held, timeout)
 
     def release(self) -> None:
         """Stop holding, and send the answers kept so far."""
@@ -289,6 +295,8 @@ class SilentProxy:
                     stalled = answers and any(kept is sink for kept, _ in self._held)
                     if self.holding.is_set() and (stalls or stalled):
                         self._held.append((sink, head + body))
+                        with self._kept:
+                            self._kept.notify_all()
                         continue
                     sink.sendall(head + body)
         for sock in (source, sink):

@@ -20,7 +20,7 @@ PACKAGE = Path(zchat_nb.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"exceptions", "seed", "amend"},
-    {"model", "security", "net", "events", "storage", "media", "pickles", "ratelog"},
+    {"model", "security", "net", "netthread", "events", "storage", "media", "pickles", "ratelog"},
     {"server", "render", "certs", "treeview", "frames", "pgwake", "signing", "blobguard", "guard"},
     {"local", "client"},
     {"widget", "inspector", "teacher", "terminal", "demo"},

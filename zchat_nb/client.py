@@ -52,6 +52,7 @@ from .model import (
     room_names,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
+from .netthread import SharedLoopRunner
 from .pgwake import DEFAULT_FALLBACK
 from .pickles import RECORD, PicklePolicy
 from .ratelog import add_filter_once, rate_limit
@@ -839,6 +840,7 @@ def connect(
             blob_dir=blob_cache,
             shared_blob_dir=False,
             blob_cache_size=blob_cache_size,
+            _client_factory=SharedLoopRunner,
         )
         storage._zchat_blob_cache = blob_cache
         storage._zchat_records = RecordCheck(record_policy(max_text_bytes))

@@ -1,0 +1,152 @@
+"""One networking thread per process for every ZEO client of zchat_nb.
+
+ZEO gives each ``ClientStorage`` a thread of its own running its own asyncio loop. A process with
+several clients (a teacher's kernel, a notebook with a widget and a dashboard, a benchmark's ten
+readers) then has as many networking threads, and when an invalidation reaches all of them at
+once each thread wakes, takes the GIL in turn and goes back to sleep: at 200 readers in 20
+processes on two cores that hand-over was about a quarter of the CPU a delivery cost.
+:class:`SharedLoopRunner` is ZEO's ``ClientRunner`` on a loop that all clients of the process share:
+each keeps its own connection, cache and protocol, only the thread is shared, so the
+invalidations that arrive together are handled in one wake-up.
+
+The loop's thread starts with the first client and stops when the last one closes. Nothing that
+runs on it may block: ZEO's protocol never does, and zchat_nb's hooks (see
+:class:`~zchat_nb.events.ClientEvents`) only hand over to other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from typing import Any
+
+from ZEO.asyncio.client import ClientRunner
+from ZEO.asyncio.compat import new_event_loop
+
+THREAD_NAME = "zchat_nb zeo client networking thread"
+
+
+class _SharedLoop:
+    """The process's networking loop, running on its thread while any client uses it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._users = 0
+
+    def acquire(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = new_event_loop()
+                started = threading.Event()
+                thread = threading.Thread(
+                    target=self._run, args=(loop, started), name=THREAD_NAME, daemon=True
+                )
+                thread.start()
+                started.wait()
+                self._loop, self._thread = loop, thread
+            self._users += 1
+            return self._loop
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._loop is None:
+                return
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(9)  # as ZEO waits for a client's own thread
+
+    def users(self) -> int:
+        """How many clients use the loop now."""
+        with self._lock:
+            return self._users
+
+    def forget(self) -> None:
+        """In a forked child: the parent's thread did not come along, the next client starts one."""
+        self.__init__()  # type: ignore[misc]
+
+
+SHARED = _SharedLoop()
+_CLOSING = threading.Lock()
+os.register_at_fork(after_in_child=SHARED.forget)
+
+
+class SharedLoopRunner(ClientRunner):
+    """ZEO's client runner on the process's shared loop (pass as ``ClientStorage(_client_factory=...)``).
+
+    The same arguments and behaviour as ZEO's ``ClientThread``, except that closing leaves the
+    thread to the other clients.
+    """
+
+    def __init__(
+        self,
+        addrs: Any,
+        client: Any,
+        cache: Any,
+        storage_key: str = "1",
+        read_only: Any = False,
+        timeout: float = 30,
+        disconnect_poll: float = 1,
+        ssl: Any = None,
+        ssl_server_hostname: str | None = None,
+    ) -> None:
+        self.set_options(
+            addrs,
+            client,
+            cache,
+            storage_key,
+            read_only,
+            timeout,
+            disconnect_poll,
+            ssl=ssl,
+            ssl_server_hostname=ssl_server_hostname,
+        )
+        loop = SHARED.acquire()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def setup() -> None:  # on the loop, as ZEO's thread sets a client up on its own
+            try:
+                self.setup_delegation(loop)
+            except BaseException as exc:
+                ready.set_exception(exc)
+            else:
+                ready.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(setup)
+            ready.result()
+        except BaseException:
+            self._released = True
+            SHARED.release()
+            raise
+
+    _released = False
+
+    def close(self) -> None:
+        """Close this client's connection (waiting for it), then let go of the loop."""
+        with _CLOSING:  # once, whichever thread closes first
+            if self._released:
+                return
+            self._released = True
+        try:
+            super().close()
+        finally:
+            SHARED.release()
+
+    def is_closed(self) -> bool:
+        return self._released
