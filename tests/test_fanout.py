@@ -129,6 +129,14 @@ def test_a_reader_takes_each_new_message_from_the_writers_tail_fetched_before_it
     loaded: list[bytes] = []
     real = storage.loadBefore
     storage.loadBefore = lambda oid, tid: (loaded.append(oid), real(oid, tid))[1]
+    # The fetched state is kept in memory for the reader: it does not read ZEO's cache file for it.
+    storage._ZCHAT_FETCHED_KEPT = 4  # the newest 4 states only
+    file_reads: list[bytes] = []
+    me, from_file = threading.current_thread(), storage._cache.loadBefore
+    storage._cache.loadBefore = lambda oid, tid: (
+        file_reads.append(oid) if threading.current_thread() is me else None,
+        from_file(oid, tid),
+    )[1]
     for i in range(40):  # a bucket split on the way: the tail is all a reader loads still
         fetched.clear()
         writer.add_message(f"m{i}")
@@ -137,6 +145,7 @@ def test_a_reader_takes_each_new_message_from_the_writers_tail_fetched_before_it
     assert cached == [True] * 40
     assert set(loaded) == {tail_oid} and len(loaded) == 40
     assert own_fetches == [], "the reader fetched what its client had fetched for it"
+    assert tail_oid not in file_reads and 0 < len(storage._zchat_fetched) <= 4
 
     # A reader that missed messages reads them from the stream, each once, in order.
     for i in range(3):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import getpass
 import itertools
 import logging
@@ -189,6 +190,8 @@ class _WakingClientStorage(ClientStorage):
         self._zchat_answer_timeout = answer_timeout
         #: Per thread: a ``time.monotonic()`` past which no answer is waited for (see answers_by).
         self._zchat_until = threading.local()
+        #: States fetched as invalidations arrived, by ``(oid, before)`` (see _zchat_keep_fetched).
+        self._zchat_fetched: dict[tuple[bytes, bytes], tuple[bytes, bytes, bytes | None]] = {}
         super().__init__(addr, **kwargs)
         self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
         self._call = self._zchat_call
@@ -277,7 +280,7 @@ class _WakingClientStorage(ClientStorage):
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:
         # ZEO's loadBefore, but with the answer timeout: ZEO sends loads outside _call and waits
         # for their answers for ever, so a server that never answers one would hang every reader.
-        result = self._cache.loadBefore(oid, tid)
+        result = self._zchat_fetched.get((oid, tid)) or self._cache.loadBefore(oid, tid)
         if not result:
             server = self._server
             load = server.load_before_co(oid, tid, server.timeout)  # waits for a connection, then loads
@@ -309,6 +312,25 @@ class _WakingClientStorage(ClientStorage):
                 log.debug("fetching before the wake-up failed", exc_info=True)
                 self.zchat_events.fetched(event)
 
+    #: How many of :meth:`_zchat_fetch_then_wake`'s answers are kept for the readers (the newest).
+    _ZCHAT_FETCHED_KEPT = 32
+
+    def _zchat_keep_fetched(self, key: tuple[bytes, bytes], result: Any) -> None:
+        """On ZEO's thread: keep a fetched state for the readers' ``loadBefore`` of it.
+
+        ZEO stores it in its cache too, but that cache is a file: each read of it is a lock, a seek
+        and a read, on the reader's thread, as the state was just written there by this one. The
+        state of an object before a transaction never changes, so ``(oid, before)`` names it for
+        good; only a server that lost its history (a restart on other data) could answer otherwise,
+        and a reconnect forgets what was kept.
+        """
+        if not result or len(result[0]) > 65536:
+            return
+        fetched = self._zchat_fetched
+        fetched[key] = result
+        while len(fetched) > self._ZCHAT_FETCHED_KEPT:
+            fetched.pop(next(iter(fetched)), None)
+
     #: Seconds to wait for the answers to :meth:`_zchat_fetch_then_wake`'s loads before the
     #: readers are woken anyway (they then load, and time out, themselves).
     _zchat_fetch_wait = 1.0
@@ -332,7 +354,9 @@ class _WakingClientStorage(ClientStorage):
         start = (int.from_bytes(event.tid or bytes(8), "big") + 1).to_bytes(8, "big")  # the readers' snapshot
         events, pending = self.zchat_events, [len(oids)]
 
-        def answered(_: Any = None) -> None:
+        def answered(key: tuple[bytes, bytes] | None = None, future: Any = None) -> None:
+            if key is not None and not future.cancelled() and future.exception() is None:
+                self._zchat_keep_fetched(key, future.result())
             pending[0] -= 1
             if pending[0] == 0:
                 timer.cancel()
@@ -346,7 +370,9 @@ class _WakingClientStorage(ClientStorage):
         timer = io.loop.call_later(self._zchat_fetch_wait, late)
         for oid in oids:
             try:
-                io.protocol.load_before(oid, start).add_done_callback(answered)
+                io.protocol.load_before(oid, start).add_done_callback(
+                    functools.partial(answered, (oid, start))
+                )
             except Exception:  # closing: wake now, the readers find out
                 answered()
 
@@ -459,10 +485,12 @@ class _WakingClientStorage(ClientStorage):
         # restarted storage (it starts after the largest oid it stored): creating an object with
         # one would collide ("A different object already has the same oid"). Ask afresh.
         del self._oids[:]
+        self._zchat_fetched.clear()
         super().notify_connected(conn, info)
         self.zchat_events.tell(ClientEvent("connected", time.time()))
 
     def notify_disconnected(self) -> None:
+        self._zchat_fetched.clear()
         super().notify_disconnected()
         self.zchat_events.tell(ClientEvent("disconnected", time.time()))
 
