@@ -100,3 +100,29 @@ def test_a_forked_child_starts_its_own_thread(server: zchat_nb.Server) -> None:
             child.kill()
         assert child.exitcode == 0
         assert [m.text for m in reader.new_messages(timeout=10)] == ["hi"]
+
+
+def test_closing_a_client_on_the_networking_thread_is_refused_not_a_hang(server: zchat_nb.Server) -> None:
+    """A subscriber's callback runs on the shared thread: a close there would wait for that thread."""
+    with (
+        zchat_nb.connect(server.address, user="alice") as alice,
+        zchat_nb.connect(server.address, user="bob") as bob,
+    ):
+        outcome: list[BaseException | None] = []
+        heard = threading.Event()
+
+        def close_bob(event: zchat_nb.ClientEvent) -> None:
+            if event.kind == "invalidation" and not heard.is_set():
+                try:
+                    bob.close()
+                    outcome.append(None)
+                except RuntimeError as exc:
+                    outcome.append(exc)
+                heard.set()
+
+        alice.subscribe(close_bob)
+        bob.session("general").add_message("wakes alice's client")
+        assert heard.wait(10), "no invalidation reached alice"
+        assert isinstance(outcome[0], RuntimeError) and "another thread" in str(outcome[0])
+        assert not bob.closed  # still usable, closed by the with block
+        bob.session("general").add_message("still works")

@@ -53,7 +53,7 @@ from .model import (
     room_names,
 )
 from .net import Address, check_tls, format_address, probe, speaks_tls
-from .netthread import SharedLoopRunner
+from .netthread import SharedLoopRunner, refuse_closing_here
 from .pgwake import DEFAULT_FALLBACK
 from .pickles import RECORD, PicklePolicy
 from .ratelog import add_filter_once, rate_limit
@@ -736,6 +736,7 @@ class ChatClient:
 
     def close(self) -> None:
         """Close every connection and the database; wakes and ends any waiting reader."""
+        refuse_closing_here()
         with self._lock:
             if self._closed:
                 return

@@ -71,6 +71,11 @@ class _SharedLoop:
         if thread is not None and thread is not threading.current_thread():
             thread.join(9)  # as ZEO waits for a client's own thread
 
+    def is_current(self) -> bool:
+        """Whether the calling thread is the networking thread."""
+        thread = self._thread
+        return thread is not None and thread is threading.current_thread()
+
     def users(self) -> int:
         """How many clients use the loop now."""
         with self._lock:
@@ -84,6 +89,16 @@ class _SharedLoop:
 SHARED = _SharedLoop()
 _CLOSING = threading.Lock()
 os.register_at_fork(after_in_child=SHARED.forget)
+
+
+def refuse_closing_here() -> None:
+    """Raise if called on the networking thread: closing a client there would wait for that very
+    thread (it runs the close), for ever."""
+    if SHARED.is_current():
+        raise RuntimeError(
+            "a zchat_nb client cannot be closed on the networking thread (in a subscriber's"
+            " callback): close it from another thread"
+        )
 
 
 class SharedLoopRunner(ClientRunner):
@@ -139,6 +154,7 @@ class SharedLoopRunner(ClientRunner):
 
     def close(self) -> None:
         """Close this client's connection (waiting for it), then let go of the loop."""
+        refuse_closing_here()
         with _CLOSING:  # once, whichever thread closes first
             if self._released:
                 return
