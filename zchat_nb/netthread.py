@@ -3,8 +3,9 @@
 ZEO gives each ``ClientStorage`` a thread of its own running its own asyncio loop. A process with
 several clients (a teacher's kernel, a notebook with a widget and a dashboard, a benchmark's ten
 readers) then has as many networking threads, and when an invalidation reaches all of them at
-once each thread wakes, takes the GIL in turn and goes back to sleep: at 200 readers in 20
-processes on two cores that hand-over was about a quarter of the CPU a delivery cost.
+once each thread wakes, takes the GIL in turn and goes back to sleep: with ten readers in a
+process that was 12% of the CPU a delivery cost when the machine was quiet, more under load
+(``benchmarks/RESULTS.md``).
 :class:`SharedLoopRunner` is ZEO's ``ClientRunner`` on a loop that all clients of the process share:
 each keeps its own connection, cache and protocol, only the thread is shared, so the
 invalidations that arrive together are handled in one wake-up.
@@ -36,6 +37,8 @@ class _SharedLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._users = 0
+        #: Taken by a client's close, so that it lets go of the loop once whoever closes it.
+        self.closing = threading.Lock()
 
     def acquire(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -87,7 +90,6 @@ class _SharedLoop:
 
 
 SHARED = _SharedLoop()
-_CLOSING = threading.Lock()
 os.register_at_fork(after_in_child=SHARED.forget)
 
 
@@ -155,7 +157,7 @@ class SharedLoopRunner(ClientRunner):
     def close(self) -> None:
         """Close this client's connection (waiting for it), then let go of the loop."""
         refuse_closing_here()
-        with _CLOSING:  # once, whichever thread closes first
+        with SHARED.closing:  # once, whichever thread closes first
             if self._released:
                 return
             self._released = True
