@@ -93,3 +93,32 @@ def test_a_client_that_lived_through_a_restart_can_still_create_objects(kind: st
         assert sorted(survivor.rooms()) == sorted(
             ["general"] + [f"room {i}" for i in range(5)] + [f"survivor {i}" for i in range(5)]
         )
+
+
+def test_the_states_fetched_for_readers_are_forgotten_across_a_restart(tmp_path: Path) -> None:
+    """What a client fetched for its readers is named by (oid, snapshot); a server that comes back may
+    hold other data under the same names, so a reconnect forgets it, and the reader reads on once."""
+    with (
+        restartable("thread", tmp_path / "chat.fs") as server,
+        zchat_nb.connect(server.address, user="writer", timeout=30) as writer_client,
+        zchat_nb.connect(server.address, user="reader", timeout=30) as reader_client,
+    ):
+        writer = writer_client.session("general")
+        reader = reader_client.session("general", backlog=0)
+        reader.new_messages()
+        writer.add_message("first")  # makes the writer's stream and tail
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["first"]
+        writer.add_message("second")  # held in the tail: fetched for the reader as it is invalidated
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["second"]
+        fetched = reader_client.db.storage._zchat_fetched
+        assert fetched, "nothing was fetched for the reader: nothing to forget"
+
+        gone, back = _events(reader_client, "disconnected"), _events(reader_client, "connected")
+        server.stop()
+        assert gone.wait(30), "the client never noticed the server had gone"
+        assert fetched == {}
+        server.start()
+        assert back.wait(30), "the client did not reconnect within 30 s"
+        writer.add_message("third")
+        assert [m.text for m in reader.new_messages(timeout=10)] == ["third"]
+        assert reader.new_messages() == []
