@@ -208,8 +208,8 @@ class SilentProxy:
         self.methods = methods
         self.holding = threading.Event()
         self._held: list[tuple[socket.socket, bytes]] = []
-        self._kept = threading.Condition()
         self._lock = threading.Lock()
+        self._kept = threading.Condition(self._lock)  # notified as an answer is kept
         self._socks: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address: tuple[str, int] = self.listener.getsockname()
@@ -224,7 +224,7 @@ class SilentProxy:
     def wait_held(self, timeout: float) -> bool:
         """Wait until an answer is kept (True), at most ``timeout`` seconds."""
         with self._kept:
-            return self._kept.wait_for(self.held, timeout)
+            return self._kept.wait_for(lambda: bool(self._held), timeout)
 
     def release(self) -> None:
         """Stop holding, and send the answers kept so far."""
@@ -295,8 +295,7 @@ class SilentProxy:
                     stalled = answers and any(kept is sink for kept, _ in self._held)
                     if self.holding.is_set() and (stalls or stalled):
                         self._held.append((sink, head + body))
-                        with self._kept:
-                            self._kept.notify_all()
+                        self._kept.notify_all()
                         continue
                     sink.sendall(head + body)
         for sock in (source, sink):
