@@ -30,6 +30,7 @@ from zchat_nb.model import ROOMS_KEY, Message, Room, Tail
 from .attacks import dag_pickle, honest_pair_works, overwrite
 from .conftest import ServerProcess
 from .helpers import Loads
+from .test_client import collect
 
 pytestmark = pytest.mark.integration
 
@@ -211,6 +212,15 @@ def test_crafted_tails_make_readers_read_the_stream_and_the_writer_repairs_them(
 KEY = (1.0, "k" * 32)
 
 
+def _two_read_one_held(alice: zchat_nb.ChatClient, bob: zchat_nb.ChatClient) -> tuple[Any, Any]:
+    """alice sends "one" and "two" (the second held in her tail), bob's session reads both."""
+    chat, reader = alice.session("general"), bob.session("general")
+    chat.add_message("one")
+    chat.add_message("two")
+    assert [m.text for m in collect(reader, 2)] == ["one", "two"]
+    return chat, reader
+
+
 @pytest.mark.parametrize(
     "held",
     [
@@ -230,13 +240,7 @@ def test_a_tail_holding_what_no_writer_stores_is_not_believed(
         zchat_nb.connect(address, user="alice") as alice,
         zchat_nb.connect(address, user="bob") as bob,
     ):
-        chat, reader = alice.session("general"), bob.session("general")
-        chat.add_message("one")
-        chat.add_message("two")  # held in alice's tail
-        got: list[str] = []
-        while len(got) < 2:
-            got += [m.text for m in reader.new_messages(timeout=10)]
-        assert got == ["one", "two"]
+        chat, reader = _two_read_one_held(alice, bob)
 
         def vandalise(conn: ZODB.Connection.Connection) -> None:
             tail = conn.root()[ROOMS_KEY]["general"].tails[alice.writer]
@@ -260,12 +264,7 @@ def test_a_tail_that_does_not_load_is_replaced_by_its_writer(lenient_server: zch
         zchat_nb.connect(address, user="alice") as alice,
         zchat_nb.connect(address, user="bob") as bob,
     ):
-        chat, reader = alice.session("general"), bob.session("general")
-        chat.add_message("one")
-        chat.add_message("two")  # held in alice's tail
-        got: list[str] = []
-        while len(got) < 2:
-            got += [m.text for m in reader.new_messages(timeout=10)]
+        chat, reader = _two_read_one_held(alice, bob)
         tm, conn = alice.connection()
         tm.begin()
         oid = conn.root()[ROOMS_KEY]["general"].tails[alice.writer]._p_oid
