@@ -205,6 +205,11 @@ def _invalidation(count: int) -> bytes:
     return _server_frame(0, True, "invalidateTransaction", (_TID, [_OID] * count))
 
 
+def _pushed(data: bytes) -> bytes:
+    """A state the server pushes ahead of an invalidation (``GuardedStorageServer.invalidate``)."""
+    return _server_frame(0, True, "zchat_pushed", (_TID, _OID, data))
+
+
 def _answer(msgid: int, value: object) -> bytes:
     """The server's answer to a call (a vote's ``[]``, a finish's tid)."""
     return _server_frame(msgid, 0, ".reply", value)
@@ -236,10 +241,13 @@ _COMMIT_FRAMES = [
         _reply(b"r" * 3000),
         _reply(b"r" * 40, flag=False),
         *map(_invalidation, (0, 1, 3, 1001)),
+        _pushed(b"p" * 40),
+        _pushed(b"p" * 3000),
         *_COMMIT_FRAMES,
     ],
     ids=[
         *["reply", "last", "empty", "long", "false", "inv0", "inv1", "inv3", "inv1001"],
+        *["pushed", "pushed-long"],
         *["vote", "finish", "none", "id4", "info1", "info2", "info4"],
     ],
 )
@@ -260,11 +268,13 @@ def test_the_frames_of_a_delivery_or_a_send_skip_the_full_check(frame: bytes) ->
         _reply(b"r" * 300, None),
         _reply(b"r" * 20, flag=False),
         _invalidation(2),
+        _pushed(b"p" * 20),
+        _pushed(b"p" * 300),
         _answer(7, []),
         _answer(300, _TID),
         _info(7, 70_000),
     ],
-    ids=["short", "long", "false", "inv", "vote", "finish", "info"],
+    ids=["short", "long", "false", "inv", "pushed", "pushed-long", "vote", "finish", "info"],
 )
 def test_no_one_byte_change_of_a_plain_frame_gets_past_the_full_check_unchecked(frame: bytes) -> None:
     """What the match lets through, the full check lets through as well: it is never looser."""

@@ -57,7 +57,14 @@ from .netthread import SharedLoopRunner, refuse_closing_here
 from .pgwake import DEFAULT_FALLBACK
 from .pickles import RECORD, PicklePolicy
 from .ratelog import add_filter_once, rate_limit
-from .security import RecordCheck, checked_conflict_states, class_factory, harden_client_process
+from .security import (
+    MAX_WATCHED,
+    PUSH_VERSION,
+    RecordCheck,
+    checked_conflict_states,
+    class_factory,
+    harden_client_process,
+)
 from .storage import PostgresTarget, is_storage_uri, parse_storage_uri
 
 if TYPE_CHECKING:
@@ -192,6 +199,11 @@ class _WakingClientStorage(ClientStorage):
         self._zchat_until = threading.local()
         #: States fetched as invalidations arrived, by ``(oid, before)`` (see _zchat_keep_fetched).
         self._zchat_fetched: dict[tuple[bytes, bytes], tuple[bytes, bytes, bytes | None]] = {}
+        #: States the server pushed ahead of their invalidation, by ``(oid, tid)`` (see zchat_pushed).
+        self._zchat_pushed: dict[tuple[bytes, bytes], bytes] = {}
+        #: The server takes ``zchat_watch`` (zchat_nb's does; ZEO's own does not).
+        self._zchat_can_watch = False
+        events.on_watch = self._zchat_watch_changed
         super().__init__(addr, **kwargs)
         self._zchat_raw_call: Callable[..., Any] = getattr(self, "_call")  # noqa: B009 (set by ZEO)
         self._call = self._zchat_call
@@ -302,15 +314,68 @@ class _WakingClientStorage(ClientStorage):
 
     def invalidateTransaction(self, tid: bytes, oids: Iterable[bytes]) -> None:
         oids = tuple(oids)
+        # Before the snapshot moves on: a reader that begins meanwhile finds them at once.
+        pushed = self._zchat_take_pushed(tid, oids) if self._zchat_pushed else ()
         super().invalidateTransaction(tid, oids)  # first: a begin() after the wake-up sees it
         io = self._zchat_io()
         event, wanted = self.zchat_events.committed("invalidation", tid, oids, can_fetch=io is not None)
+        if wanted and pushed:
+            wanted = [oid for oid in wanted if oid not in pushed]
+            if not wanted and event is not None:
+                self.zchat_events.fetched(event)
         if wanted and event is not None:
             try:
                 self._zchat_fetch_then_wake(io, event, wanted)
             except Exception:  # ZEO's loop is closing: wake the readers now, they find out
                 log.debug("fetching before the wake-up failed", exc_info=True)
                 self.zchat_events.fetched(event)
+
+    #: How many pushed states are held for the invalidation that follows them (the server sends at
+    #: most zchat_nb.guard.PUSH_MAX_OIDS a commit).
+    _ZCHAT_PUSHED_KEPT = 32
+
+    def zchat_pushed(self, tid: bytes, oid: bytes, data: bytes) -> None:
+        """On ZEO's thread: the server sent the state ``oid`` has from ``tid`` on, ahead of the
+        invalidation of ``tid`` (it does for the oids of :meth:`_zchat_watch_changed`).
+
+        Held until that invalidation, which takes it as the answer to the load it would have made.
+        """
+        pushed = self._zchat_pushed
+        if len(pushed) < self._ZCHAT_PUSHED_KEPT:
+            pushed[oid, tid] = data
+
+    def _zchat_take_pushed(self, tid: bytes, oids: tuple[bytes, ...]) -> set[bytes]:
+        """On ZEO's thread, as the invalidation of ``tid`` arrives (ZEO has invalidated ``oids`` in
+        its cache): cache the states pushed for it as ZEO caches a load's answer, and keep them for
+        the readers. Returns their oids; forgets every pushed state."""
+        pushed, self._zchat_pushed = self._zchat_pushed, {}
+        start = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")  # the readers' snapshot
+        taken = set()
+        named = frozenset(oids)
+        for (oid, pushed_tid), data in pushed.items():
+            if pushed_tid == tid and oid in named:
+                with contextlib.suppress(ValueError):  # "already have current data": a load was first
+                    self._cache.store(oid, tid, None, data)
+                self._zchat_keep_fetched((oid, start), (data, tid, None))
+                taken.add(oid)
+        return taken
+
+    def _zchat_watch_changed(self) -> None:
+        """The oids the readers watch changed (any thread): tell the server, from ZEO's thread."""
+        if self._zchat_can_watch:
+            with contextlib.suppress(RuntimeError, AttributeError):  # closed, or not started yet
+                self._server.loop.call_soon_threadsafe(self._zchat_send_watch)
+
+    def _zchat_send_watch(self, io: Any = None) -> None:
+        """On ZEO's thread: ask the server to push the states of the oids the readers watch
+        (``io``: ZEO's connection, while it connects)."""
+        io = io or self._zchat_io()
+        if io is not None and self._zchat_can_watch:
+            watching = tuple(sorted(self.zchat_events.watching())[:MAX_WATCHED])
+            try:
+                io.call_async("zchat_watch", (watching,))
+            except Exception:  # lost meanwhile: sent again when connected
+                log.debug("could not send the watched oids", exc_info=True)
 
     #: How many of :meth:`_zchat_fetch_then_wake`'s answers are kept for the readers (the newest).
     _ZCHAT_FETCHED_KEPT = 32
@@ -486,11 +551,16 @@ class _WakingClientStorage(ClientStorage):
         # one would collide ("A different object already has the same oid"). Ask afresh.
         del self._oids[:]
         self._zchat_fetched.clear()
+        self._zchat_pushed = {}
         super().notify_connected(conn, info)
+        self._zchat_can_watch = isinstance(info, dict) and info.get("zchat_push") == PUSH_VERSION
+        if self._zchat_can_watch and self.zchat_events.watching():
+            self._zchat_send_watch(conn)
         self.zchat_events.tell(ClientEvent("connected", time.time()))
 
     def notify_disconnected(self) -> None:
         self._zchat_fetched.clear()
+        self._zchat_pushed = {}
         super().notify_disconnected()
         self.zchat_events.tell(ClientEvent("disconnected", time.time()))
 

@@ -53,6 +53,8 @@ class ChangeTracker(Protocol):
 
     #: Oids its reader will load as soon as one of them changes (see :meth:`ClientEvents.committed`).
     watched: frozenset[bytes]
+    #: Called (no arguments) when ``watched`` changes: set by :meth:`ClientEvents.track`.
+    on_watch: Callable[[], None] | None
 
 
 class ClientEvents:
@@ -73,6 +75,11 @@ class ClientEvents:
         #: Weak references to the trackers (a plain list: cheaper to walk than a WeakSet, on
         #: every commit any client makes); dead ones are dropped as they are met.
         self._trackers: list[weakref.ref[Any]] = []
+        #: The oids the trackers watch, all together (see :meth:`watch_changed`).
+        self._watching: frozenset[bytes] = frozenset()
+        #: Called (no arguments, under this object's lock: it must only hand over) when
+        #: :meth:`watching` changes; the ZEO client sets it to have the server push their states.
+        self.on_watch: Callable[[], None] | None = None
 
     def generation(self) -> int:
         """A counter bumped by every event of :data:`WAKE_KINDS` and by :meth:`close`."""
@@ -90,6 +97,21 @@ class ClientEvents:
         with self._changed:
             if all(ref() is not changes for ref in self._trackers):
                 self._trackers.append(weakref.ref(changes))
+        # Told when its watched oids change (a new tracker watches nothing: nothing to tell yet).
+        changes.on_watch = self.watch_changed
+
+    def watching(self) -> frozenset[bytes]:
+        """The oids that some tracker's reader loads as soon as they change."""
+        return self._watching
+
+    def watch_changed(self) -> None:
+        """A tracker's ``watched`` changed: tell :attr:`on_watch` if :meth:`watching` did."""
+        with self._changed:
+            watching = frozenset().union(*(changes.watched for changes in self._live_trackers()))
+            if watching != self._watching:
+                self._watching = watching
+                if self.on_watch is not None:
+                    self.on_watch()
 
     def _live_trackers(self) -> list[Any]:
         """The trackers still alive (under ``_changed``); forgets the dead ones."""

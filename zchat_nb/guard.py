@@ -16,6 +16,11 @@ logs without limit. :class:`GuardedStorageServer` is ``ZEO.StorageServer.Storage
   offender is closed, others go on;
 - conflict states checked before the server unpickles them;
 - its loggers rate-limited (:mod:`zchat_nb.ratelog`).
+
+And one thing stock ZEO does not do: a client may name the objects its readers watch
+(``zchat_watch``); the server then sends it their new state just before each invalidation that
+names them (``zchat_pushed``), so that a delivery costs no load (see
+:meth:`GuardedStorageServer.invalidate`).
 """
 
 from __future__ import annotations
@@ -46,7 +51,14 @@ from zodbpickle.pickle import Pickler
 from .blobguard import MAX_BLOB_BYTES, BlobLimitedZEOStorage
 from .pickles import SERVER_WIRE, PicklePolicy, RefusedPickle, check_pickle
 from .ratelog import rate_limit
-from .security import checked_conflict_states
+from .security import (
+    MAX_WATCHED,
+    PUSH_MAX_BYTES,
+    PUSH_MAX_COMMIT_OIDS,
+    PUSH_MAX_OIDS,
+    PUSH_VERSION,
+    checked_conflict_states,
+)
 
 __all__ = ["CHAT_METHODS", "GuardedStorageServer", "ServerLimits", "decode_checked_frame", "decode_frame"]
 
@@ -57,13 +69,14 @@ MiB = 1024 * 1024
 #: What a chat client (ZODB over ClientStorage) calls after ``register``; teachers also ``pack``.
 #: Shared pictures move as blobs (storeBlobStart/Chunk/End up, sendBlob down), bounded by
 #: :mod:`zchat_nb.blobguard`. Gone: restorea/undo*/iterator_* (storage copying, undo),
-#: storeBlobShared, history/loadSerial/getTid/record_iternext (history), deleteObject.
+#: storeBlobShared, history/loadSerial/getTid/record_iternext (history), deleteObject. Added:
+#: zchat_watch (pushed states).
 CHAT_METHODS = frozenset(
     {
         "get_info", "lastTransaction", "getInvalidations", "new_oids", "pack", "loadBefore",
         "storea", "checkCurrentSerialInTransaction", "tpc_begin", "vote", "tpc_finish",
         "tpc_abort", "server_status", "set_client_label", "ping",
-        "storeBlobStart", "storeBlobChunk", "storeBlobEnd", "sendBlob",
+        "storeBlobStart", "storeBlobChunk", "storeBlobEnd", "sendBlob", "zchat_watch",
     }
 )  # fmt: skip
 
@@ -289,6 +302,21 @@ class GuardedZEOStorage(BlobLimitedZEOStorage):
     def set_client_label(self, label: Any) -> None:
         if isinstance(label, str) and len(label) <= 200:
             super().set_client_label(label)
+
+    #: The oids whose new state this client asked to get with their invalidation (``zchat_watch``).
+    zchat_watched: frozenset[bytes] = frozenset()
+
+    def get_info(self) -> Any:
+        info = super().get_info()
+        info["zchat_push"] = PUSH_VERSION
+        return info
+
+    def zchat_watch(self, oids: Any) -> None:
+        """From now on, send this client the new state of any of ``oids`` a commit changes, just
+        before its invalidation (replaces what it watched before)."""
+        if not (isinstance(oids, (list, tuple)) and len(oids) <= MAX_WATCHED and all(map(_is_oid, oids))):
+            raise ValueError(f"zchat_watch(oids: a tuple of at most {MAX_WATCHED} oids of 8 bytes)")
+        self.zchat_watched = frozenset(oids)
 
 
 class LockWatchdog:
@@ -658,12 +686,15 @@ class GuardedStorageServer(StorageServer):
         return GuardedZEOStorage(self, self.read_only)
 
     def invalidate(self, zeo_storage: Any, storage_id: str, tid: bytes, invalidated: Any) -> None:
-        """ZEO's broadcast of a commit's oids to every other client, the frame pickled once.
+        """ZEO's broadcast of a commit's oids to every other client, the frame pickled once, and
+        before it the new states of the objects each client watches (``zchat_watch``).
 
         ZEO pickles it again for each client and wakes its loop once per client; in a lecture
         hall that is 200 pickles and 200 wake-ups per message. The frames are the same bytes
         (every connection here speaks Z5: ``finish_connection`` refuses the others), sent in the
-        same order, from one callback on the server's loop.
+        same order, from one callback on the server's loop. A pushed state is loaded and pickled
+        once for all the clients that watch it: each would otherwise ask for it, and wait a round
+        trip, as the invalidation arrives.
         """
         invq = self.invq[storage_id]
         if len(invq) >= self.invq_bound:
@@ -672,14 +703,54 @@ class GuardedStorageServer(StorageServer):
         targets = [zs for zs in self.zeo_storages_by_storage_id[storage_id] if zs is not zeo_storage]
         if not targets:
             return
-        frame = encoder(b"Z5", True)(0, True, "invalidateTransaction", (tid, invalidated))
+        encode = encoder(b"Z5", True)
+        frame = encode(0, True, "invalidateTransaction", (tid, invalidated))
 
         def send() -> None:
+            # Here, not above: this runs inside the storage's tpc_finish, under its lock.
+            pushes = self._pushes(storage_id, tid, invalidated, targets, encode)
             for zs in targets:
                 if zs.connection is not None and not zs.connection.closed:
+                    for push in pushes.get(zs, ()):
+                        zs.connection.write_message(push)
                     zs.connection.write_message(frame)
 
         try:  # every connection runs on the acceptor's one loop
             targets[0].connection.loop.call_soon_threadsafe(send)
         except RuntimeError:  # the loop is closed: the server is stopping
             log.debug("invalidations not sent: the server's loop is closed")
+
+    def _pushes(
+        self, storage_id: str, tid: bytes, invalidated: Any, targets: list[Any], encode: Any
+    ) -> dict[Any, list[bytes]]:
+        """The ``zchat_pushed(tid, oid, data)`` frames for each client of ``targets`` that watches
+        an object of the commit (see :data:`PUSH_MAX_OIDS` and the other bounds)."""
+        watchers = [zs for zs in targets if zs.zchat_watched]
+        if not watchers or len(invalidated) > PUSH_MAX_COMMIT_OIDS:
+            return {}
+        storage = self.storages[storage_id]
+        before = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")
+        frames: dict[bytes, bytes | None] = {}
+
+        def frame_of(oid: bytes) -> bytes | None:
+            if oid not in frames:
+                frames[oid] = None
+                try:
+                    loaded = storage.loadBefore(oid, before)
+                except Exception:  # gone (a pack), or unreadable: the client loads it, and is told
+                    log.debug("no state of %r to push", oid, exc_info=True)
+                    loaded = None
+                if loaded is not None:
+                    data, serial, end = loaded
+                    if serial == tid and end is None and len(data) <= PUSH_MAX_BYTES:
+                        frames[oid] = encode(0, True, "zchat_pushed", (tid, oid, data))
+            return frames[oid]
+
+        pushes: dict[Any, list[bytes]] = {}
+        for zs in watchers:
+            watched = zs.zchat_watched
+            wanted = [oid for oid in invalidated if oid in watched][:PUSH_MAX_OIDS]
+            mine = [push for push in map(frame_of, wanted) if push is not None]
+            if mine:
+                pushes[zs] = mine
+        return pushes

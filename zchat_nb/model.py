@@ -814,11 +814,24 @@ class Changes:
         #: Oids whose change its reader will load at once (its writers' tails; a stream's right
         #: edge where the writer has none): the client may fetch them before it wakes the reader
         #: (see ``ClientEvents.committed``).
-        self.watched: frozenset[bytes] = frozenset()
+        self._watched: frozenset[bytes] = frozenset()
+        #: Told when ``watched`` changes (see ``ClientEvents.track``).
+        self.on_watch: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._all = True
         #: ``oid -> tid`` of the latest commit that changed it (None: not known).
         self._oids: dict[bytes, bytes | None] = {}
+
+    @property
+    def watched(self) -> frozenset[bytes]:
+        return self._watched
+
+    @watched.setter
+    def watched(self, oids: frozenset[bytes]) -> None:
+        if oids != self._watched:
+            self._watched = oids
+            if self.on_watch is not None:
+                self.on_watch()
 
     def mark(self, oids: Iterable[bytes], tid: bytes | None = None) -> None:
         if not self.exact:  # every take() says "everything" anyway

@@ -209,6 +209,17 @@ def harden_conflict_resolution() -> None:
     cr.find_global = _conflict_find_global
 
 
+#: Pushed states (see ``zchat_nb.guard.GuardedStorageServer.invalidate``): a client watches at most this many
+#: oids; a commit of more than :data:`PUSH_MAX_COMMIT_OIDS` objects pushes nothing; at most
+#: :data:`PUSH_MAX_OIDS` states a commit to one client, none larger than :data:`PUSH_MAX_BYTES`.
+#: What is not pushed the client loads, as it would without pushes.
+MAX_WATCHED = 256
+PUSH_MAX_COMMIT_OIDS = 64
+PUSH_MAX_OIDS = 8
+PUSH_MAX_BYTES = 16 * 1024
+#: ``get_info()["zchat_push"]``: this server takes ``zchat_watch`` and sends ``zchat_pushed``.
+PUSH_VERSION = 1
+
 #: The server's ``invalidateTransaction(tid, [oid, ...])`` as ZEO pickles it (protocol 3, no memo;
 #: the oids appended one by one or in MARK ... APPENDS batches).
 _INVALIDATION = re.compile(
@@ -221,6 +232,9 @@ _LOAD_REPLY_HEAD = re.compile(
     rb"\x80\x03\(C\x08.{8}C\x08.{8}\x86(?:K\x00|\x89)X\x06\x00\x00\x00\.reply", re.DOTALL
 )
 _TID = re.compile(rb"C\x08.{8}(?:N|C\x08.{8})\x87t\.", re.DOTALL)
+#: The head of a pushed state ``zchat_pushed(tid, oid, data)`` (see ``GuardedStorageServer.invalidate``).
+_PUSHED_PREFIX = b"\x80\x03(K\x00\x88X\x0c\x00\x00\x00zchat_pushed"
+_PUSHED_HEAD = re.compile(rb"\x80\x03\(K\x00\x88X\x0c\x00\x00\x00zchat_pushedC\x08.{8}C\x08.{8}", re.DOTALL)
 #: A small int as ZEO's pickler writes it (BININT1, BININT2, BININT).
 _INT = rb"(?:K.|M..|J....)"
 #: What the server answers a commit with: the vote's ``[]`` (nothing resolved), the finish's tid,
@@ -239,7 +253,8 @@ _COMMIT_FRAME = re.compile(
 def is_plain_server_frame(frame: bytes) -> bool:
     """True if ``frame`` is, byte for byte, one of the frames every delivered or sent message brings.
 
-    An invalidation, a load's answer ``(data, serial, next serial or None)``, the answers to a
+    An invalidation and the states pushed ahead of it, a load's answer ``(data, serial, next
+    serial or None)``, the answers to a
     commit's vote and finish and the server's ``info`` after it: plain bytes, small ints and str in
     tuples, a fresh list or dict, nothing memoized, no globals, so there is nothing for
     :func:`~zchat_nb.pickles.check_pickle` to refuse but size, which is checked here too. Anything
@@ -249,17 +264,24 @@ def is_plain_server_frame(frame: bytes) -> bool:
         return False
     head = _LOAD_REPLY_HEAD.match(frame)
     if head is not None:
-        # The record: SHORT_BINBYTES (length in one byte) or BINBYTES (four, little-endian).
-        pos = head.end()
-        kind = frame[pos : pos + 1]
-        if kind == b"C" and len(frame) > pos + 1:
-            end = pos + 2 + frame[pos + 1]
-        elif kind == b"B" and len(frame) >= pos + 5:
-            end = pos + 5 + int.from_bytes(frame[pos + 1 : pos + 5], "little")
-        else:
-            return False
-        return _TID.fullmatch(frame, end) is not None
+        end = _bytes_end(frame, head.end())
+        return end is not None and _TID.fullmatch(frame, end) is not None
+    head = _PUSHED_HEAD.match(frame)
+    if head is not None:
+        end = _bytes_end(frame, head.end())
+        return end is not None and frame[end:] == b"\x87t."
     return _INVALIDATION.fullmatch(frame) is not None or _COMMIT_FRAME.fullmatch(frame) is not None
+
+
+def _bytes_end(frame: bytes, pos: int) -> int | None:
+    """Where the bytes pickled at ``pos`` end: SHORT_BINBYTES (length in one byte) or BINBYTES
+    (four, little-endian); None if there are none."""
+    kind = frame[pos : pos + 1]
+    if kind == b"C" and len(frame) > pos + 1:
+        return pos + 2 + frame[pos + 1]
+    if kind == b"B" and len(frame) >= pos + 5:
+        return pos + 5 + int.from_bytes(frame[pos + 1 : pos + 5], "little")
+    return None
 
 
 def _no_globals(module: str, name: str) -> Any:
@@ -309,11 +331,34 @@ def harden_client_process() -> None:
                     self._zchat_plain = is_plain_server_frame(data)
                     if not self._zchat_plain:
                         check_pickle(data, CLIENT_WIRE)
+                    if data.startswith(_PUSHED_PREFIX):  # ZEO knows no such call
+                        self._zchat_pushed(self.decode(data)[3])
+                        return
                 except RefusedPickle as exc:
                     log.error("closing the connection to the ZEO server at %s: %s", self.addr, exc)
+                    # As ZEO does when it loses a connection (its own close() would leave the
+                    # client thinking it is connected): tell the client, which connects again.
+                    client = self.client
                     self.close(exc)
+                    if client is not None:
+                        client.disconnected(self)
                     return
             super().message_received(data)
+
+        def _zchat_pushed(self, args: Any) -> None:
+            """A state the server pushed ahead of an invalidation: to the storage, which asked."""
+            if not (
+                type(args) is tuple
+                and len(args) == 3
+                and all(type(value) is bytes for value in args)
+                and len(args[0]) == len(args[1]) == 8
+                and len(args[2]) <= PUSH_MAX_BYTES
+            ):
+                raise RefusedPickle(f"a pushed state is (tid, oid, data), not {args!r:.80}")
+            storage = getattr(self.client, "client", None)
+            take = getattr(storage, "zchat_pushed", None)
+            if take is not None and self.client.ready:  # while it connects, invalidations wait
+                take(*args)
 
     _client_protocol = GuardedClientProtocol
     zeo_client.Protocol = GuardedClientProtocol
