@@ -322,7 +322,10 @@ class _WakingClientStorage(ClientStorage):
         if wanted and pushed:
             wanted = [oid for oid in wanted if oid not in pushed]
             if not wanted and event is not None:
-                self.zchat_events.fetched(event)
+                # Once this turn of the loop is over: the frames that came with this one (the
+                # process's other clients') are handled first, then all their readers wake
+                # together, instead of each one taking the GIL from this thread in turn.
+                io.loop.call_soon(self.zchat_events.fetched, event)
         if wanted and event is not None:
             try:
                 self._zchat_fetch_then_wake(io, event, wanted)
