@@ -6,9 +6,10 @@ Server loads are ZEO's own count (``server_status()["loads"]``); tests count, th
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,19 +111,23 @@ def test_the_watch_is_sent_again_after_a_restart(tmp_path: Path, make_client: Ma
         assert deliver(reader_client, writer_client, 3) == 0  # the restarted server was told
 
 
-def _watching_peer(address: tuple[str, int], oids: object) -> RawPeer:
+@contextlib.contextmanager
+def watching_peer(address: tuple[str, int], oids: object) -> Iterator[RawPeer]:
+    """A raw peer, registered, that has sent ``zchat_watch(oids)``; closed after the block."""
     peer = RawPeer(address)
-    peer.register()
-    peer.send(call(0, "zchat_watch", oids, asynchronous=True))
-    return peer
+    try:
+        peer.register()
+        peer.send(call(0, "zchat_watch", oids, asynchronous=True))
+        yield peer
+    finally:
+        peer.close()
 
 
 def test_a_raw_peer_gets_the_watched_state_just_before_its_invalidation(
     server: zchat_nb.Server, make_client: MakeClient
 ) -> None:
     reader_client, writer_client, tail = reader_and_writer(server.address, make_client)
-    peer = _watching_peer(server.address, (tail,))
-    try:
+    with watching_peer(server.address, (tail,)) as peer:
         peer.send(call(2, "lastTransaction"))
         assert isinstance(peer.reply(), bytes)  # the watch was taken: the server read on
         reader = reader_client.session("general", backlog=0)
@@ -140,8 +145,6 @@ def test_a_raw_peer_gets_the_watched_state_just_before_its_invalidation(
         storage = reader_client.db.storage
         start = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")
         assert storage.loadBefore(tail, start) == (data, tid, None)
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize(
@@ -156,11 +159,8 @@ def test_a_raw_peer_gets_the_watched_state_just_before_its_invalidation(
     ids=["too-many", "short-oid", "str-oid", "not-a-tuple", "dict"],
 )
 def test_a_bad_watch_closes_only_the_peer_that_sent_it(server: zchat_nb.Server, oids: object) -> None:
-    peer = _watching_peer(server.address, oids)
-    try:
+    with watching_peer(server.address, oids) as peer:
         assert peer.closed_by_server(10)
-    finally:
-        peer.close()
     honest_pair_works(server.address)
 
 
@@ -169,11 +169,8 @@ def test_a_peer_that_watches_and_never_reads_holds_no_one_up(
 ) -> None:
     """Its pushes and invalidations pile up unread; the others' deliveries go on, pushed."""
     reader_client, writer_client, tail = reader_and_writer(server.address, make_client)
-    peer = _watching_peer(server.address, (tail,))
-    try:
+    with watching_peer(server.address, (tail,)):
         assert deliver(reader_client, writer_client, 20) == 0
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize(
