@@ -254,11 +254,10 @@ def is_plain_server_frame(frame: bytes) -> bool:
     """True if ``frame`` is, byte for byte, one of the frames every delivered or sent message brings.
 
     An invalidation and the states pushed ahead of it, a load's answer ``(data, serial, next
-    serial or None)``, the answers to a
-    commit's vote and finish and the server's ``info`` after it: plain bytes, small ints and str in
-    tuples, a fresh list or dict, nothing memoized, no globals, so there is nothing for
-    :func:`~zchat_nb.pickles.check_pickle` to refuse but size, which is checked here too. Anything
-    else, a near miss included, is left to the full check.
+    serial or None)``, the answers to a commit's vote and finish and the server's ``info`` after
+    it: plain bytes, small ints and str in tuples, a fresh list or dict, nothing memoized, no
+    globals, so there is nothing for :func:`~zchat_nb.pickles.check_pickle` to refuse but size,
+    which is checked here too. Anything else, a near miss included, is left to the full check.
     """
     if frame.__class__ is not bytes or len(frame) > CLIENT_WIRE.max_bytes:
         return False
