@@ -6,6 +6,7 @@ resolves concurrent inserts into one bucket as in production, and connect two cl
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -123,6 +124,9 @@ def test_inspector_sees_the_server_commits_conflicts_polls_and_the_tree(
         assert "stream bucket" in html_by_class[("zchat-inspector-invalidations",)]
         assert "sending to room" in html_by_class[("zchat-inspector-commits",)]
         assert a.address_text in html_by_class[("zchat-inspector-server",)]
+        # the loads the server answered, from its status: a count that only grows
+        shown = re.search(r"(\d+) answered by the server", html_by_class[("zchat-inspector-server",)])
+        assert shown is not None and 0 < int(shown.group(1)) <= a.server_status()["loads"]
     finally:
         inspector.close()
     assert not inspector.running and inspector.closed

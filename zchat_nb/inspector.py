@@ -532,6 +532,15 @@ class Inspector(ipywidgets.VBox):
                     "(all clients, since it started)",
                 )
             )
+            rows.append(
+                (
+                    '<span title="objects the server read for a client that asked; a reader of '
+                    "zchat-nb serve gets the new state of what it watches with the invalidation, "
+                    'so a delivered message adds none">loads</span>',
+                    f"{esc(str(server.get('loads', '?')))} answered by the server "
+                    "(all clients, since it started)",
+                )
+            )
         rows.append(("watching", f"room {esc(repr(state['room']))} as {esc(state['user'])}"))
         body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
         error = f'<div class="zchat-inspector-error">{esc(state["error"])}</div>' if state["error"] else ""
