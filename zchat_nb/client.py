@@ -32,6 +32,7 @@ from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZEO.TransactionBuffer import TransactionBuffer
 from ZODB.POSException import ReadOnlyError, StorageTransactionError
+from ZODB.utils import p64, u64, z64
 from zodbpickle.pickle import Pickler, Unpickler
 
 from .events import ClientEvent, ClientEvents
@@ -352,7 +353,7 @@ class _WakingClientStorage(ClientStorage):
         its cache): cache the states pushed for it as ZEO caches a load's answer, and keep them for
         the readers. Returns their oids; forgets every pushed state."""
         pushed, self._zchat_pushed = self._zchat_pushed, {}
-        start = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")  # the readers' snapshot
+        start = p64(u64(tid) + 1)  # the readers' snapshot
         taken = set()
         named = frozenset(oids)
         for (oid, pushed_tid), data in pushed.items():
@@ -419,7 +420,7 @@ class _WakingClientStorage(ClientStorage):
         way). Readers are woken anyway after :attr:`_zchat_fetch_wait` s, or at once if a load
         cannot be asked for.
         """
-        start = (int.from_bytes(event.tid or bytes(8), "big") + 1).to_bytes(8, "big")  # the readers' snapshot
+        start = p64(u64(event.tid or z64) + 1)  # the readers' snapshot
         events, pending = self.zchat_events, [len(oids)]
 
         def answered(key: tuple[bytes, bytes] | None = None, future: Any = None) -> None:

@@ -46,6 +46,7 @@ from ZEO.asyncio.marshal import encoder
 from ZEO.asyncio.server import Acceptor, ServerProtocol
 from ZEO.StorageServer import CommitLog, StorageServer
 from ZODB.POSException import StorageTransactionError
+from ZODB.utils import p64, u64
 from zodbpickle.pickle import Pickler
 
 from .blobguard import MAX_BLOB_BYTES, BlobLimitedZEOStorage
@@ -729,22 +730,21 @@ class GuardedStorageServer(StorageServer):
         if not watchers or len(invalidated) > PUSH_MAX_COMMIT_OIDS:
             return {}
         storage = self.storages[storage_id]
-        before = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")
-        frames: dict[bytes, bytes | None] = {}
+        before = p64(u64(tid) + 1)
 
+        @functools.cache  # loaded and pickled once for all the watchers
         def frame_of(oid: bytes) -> bytes | None:
-            if oid not in frames:
-                frames[oid] = None
-                try:
-                    loaded = storage.loadBefore(oid, before)
-                except Exception:  # gone (a pack), or unreadable: the client loads it, and is told
-                    log.debug("no state of %r to push", oid, exc_info=True)
-                    loaded = None
-                if loaded is not None:
-                    data, serial, end = loaded
-                    if serial == tid and end is None and len(data) <= PUSH_MAX_BYTES:
-                        frames[oid] = encode(0, True, "zchat_pushed", (tid, oid, data))
-            return frames[oid]
+            try:
+                loaded = storage.loadBefore(oid, before)
+            except Exception:  # gone (a pack), or unreadable: the client loads it, and is told
+                log.debug("no state of %r to push", oid, exc_info=True)
+                return None
+            if loaded is None:
+                return None
+            data, serial, end = loaded
+            if serial != tid or end is not None or len(data) > PUSH_MAX_BYTES:
+                return None
+            return encode(0, True, "zchat_pushed", (tid, oid, data))
 
         pushes: dict[Any, list[bytes]] = {}
         for zs in watchers:

@@ -234,7 +234,7 @@ _LOAD_REPLY_HEAD = re.compile(
 _TID = re.compile(rb"C\x08.{8}(?:N|C\x08.{8})\x87t\.", re.DOTALL)
 #: The head of a pushed state ``zchat_pushed(tid, oid, data)`` (see ``GuardedStorageServer.invalidate``).
 _PUSHED_PREFIX = b"\x80\x03(K\x00\x88X\x0c\x00\x00\x00zchat_pushed"
-_PUSHED_HEAD = re.compile(rb"\x80\x03\(K\x00\x88X\x0c\x00\x00\x00zchat_pushedC\x08.{8}C\x08.{8}", re.DOTALL)
+_PUSHED_HEAD = re.compile(re.escape(_PUSHED_PREFIX) + rb"C\x08.{8}C\x08.{8}", re.DOTALL)
 #: A small int as ZEO's pickler writes it (BININT1, BININT2, BININT).
 _INT = rb"(?:K.|M..|J....)"
 #: What the server answers a commit with: the vote's ``[]`` (nothing resolved), the finish's tid,
