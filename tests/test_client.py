@@ -257,6 +257,62 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
         assert events == []
 
 
+def test_a_subscriber_of_named_kinds_hears_only_those(file_server: zchat_nb.Server) -> None:
+    with (
+        zchat_nb.connect(file_server.address, user="a") as a,
+        zchat_nb.connect(file_server.address, user="b") as b,
+    ):
+        commits: list[zchat_nb.ClientEvent] = []
+        everything: list[zchat_nb.ClientEvent] = []
+        heard = threading.Event()
+        a.subscribe(commits.append, kinds={"commit"})
+        a.subscribe(lambda e: (everything.append(e), e.kind == "invalidation" and heard.set()))
+        chat = a.session("general")
+        chat.add_message("mine")
+        chat.new_messages()
+        b.session("general").add_message("theirs")
+        assert heard.wait(10)
+        assert [e.kind for e in commits] == ["commit"]  # not its poll, not the invalidation
+        assert commits[0].details["conflicts"] == 0 and "sending" in commits[0].details["what"]
+        assert {"committed", "invalidation"} <= {e.kind for e in everything}
+        for bad in ({"commits"}, "commit", {"invalidation", "typed"}):
+            with pytest.raises(ValueError, match=r"the kinds are commit, committed, .*, resolved") as info:
+                a.subscribe(commits.append, kinds=bad)
+            assert repr(bad)[:20] in str(info.value)
+
+
+@pytest.mark.integration
+def test_the_cache_keeps_the_last_tid_in_memory_not_in_its_temporary_file(
+    file_server: zchat_nb.Server,
+) -> None:
+    from ZODB.utils import p64, u64
+
+    with (
+        zchat_nb.connect(file_server.address, user="a") as a,
+        zchat_nb.connect(file_server.address, user="b") as b,
+    ):
+        cache = a.db.storage._cache
+        assert cache.path is None  # ZEO's temporary file: nobody opens it again
+
+        def file_header() -> bytes:  # magic and tid; under the cache's lock (ZEO's thread writes too)
+            with cache._lock:
+                position = cache.f.tell()
+                cache.f.seek(0)
+                header = cache.f.read(12)
+                cache.f.seek(position)
+                return header
+
+        before = file_header()
+        chat = a.session("general")
+        for i in range(5):
+            b.session("general").add_message(f"from b {i}")
+        assert len(collect(chat, 5)) == 5  # five invalidations reached a
+        assert cache.getLastTid() == a.db.storage.lastTransaction() == b.db.storage.lastTransaction()
+        assert file_header() == before  # no write for any of them
+        with pytest.raises(ValueError, match="must be greater than previous one"):
+            cache.setLastTid(p64(u64(cache.getLastTid()) - 1))
+
+
 def test_a_reader_is_woken_by_a_send_from_its_own_client(server: zchat_nb.Server) -> None:
     """ZEO sends no invalidation to the committing client: the client wakes its own readers."""
     with zchat_nb.connect(server.address, user="a") as client:

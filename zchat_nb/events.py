@@ -201,10 +201,25 @@ class ClientEvents:
             self.tell(ClientEvent(kind, time.time(), details=details))
 
     def subscribe(
-        self, callback: Callable[[ClientEvent], None], *, activity: bool = False, fetched: bool = False
+        self,
+        callback: Callable[[ClientEvent], None],
+        *,
+        activity: bool = False,
+        fetched: bool = False,
+        kinds: Iterable[str] | None = None,
     ) -> Callable[[], None]:
         """See :meth:`ChatClient.subscribe`."""
-        entry = (callback, WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS, fetched)
+        if kinds is None:
+            wanted = WAKE_KINDS | ACTIVITY_KINDS if activity else WAKE_KINDS
+        else:
+            wanted = frozenset(kinds)
+            unknown = sorted(wanted - WAKE_KINDS - ACTIVITY_KINDS)
+            if unknown or isinstance(kinds, str):
+                raise ValueError(
+                    f"subscribe(kinds=...) takes a collection of event kinds, not {kinds!r:.80}; the "
+                    f"kinds are {', '.join(sorted(WAKE_KINDS | ACTIVITY_KINDS))}"
+                )
+        entry = (callback, wanted, fetched)
         with self._changed:
             self._subscribers.append(entry)
 
