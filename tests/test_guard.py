@@ -156,3 +156,105 @@ def test_the_guarded_server_logs_its_transactions_in_memory() -> None:
             assert [m.id for m in client.session("general").history(5)] == [sent.id]
     finally:
         server.stop()
+
+
+class _Manager:
+    storage_id = "1"
+
+    def __init__(self, waiting: int) -> None:
+        self.waiting = [object()] * waiting
+
+
+class _Storage:
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, int]] = []
+
+    def log(self, message: str, level: int) -> None:
+        self.logged.append((message, level))
+
+
+def test_the_lock_queue_is_logged_only_when_long_and_at_most_every_30_s(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import zchat_nb.guard as guard
+
+    now = [1000.0]
+    monkeypatch.setattr(guard.time, "monotonic", lambda: now[0])
+    zs, manager = _Storage(), _Manager(9)
+    queue_log = guard.QueueLog(manager)
+    for _ in range(3):  # ZEO warns from 4 waiting on, for each commit; nine waiting is a busy class
+        queue_log(zs, "(%r) lock: transactions waiting: %s")
+    assert zs.logged == []
+    manager.waiting *= 2
+    for _ in range(3):
+        now[0] += 10
+        queue_log(zs, "(%r) unlock: transactions waiting: %s")
+    assert zs.logged == [
+        ("('1') unlock: transactions waiting: 18 (logged at most every 30 s)", logging.WARNING)
+    ]
+    now[0] += guard.QUEUE_LOG_SECONDS
+    queue_log(zs, "(%r) queue lock: transactions waiting: %s")
+    assert len(zs.logged) == 2
+    caplog.set_level(logging.DEBUG, logger="ZEO.StorageServer")  # asked for: short queues are told
+    manager.waiting = [object()]
+    queue_log(zs, "(%r) lock: transactions waiting: %s")
+    assert zs.logged[-1] == ("('1') lock: transactions waiting: 1", logging.DEBUG)
+
+
+@pytest.mark.integration
+def test_twelve_commits_queued_behind_a_held_lock_give_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import threading
+
+    from ZEO.ClientStorage import ClientStorage
+    from ZODB.Connection import TransactionMetaData
+
+    import zchat_nb
+
+    server = zchat_nb.serve()
+    manager = server._server.lock_managers["1"]
+    queue_log, all_queued = manager._log_waiting, threading.Event()
+
+    def log_waiting(zs: object, message: str) -> None:  # told of every change to the queue
+        queue_log(zs, message)
+        if len(manager.waiting) == 12:
+            all_queued.set()
+
+    manager._log_waiting = log_waiting
+    holder = ClientStorage(server.address, wait_timeout=10)
+    clients = [zchat_nb.connect(server.address, user=f"s{i}") for i in range(12)]
+    try:
+        sessions = [client.session("general") for client in clients]
+        sessions[0].add_message("the room exists")
+        caplog.set_level(logging.WARNING, logger="ZEO.StorageServer")
+        txn = TransactionMetaData()
+        holder.tpc_begin(txn)
+        holder.store(holder.new_oid(), b"\0" * 8, b"read by nobody", "", txn)
+        holder.tpc_vote(txn)  # holds the commit lock until its tpc_finish
+        sent: list[str] = []
+        senders = [
+            threading.Thread(target=lambda s=s, i=i: sent.append(s.add_message(f"queued {i}").id))
+            for i, s in enumerate(sessions)
+        ]
+        for thread in senders:
+            thread.start()
+        assert all_queued.wait(30), f"{len(manager.waiting)} commits queued, not 12"
+        holder.tpc_finish(txn)
+        for thread in senders:
+            thread.join(30)
+        assert len(set(sent)) == 12
+        waiting = [r for r in caplog.records if "transactions waiting" in r.getMessage()]
+        # ZEO's own: a warning for each queue change from 4 commits waiting on (about 30 here).
+        assert [r.levelno for r in waiting] == [logging.WARNING]
+        assert waiting[0].getMessage().endswith(
+            "('1') queue lock: transactions waiting: 10 (logged at most every 30 s)"
+        )
+    finally:
+        for client in clients:
+            client.close()
+        holder.close()
+        server.stop()

@@ -15,7 +15,8 @@ logs without limit. :class:`GuardedStorageServer` is ``ZEO.StorageServer.Storage
   connections per peer (address, or user on a Unix socket) and in all, time to register; the
   offender is closed, others go on;
 - conflict states checked before the server unpickles them;
-- its loggers rate-limited (:mod:`zchat_nb.ratelog`).
+- its loggers rate-limited (:mod:`zchat_nb.ratelog`), and the length of the commit lock's queue
+  logged only when it is long, at most every :data:`QUEUE_LOG_SECONDS` (see :class:`QueueLog`).
 
 And one thing stock ZEO does not do: a client may name the objects its readers watch
 (``zchat_watch``); the server then sends it their new state just before each invalidation that
@@ -35,6 +36,7 @@ import re
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -318,6 +320,43 @@ class GuardedZEOStorage(BlobLimitedZEOStorage):
         if not (isinstance(oids, (list, tuple)) and len(oids) <= MAX_WATCHED and all(map(_is_oid, oids))):
             raise ValueError(f"zchat_watch(oids: a tuple of at most {MAX_WATCHED} oids of 8 bytes)")
         self.zchat_watched = frozenset(oids)
+
+
+#: Commits waiting for the lock from which the queue is worth a warning (ZEO warns from 4 on).
+QUEUE_WARNING = 10
+#: Seconds between two of those warnings.
+QUEUE_LOG_SECONDS = 30.0
+
+
+class QueueLog:
+    """Replaces a ZEO lock manager's ``_log_waiting``, which logs the queue's length four times a
+    commit (queued, locked, unlocked, dequeued) and as a WARNING once 4 commits wait.
+
+    In a lecture hall a few students sending at once is the normal case: with 8 writers those
+    records, dropped again by the rate limit, were a tenth of the server's CPU (py-spy of
+    ``benchmarks.writers``), on the one thread every commit waits for. This logs the queue at
+    DEBUG only when that level is on, and as a warning only from :data:`QUEUE_WARNING` commits
+    waiting, at most once every :data:`QUEUE_LOG_SECONDS`.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self._next_warning = -math.inf
+        self._debug = logging.getLogger(ZEO.StorageServer.__name__).isEnabledFor
+
+    def __call__(self, zs: Any, message: str) -> None:
+        length = len(self.manager.waiting)
+        if length >= QUEUE_WARNING:
+            now = time.monotonic()
+            if now >= self._next_warning:
+                self._next_warning = now + QUEUE_LOG_SECONDS
+                zs.log(
+                    f"{message % (self.manager.storage_id, length)} (logged at most every "
+                    f"{QUEUE_LOG_SECONDS:g} s)",
+                    logging.WARNING,
+                )
+        elif self._debug(logging.DEBUG):
+            zs.log(message % (self.manager.storage_id, length), logging.DEBUG)
 
 
 class LockWatchdog:
@@ -680,6 +719,7 @@ class GuardedStorageServer(StorageServer):
         ZEO.StorageServer.CommitLog = MemoryCommitLog  # made by ZEOStorage.tpc_begin, a global of ZEO's
         for manager in self.lock_managers.values():
             manager.timeout = LockWatchdog(self.limits.commit_lock_timeout)
+            manager._log_waiting = QueueLog(manager)
         for storage in storages.values():
             _checked_conflict_states(storage)
 
