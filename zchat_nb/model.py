@@ -429,7 +429,7 @@ class Tail(Persistent):
 
 def _chars(record: object) -> int:
     """The characters of a record's str fields: what it weighs in a Tail."""
-    return sum(len(part) for part in record if type(part) is str) if type(record) is tuple else 0
+    return sum([len(part) for part in record if type(part) is str]) if type(record) is tuple else 0
 
 
 class _Records(NamedTuple):
@@ -877,6 +877,22 @@ def _children(node: Any) -> list[Any]:
     return [child for child in state[0][::2] if isinstance(child, Persistent)]
 
 
+def _last_child(node: Any) -> Any:
+    """The last child of a BTree node, as :func:`_children` finds them (None if it has none).
+
+    Every send that moves records into a stream walks its right edge: taking the last entry of
+    the node's state, not all of its up to 500 children, keeps that walk's cost flat as the
+    stream grows.
+    """
+    if not type(node).__name__.endswith("BTree"):
+        return None
+    state = node.__getstate__()
+    if not state or len(state) != 2:
+        return None
+    last = state[0][-1]
+    return last if isinstance(last, Persistent) else None
+
+
 def _edge_oids(tree: Any) -> list[bytes]:
     """Oids of a BTree's root and its right edge: the objects an append at the end changes."""
     oids, node = [], tree
@@ -884,8 +900,7 @@ def _edge_oids(tree: Any) -> list[bytes]:
         if node is None or node._p_oid is None:
             break
         oids.append(node._p_oid)
-        children = _children(node)
-        node = children[-1] if children else None
+        node = _last_child(node)
     return oids
 
 
@@ -893,10 +908,10 @@ def _last_bucket(tree: OOBTree) -> OOBucket | None:
     """A BTree's last bucket; None while the tree keeps its one bucket inside its own record."""
     node: Any = tree
     for _ in range(32):  # deeper than any real tree
-        children = _children(node)
-        if not children:
+        child = _last_child(node)
+        if child is None:
             return node if type(node) is OOBucket else None
-        node = children[-1]
+        node = child
     return None
 
 
@@ -1732,7 +1747,10 @@ class ChatSession:
         """
         text = check_text(text, self._host.max_text_bytes)
         parent = _reply_id(reply_to)
-        message = Message(uuid.uuid4().hex, self._host.user, text, float(self._host.clock()), reply_to=parent)
+        host = self._host
+        message = Message(
+            uuid.uuid4().hex, host.user, text, float(host.clock()), reply_to=parent, writer=host.writer
+        )
         return self.post(message)
 
     def draft(self, text: object, *, author: object = None, id: object = None) -> Message:
@@ -1768,7 +1786,10 @@ class ChatSession:
             self._commit(append, what=f"sending to room {self.room!r}")
         signer = self._host.signer
         verified = signer is not None and signer.name == message.author
-        return dataclasses.replace(stored[0], writer=writer, verified=verified)
+        result = stored[0]
+        if result.writer != writer or result.verified != verified:
+            result = dataclasses.replace(result, writer=writer, verified=verified)
+        return result
 
     def share(
         self, obj: Any, caption: str = "", *, name: str | None = None, author: str | None = None
