@@ -308,13 +308,14 @@ def w_raw_commits(address: tuple[str, int], n: int, barrier: Any | None, tag: st
         if barrier is not None:
             barrier.wait(120)
         latencies = []
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         for i in range(n):
             t = time.perf_counter()
             counter["n"] = i
             tm.commit()
             latencies.append(time.perf_counter() - t)
-        return {"start": start, "end": time.time(), "latencies": latencies}
+        cpu = time.process_time() - cpu
+        return {"start": start, "end": time.time(), "latencies": latencies, "cpu": cpu}
     finally:
         db.close()
 
@@ -346,19 +347,23 @@ def w_ours_writer(address: tuple[str, int], room: str, n: int, barrier: Any, tag
         session = client.session(room, backlog=0)
         ids = [session.add_message(f"{tag} warm-up").id]
         retries: list[int] = []  # conflicts retried per message, from the client's "commit" events
-        client.subscribe(
-            lambda e: retries.append(e.details.get("conflicts", 0)) if e.kind == "commit" else None,
-            activity=True,
-        )
+        client.subscribe(lambda e: retries.append(e.details.get("conflicts", 0)), kinds={"commit"})
         barrier.wait(120)
         latencies = []
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         for i in range(n):
             t = time.perf_counter()
             ids.append(session.add_message(f"{tag} {i}").id)
             latencies.append(time.perf_counter() - t)
-        end = time.time()
-        return {"start": start, "end": end, "latencies": latencies, "sent": ids, "retries": retries}
+        end, cpu = time.time(), time.process_time() - cpu
+        return {
+            "start": start,
+            "end": end,
+            "latencies": latencies,
+            "sent": ids,
+            "retries": retries,
+            "cpu": cpu,
+        }
 
 
 def w_seed_writer(address: tuple[str, int], channel: str, n: int, barrier: Any, tag: str) -> dict[str, Any]:
