@@ -311,6 +311,11 @@ def test_the_cache_keeps_the_last_tid_in_memory_not_in_its_temporary_file(
         assert file_header() == before  # no write for any of them
         with pytest.raises(ValueError, match="must be greater than previous one"):
             cache.setLastTid(p64(u64(cache.getLastTid()) - 1))
+        last = cache.getLastTid()
+        cache.clear()  # as ZEO's does, clear() keeps the tid: a reader's snapshot stays where it was
+        assert cache.getLastTid() == last
+        b.session("general").add_message("after the clear")
+        assert [m.text for m in collect(chat, 1)] == ["after the clear"]
 
 
 def test_a_reader_is_woken_by_a_send_from_its_own_client(server: zchat_nb.Server) -> None:

@@ -187,8 +187,8 @@ class _EphemeralCache(ClientCache):
     ZEO also writes it into the file, a seek, a write and a flush on ZEO's thread for every
     invalidation, so that a cache file opened again can be checked against the server. A
     temporary file is never opened again; in a lecture hall those were two system calls in every
-    client for every message anyone sent. After ``clear()`` (a cache too old to verify) ZEO sets
-    the server's tid at once, as with its own cache.
+    client for every message anyone sent. ``clear()`` keeps the tid, as ZEO's does (it reads it
+    back from the file).
     """
 
     tid: bytes  # set by ZEO's __init__
@@ -204,6 +204,12 @@ class _EphemeralCache(ClientCache):
                 raise ValueError(
                     f"new last tid ({u64(tid)}) must be greater than previous one ({u64(self.tid)})"
                 )
+            self.tid = tid
+
+    def clear(self) -> None:
+        with self._lock:  # an RLock: ZEO's clear takes it too
+            tid = self.tid
+            super().clear()  # reads the file's tid, the one from when the file was made
             self.tid = tid
 
 
