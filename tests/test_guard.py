@@ -250,9 +250,8 @@ def test_twelve_commits_queued_behind_a_held_lock_give_one_warning(
         waiting = [r for r in caplog.records if "transactions waiting" in r.getMessage()]
         # ZEO's own: a warning for each queue change from 4 commits waiting on (about 30 here).
         assert [r.levelno for r in waiting] == [logging.WARNING]
-        assert waiting[0].getMessage().endswith(
-            "('1') queue lock: transactions waiting: 10 (logged at most every 30 s)"
-        )
+        told = waiting[0].getMessage()
+        assert told.endswith("('1') queue lock: transactions waiting: 10 (logged at most every 30 s)")
     finally:
         for client in clients:
             client.close()
