@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.writers              # 6 pairs of 8 processes x 150 sends
     python -m benchmarks.writers --pairs 10 --sends 300
+    python -m benchmarks.writers --threads --processes 9 --sends 1000 --pairs 2   # 2 rounds
 
 The writer row of ``benchmarks/run.py`` is one pair, and the machine's speed swings between runs
 minutes apart (the raw control's own rate moved from 261 to 600 commits/s in one day), so one pair
@@ -14,7 +15,13 @@ one ``zchat-nb serve`` with a FileStorage; the table gives each pair's rates, th
 target is >= 0.9), both per-commit p99s, the server process's CPU per commit of both (over each
 half's whole run, its connections and warm-up commits included) and the writer processes' own CPU
 per commit (over the timed window: the commits, and the other writers' invalidations they handle).
-Prints the table; writes nothing. Nothing here is run by the test suite.
+
+``--threads`` instead measures where a writer's CPU goes: 3 processes each of three kinds commit at
+once on one server (the same machine load for all): the raw control, a raw commit of one small
+object through zchat_nb's client (``connect()``'s ZEO client: its memory transaction buffer, one
+hand-over of a transaction's messages, its cache), and ``add_message``; each process gives the CPU
+of its sending thread and of its ZEO networking thread per commit.
+Prints the tables; writes nothing. Nothing here is run by the test suite.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +68,94 @@ def measure(
     return rate, percentile(latencies, 99), cpu / (len(latencies) + warmups), own
 
 
+def _thread_cpu_of(loop: Any) -> float:
+    """``time.thread_time()`` of the thread running ``loop``."""
+    done, out = threading.Event(), []
+    loop.call_soon_threadsafe(lambda: (out.append(time.thread_time()), done.set()))
+    done.wait(30)
+    return out[0]
+
+
+def w_thread_cpu(kind: str, address: tuple[str, int], n: int, barrier: Any, tag: str) -> tuple[float, ...]:
+    """One writer of ``kind`` ("raw", "client", "zchat_nb"): CPU per commit of its sending thread,
+    of its ZEO networking thread, and of the process, over ``n`` commits after the barrier."""
+    import transaction
+
+    def measure(loop: Any, step: Callable[[int], object]) -> tuple[float, ...]:
+        for i in range(30):  # warm-up
+            step(i)
+        barrier.wait(120)
+        main, io, process = time.thread_time(), _thread_cpu_of(loop), time.process_time()
+        for i in range(n):
+            step(i)
+        ends = time.thread_time(), _thread_cpu_of(loop), time.process_time()
+        return tuple((end - start) / n for start, end in zip((main, io, process), ends, strict=True))
+
+    if kind == "raw":
+        import ZODB
+        from ZEO.ClientStorage import ClientStorage
+
+        storage = ClientStorage(address)
+        db = ZODB.DB(storage)
+        try:
+            tm = transaction.TransactionManager()
+            counter = db.open(transaction_manager=tm).root()["bench-raw"][tag]
+            return measure(storage._server.loop, lambda i: (counter.__setitem__("n", i), tm.commit()))
+        finally:
+            db.close()
+    import zchat_nb
+
+    with zchat_nb.connect(address, user=f"writer-{tag}") as client:
+        loop = client.db.storage._server.loop
+        if kind == "client":
+            tm = transaction.TransactionManager()
+            counter = client.db.open(transaction_manager=tm).root()["bench-raw"][tag]
+            return measure(loop, lambda i: (counter.__setitem__("n", i), tm.commit()))
+        session = client.session(ROOM, backlog=0)
+        return measure(loop, lambda i: session.add_message(f"{tag} {i}"))
+
+
+THREAD_KINDS = (
+    ("raw", "raw commit, ZEO's ClientStorage"),
+    ("client", "raw commit, zchat_nb's client"),
+    ("zchat_nb", "add_message"),
+)
+
+
+def thread_cpu(ctx: Any, server: ServerProcess, per_kind: int, sends: int, rounds: int) -> None:
+    print(
+        f"{per_kind} processes of each kind at once, {sends} commits each; CPU µs per commit "
+        "(sending thread / ZEO networking thread / process):"
+    )
+    print()
+    print("| round | " + " | ".join(label for _, label in THREAD_KINDS) + " |")
+    print("|---:|" + "---:|" * len(THREAD_KINDS))
+    for round_ in range(rounds):
+        barrier = ctx.Barrier(per_kind * len(THREAD_KINDS) + 1)
+        workers = {
+            kind: [
+                spawn(ctx, w_thread_cpu, kind, server.address, sends, barrier, f"w{j * per_kind + i}")
+                for i in range(per_kind)
+            ]
+            for j, (kind, _) in enumerate(THREAD_KINDS)
+        }
+        barrier.wait(120)
+        cells = []
+        for kind, _ in THREAD_KINDS:
+            found = [worker.result() for worker in workers[kind]]
+            main, io, process = (1e6 * statistics.mean(f[k] for f in found) for k in range(3))
+            cells.append(f"{main:.0f} / {io:.0f} / {process:.0f}")
+        print(f"| {round_ + 1} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--sends", type=int, default=150, help="timed sends (commits) per process")
     parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument(
+        "--threads", action="store_true", help="where a writer's CPU goes, by thread (see above)"
+    )
     args = parser.parse_args(argv)
     ctx = multiprocessing.get_context("spawn")
     k = args.processes
@@ -76,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ServerProcess(Path(tmp) / "writers.fs", log_path=Path(tmp) / "server.log") as server:
             spawn(ctx, w_raw_setup, server.address, [f"w{i}" for i in range(k)]).result()
             spawn(ctx, w_ours_read_all, server.address, ROOM).result()  # makes the room
+            if args.threads:
+                thread_cpu(ctx, server, max(1, k // len(THREAD_KINDS)), args.sends, args.pairs)
+                return 0
             for pair in range(args.pairs):
                 # Every other pair in the other order: the machine's speed drifts within a pair too,
                 # and the half that always ran second would always take the drift.
