@@ -878,11 +878,12 @@ def _children(node: Any) -> list[Any]:
 
 
 def _last_child(node: Any) -> Any:
-    """The last child of a BTree node, as :func:`_children` finds them (None if it has none).
+    """The last child of a BTree node: None for a bucket, a tree that keeps its one bucket
+    inside its own record, or a last entry that is not a node (a crafted tree).
 
     Every send that moves records into a stream walks its right edge: taking the last entry of
-    the node's state, not all of its up to 500 children, keeps that walk's cost flat as the
-    stream grows.
+    the node's state, not all of its up to 500 children (:func:`_children`), keeps that walk's
+    cost flat as the stream grows.
     """
     if not type(node).__name__.endswith("BTree"):
         return None
