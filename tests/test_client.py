@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +20,17 @@ from zchat_nb import Message
 from .helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def ada_and_bob(server: zchat_nb.Server) -> Iterator[tuple[zchat_nb.ChatClient, zchat_nb.ChatClient]]:
+    """Two clients of ``server``, users "a" and "b", closed at the end."""
+    with (
+        zchat_nb.connect(server.address, user="a") as a,
+        zchat_nb.connect(server.address, user="b") as b,
+    ):
+        yield a, b
+
 
 WRITER = """
 import sys, zchat_nb
@@ -206,10 +219,7 @@ def test_send_while_the_server_stays_away_fails_clearly_within_the_timeout(
 def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
     file_server: zchat_nb.Server,
 ) -> None:
-    with (
-        zchat_nb.connect(file_server.address, user="a") as a,
-        zchat_nb.connect(file_server.address, user="b") as b,
-    ):
+    with ada_and_bob(file_server) as (a, b):
         events: list[zchat_nb.ClientEvent] = []
         heard = threading.Event()
 
@@ -258,10 +268,7 @@ def test_subscribers_hear_invalidations_commits_polls_and_resolved_conflicts(
 
 
 def test_a_subscriber_of_named_kinds_hears_only_those(file_server: zchat_nb.Server) -> None:
-    with (
-        zchat_nb.connect(file_server.address, user="a") as a,
-        zchat_nb.connect(file_server.address, user="b") as b,
-    ):
+    with ada_and_bob(file_server) as (a, b):
         commits: list[zchat_nb.ClientEvent] = []
         everything: list[zchat_nb.ClientEvent] = []
         heard = threading.Event()
@@ -287,10 +294,7 @@ def test_the_cache_keeps_the_last_tid_in_memory_not_in_its_temporary_file(
 ) -> None:
     from ZODB.utils import p64, u64
 
-    with (
-        zchat_nb.connect(file_server.address, user="a") as a,
-        zchat_nb.connect(file_server.address, user="b") as b,
-    ):
+    with ada_and_bob(file_server) as (a, b):
         cache = a.db.storage._cache
         assert cache.path is None  # ZEO's temporary file: nobody opens it again
 
