@@ -40,7 +40,7 @@ class ClientEvent:
 #: Events that wake readers waiting in ``new_messages``: the server's invalidations and
 #: (dis)connections, and this client's own finished commits, of which ZEO sends it no invalidation.
 WAKE_KINDS = frozenset({"invalidation", "connected", "disconnected", "committed"})
-#: What this client itself did; only ``subscribe(..., activity=True)`` callers hear them.
+#: What this client itself did; only subscribers that ask (``activity=True``, or ``kinds``) hear them.
 ACTIVITY_KINDS = frozenset({"commit", "poll", "resolved"})
 
 
