@@ -170,16 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.threads:
                 thread_cpu(ctx, server, max(1, k // len(THREAD_KINDS)), args.sends, args.pairs)
                 return 0
+            halves = {"raw": (w_raw_commits,), "zchat_nb": (w_ours_writer, ROOM)}
             for pair in range(args.pairs):
                 # Every other pair in the other order: the machine's speed drifts within a pair too,
                 # and the half that always ran second would always take the drift.
-                if pair % 2 == 0:
-                    raw = measure(ctx, w_raw_commits, k, server, args.sends)
-                    ours = measure(ctx, w_ours_writer, k, server, ROOM, args.sends)
-                else:
-                    ours = measure(ctx, w_ours_writer, k, server, ROOM, args.sends)
-                    raw = measure(ctx, w_raw_commits, k, server, args.sends)
-                order = "raw first" if pair % 2 == 0 else "zchat_nb first"
+                first = "raw" if pair % 2 == 0 else "zchat_nb"
+                got = {
+                    name: measure(ctx, halves[name][0], k, server, *halves[name][1:], args.sends)
+                    for name in sorted(halves, key=lambda name: name != first)
+                }
+                raw, ours = got["raw"], got["zchat_nb"]
+                order = f"{first} first"
                 rows.append((time.strftime("%H:%M"), order, raw, ours))
                 print(
                     f"pair {pair + 1} ({order}): raw {raw[0]:.0f}/s, zchat_nb {ours[0]:.0f}/s "

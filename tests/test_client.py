@@ -288,7 +288,6 @@ def test_a_subscriber_of_named_kinds_hears_only_those(file_server: zchat_nb.Serv
             assert repr(bad)[:20] in str(info.value)
 
 
-@pytest.mark.integration
 def test_the_cache_keeps_the_last_tid_in_memory_not_in_its_temporary_file(
     file_server: zchat_nb.Server,
 ) -> None:
@@ -384,7 +383,7 @@ def test_a_send_hands_its_two_stores_to_zeos_thread_at_once(file_server: zchat_n
         storage = client.db.storage
         one_by_one: list[str] = []
         batches: list[list[str]] = []
-        single, batch = storage._zchat_raw_async, storage._zchat_raw_async_iter
+        single, batch = storage._zchat_raw_async, storage._zchat_hand_over
 
         def async_(method: str, *args: object) -> None:
             one_by_one.append(method)
@@ -395,7 +394,7 @@ def test_a_send_hands_its_two_stores_to_zeos_thread_at_once(file_server: zchat_n
             batches.append([method for method, _ in messages])
             batch(iter(messages))
 
-        storage._zchat_raw_async, storage._zchat_raw_async_iter = async_, async_iter
+        storage._zchat_raw_async, storage._zchat_hand_over = async_, async_iter
         sent = chat.add_message("two objects: the stream's bucket and the tail")
         assert one_by_one == []
         # and no checkCurrentSerialInTransaction for the stream's root: only this writer changes it

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from ZEO.asyncio.marshal import encoder
+from ZODB.utils import p64, u64
 
 import zchat_nb
 from zchat_nb import ChatClient, guard
@@ -146,8 +147,7 @@ def test_a_raw_peer_gets_the_watched_state_just_before_its_invalidation(
         tid, oid, data = push[3]
         assert (oid, tid) == (tail, invalidation[3][0]) and tail in invalidation[3][1]
         storage = reader_client.db.storage
-        start = (int.from_bytes(tid, "big") + 1).to_bytes(8, "big")
-        assert storage.loadBefore(tail, start) == (data, tid, None)
+        assert storage.loadBefore(tail, p64(u64(tid) + 1)) == (data, tid, None)
 
 
 @pytest.mark.parametrize(

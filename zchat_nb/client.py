@@ -246,7 +246,6 @@ class _WakingClientStorage(ClientStorage):
         # that waits (the vote) and handed to ZEO's thread together: one wake-up of that thread
         # instead of one per message.
         self._zchat_raw_async: Callable[..., Any] = getattr(self, "_async")  # noqa: B009
-        self._zchat_raw_async_iter: Callable[..., Any] = self._zchat_hand_over
         self._zchat_held: list[tuple[str, tuple[Any, ...]]] | None = None
         # Another thread's call (a ping, new oids) may send them: whoever sends, sends them first.
         self._zchat_held_lock = threading.Lock()
@@ -264,7 +263,7 @@ class _WakingClientStorage(ClientStorage):
     def _zchat_async_iter(self, messages: Any) -> None:
         with self._zchat_held_lock:
             self._zchat_send_held_locked()
-            self._zchat_raw_async_iter(messages)
+            self._zchat_hand_over(messages)
 
     def _zchat_send_held(self) -> None:
         if self._zchat_held is not None:
@@ -274,7 +273,7 @@ class _WakingClientStorage(ClientStorage):
     def _zchat_send_held_locked(self) -> None:
         held, self._zchat_held = self._zchat_held, None
         if held:
-            self._zchat_raw_async_iter(iter(held))
+            self._zchat_hand_over(iter(held))
 
     def _zchat_hand_over(self, messages: Iterator[tuple[str, tuple[Any, ...]]]) -> None:
         """ZEO's ``async_iter`` without the ``time.sleep(1e-6)`` it ends with to hand the CPU to

@@ -864,33 +864,34 @@ class Changes:
             return False, seen
 
 
+def _node_entries(node: Any) -> tuple[Any, ...]:
+    """A BTree node's ``(child, key, child, ..., child)`` from its state; () for a bucket, an empty
+    tree, or a small tree holding its one bucket inline."""
+    if not type(node).__name__.endswith("BTree"):
+        return ()
+    state = node.__getstate__()
+    if not state or len(state) != 2:
+        return ()
+    return state[0]
+
+
 def _children(node: Any) -> list[Any]:
     """The persistent children of a BTree node, from its state, in key order (none for a bucket).
 
     Only inner nodes are loaded: a child's oid is known without loading it.
     """
-    if not type(node).__name__.endswith("BTree"):
-        return []
-    state = node.__getstate__()
-    if not state or len(state) != 2:  # empty, or a small tree holding its one bucket inline
-        return []
-    return [child for child in state[0][::2] if isinstance(child, Persistent)]
+    return [child for child in _node_entries(node)[::2] if isinstance(child, Persistent)]
 
 
 def _last_child(node: Any) -> Any:
-    """The last child of a BTree node: None for a bucket, a tree that keeps its one bucket
-    inside its own record, or a last entry that is not a node (a crafted tree).
+    """The last child of a BTree node (None if it has none, or if its last entry is not a node:
+    a crafted tree).
 
-    Every send that moves records into a stream walks its right edge: taking the last entry of
-    the node's state, not all of its up to 500 children (:func:`_children`), keeps that walk's
-    cost flat as the stream grows.
+    Every send that moves records into a stream walks its right edge: taking the last entry, not
+    all of up to 500 children (:func:`_children`), keeps that walk's cost flat as the stream grows.
     """
-    if not type(node).__name__.endswith("BTree"):
-        return None
-    state = node.__getstate__()
-    if not state or len(state) != 2:
-        return None
-    last = state[0][-1]
+    entries = _node_entries(node)
+    last = entries[-1] if entries else None
     return last if isinstance(last, Persistent) else None
 
 
