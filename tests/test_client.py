@@ -402,6 +402,38 @@ def test_a_send_hands_its_two_stores_to_zeos_thread_at_once(file_server: zchat_n
         assert [m.id for m in client.session("general").new_messages()][-1] == sent.id
 
 
+@pytest.mark.integration
+def test_a_sends_answers_wake_the_sender_without_zeos_sleep(
+    file_server: zchat_nb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZEO's futures sleep on the networking thread once an answer is in (switch_thread); the
+    finish then waited for that sleep while the server held its commit lock for the sender."""
+    import transaction
+    import ZEO
+    from ZEO.asyncio import futures
+
+    slept: list[str] = []
+    sleep = futures.switch_thread
+    monkeypatch.setattr(
+        futures, "switch_thread", lambda: (slept.append(threading.current_thread().name), sleep())
+    )
+    with zchat_nb.connect(file_server.address, user="a") as client:
+        chat = client.session("general")
+        sent = [chat.add_message(f"message {i}").id for i in range(3)]
+        assert slept == []
+        assert [m.id for m in client.session("general").new_messages()] == sent
+    # ZEO's own client, the same way: its vote and finish answers each end in the sleep
+    db = ZEO.DB(file_server.address)
+    try:
+        tm = transaction.TransactionManager()
+        tm.begin()
+        db.open(transaction_manager=tm).root()["zeo's own"] = 1
+        tm.commit()
+    finally:
+        db.close()
+    assert len(slept) >= 2
+
+
 class _Tracker:
     """A reader's change tracker, as ClientEvents sees one (zchat_nb.model.Changes)."""
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import threading
 from typing import Any
 
+from ZEO.asyncio import futures
 from ZEO.asyncio.client import ClientRunner
 from ZEO.asyncio.compat import new_event_loop
 
@@ -93,6 +95,16 @@ SHARED = _SharedLoop()
 os.register_at_fork(after_in_child=SHARED.forget)
 
 
+def _io_call(loop: asyncio.AbstractEventLoop, coro: Any, wait: bool = True) -> Any:
+    """ZEO's ``io_call`` (run ``coro`` on the networking thread; its result, or the future if not
+    ``wait``) with a :class:`HandOffTask`."""
+    future = HandOffTask(coro, loop)
+    try:
+        return future.result() if wait else future
+    finally:
+        del future  # as ZEO's: a raised error's traceback would keep it in a cycle
+
+
 def refuse_closing_here() -> None:
     """Raise if called on the networking thread: closing a client there would wait for that very
     thread (it runs the close), for ever."""
@@ -101,6 +113,37 @@ def refuse_closing_here() -> None:
             "a zchat_nb client cannot be closed on the networking thread (in a subscriber's"
             " callback): close it from another thread"
         )
+
+
+class HandOffTask(futures.ConcurrentTask):
+    """ZEO's ``ConcurrentTask`` (a call run on the networking thread, its answer waited for by
+    another) without the ``time.sleep(1e-6)`` its completion ends with.
+
+    ZEO sleeps there to hand the GIL to the thread that waits for the answer. But the sleep is
+    longer than asked (the kernel's timer slack, 50 µs), and the networking thread then sends
+    nothing: a commit's vote answer wakes the sending thread, which asks for the finish at once,
+    and the finish went out only when the sleep ended, while the server held its commit lock
+    for this client. With 8 writers on 2 cores that was a tenth of the writers' rate
+    (``python -m benchmarks.writers``). Without it, the waiting thread takes the GIL when the
+    networking thread next waits for the network, as soon.
+    """
+
+    def __init__(self, coro: Any, loop: asyncio.AbstractEventLoop) -> None:
+        # ConcurrentTask.__init__, with ConcurrentFuture's completion callback (set, then sleep)
+        # replaced by the set alone.
+        futures.Future.__init__(self, loop=loop)
+        self.completed = threading.Event()
+        self.add_done_callback(_set_completed)
+        self.executor = futures.CoroutineExecutor(self, coro)
+        loop.call_soon_threadsafe(self.executor.step)
+
+
+def _set_completed(future: HandOffTask) -> None:
+    future.completed.set()
+
+
+#: Whether ZEO's futures are its Python ones (their compiled variant cannot be subclassed so).
+HAND_OFF = futures.ConcurrentTask.__module__ == futures.__name__
 
 
 class SharedLoopRunner(ClientRunner):
@@ -153,6 +196,11 @@ class SharedLoopRunner(ClientRunner):
             raise
 
     _released = False
+
+    def setup_delegation(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().setup_delegation(loop)
+        if HAND_OFF:
+            self.io_call = functools.partial(_io_call, loop)
 
     def close(self) -> None:
         """Close this client's connection (waiting for it), then let go of the loop."""
