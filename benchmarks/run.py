@@ -295,29 +295,41 @@ def w_raw_setup(address: tuple[str, int], tags: Sequence[str]) -> None:
 
 def w_raw_commits(address: tuple[str, int], n: int, barrier: Any | None, tag: str) -> dict[str, Any]:
     """A client committing a small change to its own simple object, as fast as it can."""
-    import transaction
-
     db = _seed_db(address)
     try:
-        tm = transaction.TransactionManager()
-        conn = db.open(transaction_manager=tm)
-        counter = conn.root()["bench-raw"][tag]
-        for i in range(20):  # warm-up
-            counter["n"] = i
-            tm.commit()
-        if barrier is not None:
-            barrier.wait(120)
-        latencies = []
-        start, cpu = time.time(), time.process_time()
-        for i in range(n):
-            t = time.perf_counter()
-            counter["n"] = i
-            tm.commit()
-            latencies.append(time.perf_counter() - t)
-        cpu = time.process_time() - cpu
-        return {"start": start, "end": time.time(), "latencies": latencies, "cpu": cpu}
+        return _timed_commits(db, n, barrier, tag)
     finally:
         db.close()
+
+
+def w_client_commits(address: tuple[str, int], n: int, barrier: Any, tag: str) -> dict[str, Any]:
+    """:func:`w_raw_commits` through zchat_nb's client (``connect()``'s ZEO client) instead of ZEO's."""
+    import zchat_nb
+
+    with zchat_nb.connect(address, user=f"writer-{tag}") as client:
+        return _timed_commits(client.db, n, barrier, tag)
+
+
+def _timed_commits(db: Any, n: int, barrier: Any | None, tag: str) -> dict[str, Any]:
+    import transaction
+
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    counter = conn.root()["bench-raw"][tag]
+    for i in range(20):  # warm-up
+        counter["n"] = i
+        tm.commit()
+    if barrier is not None:
+        barrier.wait(120)
+    latencies = []
+    start, cpu = time.time(), time.process_time()
+    for i in range(n):
+        t = time.perf_counter()
+        counter["n"] = i
+        tm.commit()
+        latencies.append(time.perf_counter() - t)
+    cpu = time.process_time() - cpu
+    return {"start": start, "end": time.time(), "latencies": latencies, "cpu": cpu}
 
 
 def run_concurrently(ctx: Any, func: Callable[..., Any], count: int, *args: Any) -> list[dict[str, Any]]:

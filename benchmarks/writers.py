@@ -45,6 +45,7 @@ from benchmarks.run import (
     aggregate_rate,
     run_concurrently,
     spawn,
+    w_client_commits,
     w_ours_read_all,
     w_ours_writer,
     w_raw_commits,
@@ -157,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sends", type=int, default=500, help="timed sends (commits) per process")
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="a third half per pair: the raw commit through zchat_nb's client (the model's cost)",
+    )
+    parser.add_argument(
         "--threads", action="store_true", help="where a writer's CPU goes, by thread (see above)"
     )
     args = parser.parse_args(argv)
@@ -173,44 +179,58 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.threads:
                 thread_cpu(ctx, server, max(1, k // len(THREAD_KINDS)), args.sends, args.pairs)
                 return 0
-            halves = {"raw": (w_raw_commits,), "zchat_nb": (w_ours_writer, ROOM)}
+            halves: dict[str, tuple[Any, ...]] = {"raw": (w_raw_commits,), "zchat_nb": (w_ours_writer, ROOM)}
+            if args.ceiling:
+                halves["client"] = (w_client_commits,)
+            names = list(halves)
             for pair in range(args.pairs):
-                # Every other pair in the other order: the machine's speed drifts within a pair too,
-                # and the half that always ran second would always take the drift.
-                first = "raw" if pair % 2 == 0 else "zchat_nb"
+                # Each pair in another order: the machine's speed drifts within a pair too, and
+                # the half that always ran last would always take the drift.
+                order = names[pair % len(names) :] + names[: pair % len(names)]
                 got = {
                     name: measure(ctx, halves[name][0], k, server, *halves[name][1:], args.sends)
-                    for name in sorted(halves, key=lambda name: name != first)
+                    for name in order
                 }
-                raw, ours = got["raw"], got["zchat_nb"]
-                order = f"{first} first"
-                rows.append((time.strftime("%H:%M"), order, raw, ours))
+                rows.append((time.strftime("%H:%M"), f"{order[0]} first", got))
                 print(
-                    f"pair {pair + 1} ({order}): raw {raw[0]:.0f}/s, zchat_nb {ours[0]:.0f}/s "
-                    f"({ours[0] / raw[0]:.2f})"
+                    f"pair {pair + 1} ({order[0]} first): "
+                    + ", ".join(f"{name} {got[name][0]:.0f}/s" for name in names)
+                    + f" ({got['zchat_nb'][0] / got['raw'][0]:.2f})"
                 )
     print()
     print(f"{k} processes x {args.sends} timed commits each, pairs back to back on one `zchat-nb serve`:")
     print()
+    third = ["client"] if args.ceiling else []
     print(
-        "| time | order | raw commits/s | zchat_nb msgs/s | ratio | per-commit p99 ms, raw / zchat_nb "
-        "| server CPU µs / commit, raw / zchat_nb | writer CPU µs / commit, raw / zchat_nb |"
+        "| time | order | raw commits/s | zchat_nb msgs/s | ratio "
+        + "".join("| raw commits through zchat_nb's client/s | its ratio " for _ in third)
+        + "| per-commit p99 ms, raw / zchat_nb | server CPU µs / commit, raw / zchat_nb "
+        "| writer CPU µs / commit, raw / zchat_nb |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for when, order, raw, ours in rows:
+    print("|---|---|---:|---:|---:|" + "---:|---:|" * len(third) + "---:|---:|---:|")
+    for when, first, got in rows:
+        raw, ours = got["raw"], got["zchat_nb"]
         print(
-            f"| {when} | {order} | {raw[0]:.0f} | {ours[0]:.0f} | {ours[0] / raw[0]:.2f} "
-            f"| {1e3 * raw[1]:.0f} / {1e3 * ours[1]:.0f} "
+            f"| {when} | {first} | {raw[0]:.0f} | {ours[0]:.0f} | {ours[0] / raw[0]:.2f} "
+            + "".join(f"| {got[c][0]:.0f} | {got[c][0] / raw[0]:.2f} " for c in third)
+            + f"| {1e3 * raw[1]:.0f} / {1e3 * ours[1]:.0f} "
             f"| {1e6 * raw[2]:.0f} / {1e6 * ours[2]:.0f} | {1e6 * raw[3]:.0f} / {1e6 * ours[3]:.0f} |"
         )
-    ratios = [ours[0] / raw[0] for _, _, raw, ours in rows]
-    cpu = [ours[3] / raw[3] for _, _, raw, ours in rows]
+    ratios = [got["zchat_nb"][0] / got["raw"][0] for _, _, got in rows]
+    cpu = [got["zchat_nb"][3] / got["raw"][3] for _, _, got in rows]
     print()
     print(
         f"ratio median {statistics.median(ratios):.2f}, {sum(r >= 0.9 for r in ratios)} of {len(ratios)}"
         f" pairs at 0.9 or more; zchat_nb's writer CPU per commit over the raw control's: median "
         f"{statistics.median(cpu):.2f}; load average after: {os.getloadavg()[0]:.2f}"
     )
+    if args.ceiling:
+        print(
+            "raw commits through zchat_nb's client over the raw control: median "
+            f"{statistics.median(got['client'][0] / got['raw'][0] for _, _, got in rows):.2f}; "
+            "zchat_nb's writers over them: median "
+            f"{statistics.median(got['zchat_nb'][0] / got['client'][0] for _, _, got in rows):.2f}"
+        )
     return 0
 
 
