@@ -412,6 +412,10 @@ def test_a_sends_answers_wake_the_sender_without_zeos_sleep(
     import ZEO
     from ZEO.asyncio import futures
 
+    from zchat_nb.netthread import HAND_OFF
+
+    if not HAND_OFF:
+        pytest.skip("ZEO's compiled futures are in use: zchat_nb's client keeps their sleep")
     slept: list[str] = []
     sleep = futures.switch_thread
     monkeypatch.setattr(
