@@ -316,7 +316,7 @@ def _timed_commits(db: Any, n: int, barrier: Any | None, tag: str) -> dict[str, 
     tm = transaction.TransactionManager()
     conn = db.open(transaction_manager=tm)
     counter = conn.root()["bench-raw"][tag]
-    for i in range(20):  # warm-up
+    for i in range(20):  # warm-up (the result's "warm-ups")
         counter["n"] = i
         tm.commit()
     if barrier is not None:
@@ -329,7 +329,7 @@ def _timed_commits(db: Any, n: int, barrier: Any | None, tag: str) -> dict[str, 
         tm.commit()
         latencies.append(time.perf_counter() - t)
     cpu = time.process_time() - cpu
-    return {"start": start, "end": time.time(), "latencies": latencies, "cpu": cpu}
+    return {"start": start, "end": time.time(), "latencies": latencies, "cpu": cpu, "warm-ups": 20}
 
 
 def run_concurrently(ctx: Any, func: Callable[..., Any], count: int, *args: Any) -> list[dict[str, Any]]:
@@ -375,6 +375,7 @@ def w_ours_writer(address: tuple[str, int], room: str, n: int, barrier: Any, tag
             "sent": ids,
             "retries": retries,
             "cpu": cpu,
+            "warm-ups": 1,
         }
 
 

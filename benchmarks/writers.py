@@ -67,7 +67,7 @@ def measure(
     cpu = process_cpu(server.proc.pid) - cpu
     rate = aggregate_rate(done)
     latencies = [x for d in done for x in d["latencies"]]
-    warmups = k * (20 if func is w_raw_commits else 1)  # commits outside the timed window
+    warmups = sum(d["warm-ups"] for d in done)  # commits outside the timed window
     own = sum(d["cpu"] for d in done) / len(latencies)
     return rate, percentile(latencies, 99), cpu / (len(latencies) + warmups), own
 

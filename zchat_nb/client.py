@@ -246,6 +246,8 @@ class _WakingClientStorage(ClientStorage):
         # that waits (the vote) and handed to ZEO's thread together: one wake-up of that thread
         # instead of one per message.
         self._zchat_raw_async: Callable[..., Any] = getattr(self, "_async")  # noqa: B009
+        # The runner's async_iter (SharedLoopRunner's, without ZEO's sleep).
+        self._zchat_hand_over: Callable[..., Any] = getattr(self, "_async_iter")  # noqa: B009
         self._zchat_held: list[tuple[str, tuple[Any, ...]]] | None = None
         # Another thread's call (a ping, new oids) may send them: whoever sends, sends them first.
         self._zchat_held_lock = threading.Lock()
@@ -274,16 +276,6 @@ class _WakingClientStorage(ClientStorage):
         held, self._zchat_held = self._zchat_held, None
         if held:
             self._zchat_hand_over(iter(held))
-
-    def _zchat_hand_over(self, messages: Iterator[tuple[str, tuple[Any, ...]]]) -> None:
-        """ZEO's ``async_iter`` without the ``time.sleep(1e-6)`` it ends with to hand the CPU to
-        its thread: the vote follows at once and waits for that thread anyway, while the sleep
-        gives the core away for a whole time slice when other processes want it (8 writers on
-        2 cores)."""
-        server = self._server
-        if not server.client.operational:
-            raise ClientDisconnected()
-        server.loop.call_soon_threadsafe(server.client.call_async_iter, messages)
 
     def _zchat_call(self, method: str, *args: Any, **kw: Any) -> Any:
         """ZEO's ``_call`` with a deadline: ZEO waits for an answer for ever (a stalled server, a

@@ -27,6 +27,7 @@ from typing import Any
 from ZEO.asyncio import futures
 from ZEO.asyncio.client import ClientRunner
 from ZEO.asyncio.compat import new_event_loop
+from ZEO.Exceptions import ClientDisconnected
 
 THREAD_NAME = "zchat_nb zeo client networking thread"
 
@@ -201,6 +202,16 @@ class SharedLoopRunner(ClientRunner):
         super().setup_delegation(loop)
         if HAND_OFF:
             self.io_call = functools.partial(_io_call, loop)
+
+    def async_iter(self, it: Any) -> None:
+        """ZEO's ``async_iter`` (hand one-way messages to the networking thread) without the
+        ``time.sleep(1e-6)`` it ends with to hand that thread the CPU: the vote follows at once
+        and waits for that thread anyway, while the sleep gives the core away for a whole time
+        slice when other processes want it (8 writers on 2 cores)."""
+        client = self.client
+        if not client.operational:
+            raise ClientDisconnected()
+        self.loop.call_soon_threadsafe(client.call_async_iter, it)
 
     def close(self) -> None:
         """Close this client's connection (waiting for it), then let go of the loop."""
