@@ -126,7 +126,7 @@ class HandOffTask(futures.ConcurrentTask):
     and the finish went out only when the sleep ended, while the server held its commit lock
     for this client. Without it, the waiting thread takes the GIL as soon as the networking
     thread next waits for the network. 8 writers on 2 cores (``python -m benchmarks.writers``):
-    0.86-0.88 of the raw control's rate with the sleep, 0.88-1.05 (0.95 typical) without.
+    0.86-0.88 of the raw control's rate with the sleep, 0.86-1.05 (0.95 typical) without.
     """
 
     def __init__(self, coro: Any, loop: asyncio.AbstractEventLoop) -> None:
